@@ -1,0 +1,3 @@
+from vbsw_cli.cli import main
+
+main()

@@ -1,0 +1,188 @@
+"""What every command shares: the app, options, messages, progress, errors."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from vbsw_cli.errors import UsageError, VbswError
+
+app = typer.Typer(
+    name="vbsw",
+    help="Variance based sample weighting and Taylor based sampling, from files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------
+# Options shared by several commands, defined once.
+
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", "-o", metavar="PATH",
+    help="Output file (.parquet or .npy), or - for stdout. Default: stdout when "
+         "it is a pipe, else a file named after the input.")]
+FeaturesOpt = Annotated[str, typer.Option(
+    "--features", metavar="COLUMN",
+    help="The list column that holds the feature vectors.")]
+FeatureColumnsOpt = Annotated[Optional[str], typer.Option(
+    "--feature-columns", metavar="A,B,...",
+    help="Several numeric feature columns instead: names or patterns such as "
+         "'pixel_*', comma-separated.")]
+LabelOpt = Annotated[str, typer.Option(
+    "--label", metavar="A[,B...]",
+    help="Label column(s); several columns make a multi-output target.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Report progress even when stderr is not a terminal.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="Print nothing on stderr but errors.")]
+DebugOpt = Annotated[bool, typer.Option(
+    "--debug", help="Show the full traceback of an error.")]
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+
+def command(name: str, example: str, **settings):
+    """Register a command whose errors become one line and an exit code.
+
+    ``example`` is appended to the help text, so every ``--help`` shows one.
+    """
+    def register(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            debug = kwargs.get("debug", False)
+            try:
+                return function(*args, **kwargs)
+            except VbswError as error:
+                if debug:
+                    raise
+                fail(name, str(error), error.exit_code)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                fail(name, "interrupted; no output was written", 130)
+            except MemoryError:
+                if debug:
+                    raise
+                fail(name, "out of memory; try a smaller input", 1)
+            except (typer.Exit, typer.Abort):
+                raise
+            except Exception as error:  # a bug: one line unless --debug
+                if debug:
+                    raise
+                fail(name, f"unexpected {type(error).__name__}: {error} "
+                     "(rerun with --debug for the traceback)", 1)
+
+        doc = inspect.cleandoc(function.__doc__ or "")
+        # \b keeps click from re-wrapping the example into a broken command.
+        wrapper.__doc__ = f"{doc}\n\n\b\nExample:\n  {example}"
+        return app.command(name, **settings)(wrapper)
+    return register
+
+
+def fail(name: str, message: str, code: int):
+    """Print one error line and exit."""
+    stderr.print(f"vbsw {name}: error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------
+# Output paths
+
+
+def resolve_output(output: str | None, source: str, suffix: str) -> str:
+    """The output path: as given; stdout for a pipe; else beside the input name.
+
+    A terminal never receives binary data: without ``-o`` the output goes to
+    ``<input name><suffix>`` in the current folder.
+    """
+    if output:
+        return output
+    if not sys.stdout.isatty():
+        return "-"
+    if source == "-":
+        raise UsageError("stdout is a terminal: give -o PATH (or pipe the output)")
+    return Path(source).stem + suffix
+
+
+# ---------------------------------------------------------------------------
+# Progress and messages
+
+
+class Reporter:
+    """Progress bars on a terminal, plain lines with -v, nothing otherwise."""
+
+    def __init__(self, *, verbose: bool = False, quiet: bool = False):
+        self.quiet = quiet
+        self.bars = not quiet and sys.stderr.isatty()
+        self.lines = not quiet and not self.bars and verbose
+
+    def task(self, description: str, total: int | None):
+        if self.bars:
+            return _BarTask(description, total)
+        if self.lines:
+            return _LineTask(description, total)
+        return _Silent()
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            stderr.print(text, markup=False)
+
+    def notice(self, text: str) -> None:
+        if not self.quiet:
+            stderr.print(f"note: {text}", markup=False)
+
+
+class _Silent:
+    def advance(self, amount: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _LineTask:
+    def __init__(self, description: str, total: int | None):
+        self.description, self.total, self.done = description, total, 0
+        self.started = time.perf_counter()
+
+    def advance(self, amount: int = 1) -> None:
+        self.done += amount
+
+    def close(self) -> None:
+        seconds = time.perf_counter() - self.started
+        stderr.print(f"{self.description}: {self.done} in {seconds:.2f} s",
+                     markup=False)
+
+
+class _BarTask:
+    def __init__(self, description: str, total: int | None):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                   TextColumn, TimeElapsedColumn)
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=stderr, transient=True)
+        self.progress.start()
+        self.id = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.id, amount)
+
+    def close(self) -> None:
+        self.progress.stop()

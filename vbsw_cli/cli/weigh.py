@@ -1,0 +1,244 @@
+"""``vbsw weigh``: local variance and VBSW weights of every row of a file."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import typer
+
+from vbsw_cli import io
+from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
+                                  LabelOpt, OutputOpt, QuietOpt, Reporter,
+                                  SeedOpt, VerboseOpt, command, resolve_output)
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.neighbors import SearchOptions, csr_graph, duplicate_rows
+from vbsw_cli.weigh import check_m, check_normalization, histogram, weigh
+
+EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
+           "-o weighted.parquet")
+
+
+@command("weigh", EXAMPLE)
+def weigh_cli(
+    features: Annotated[str, typer.Argument(
+        metavar="FEATURES", help="Parquet or .npy file of features, or - for stdin.")],
+    k: Annotated[int, typer.Option("--k", help="Neighbourhood size, the point "
+                                   "itself included unless --exclude-self.")] = 20,
+    m: Annotated[float, typer.Option("--m", help="Ratio of the largest weight to "
+                                     "the smallest (>= 1).")] = 40.0,
+    output: OutputOpt = None,
+    features_column: FeaturesOpt = io.DEFAULT_FEATURES,
+    feature_columns: FeatureColumnsOpt = None,
+    label: LabelOpt = io.DEFAULT_LABEL,
+    labels_file: Annotated[Optional[str], typer.Option(
+        "--labels", metavar="FILE",
+        help="Labels from another file (.npy, or Parquet with the --label "
+             "columns), row for row; needed for .npy features.")] = None,
+    task: Annotated[str, typer.Option(
+        "--task", metavar="auto|classification|regression", help="auto: float labels are regression targets, integers, "
+        "strings and categories are classes; or classification, regression.")
+    ] = "auto",
+    exclude_self: Annotated[bool, typer.Option(
+        "--exclude-self", help="Leave the point out of its own neighbourhood.")
+    ] = False,
+    normalize: Annotated[str, typer.Option(
+        "--normalize", metavar="mean|sum", help="mean: weights average 1 (keeps the step size of a "
+        "mean loss); sum: weights sum to 1.")] = "mean",
+    standardize: Annotated[bool, typer.Option(
+        "--standardize", help="Scale each feature to zero mean and unit variance "
+        "before the search (off by default: distances then use the features as "
+        "given).")] = False,
+    search: Annotated[str, typer.Option(
+        "--search", metavar="auto|hnsw|exact", help="auto: exact below 10,000 rows, else hnswlib with its "
+        "recall checked; hnsw; exact.")] = "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="Same as --search exact.")
+                     ] = False,
+    recall: Annotated[float, typer.Option(
+        "--recall", help="recall@k that hnswlib must reach on a sample, by "
+        "raising ef, else exact search is used.")] = 0.95,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="hnswlib graph degree M.")
+                      ] = SearchOptions.M,
+    ef_construction: Annotated[int, typer.Option(
+        "--ef-construction", help="hnswlib build-time ef.")
+    ] = SearchOptions.ef_construction,
+    ef: Annotated[Optional[int], typer.Option(
+        "--ef", help="hnswlib query-time ef; default: the smallest that reaches "
+        "--recall.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="Threads for the search (default: all cores).")] = None,
+    check_recall: Annotated[Optional[int], typer.Option(
+        "--check-recall", metavar="N",
+        help="Report recall@k against exact search on N sampled rows.")] = None,
+    weights_only: Annotated[bool, typer.Option(
+        "--weights-only", help="Write only id (or row), local_variance and "
+        "weight.")] = False,
+    graph: Annotated[Optional[str], typer.Option(
+        "--graph", metavar="PATH.npz",
+        help="Also write the k-NN graph as a SciPy CSR matrix of distances "
+             "(the point itself left out).")] = None,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Weigh each row by the local variance of its neighbours' labels.
+
+    Writes the input rows with two more columns, local_variance and weight
+    (eq. 4 of the paper, weights rescaled to [1, m] then normalised), ready for
+    vbsw retrain-head.
+    """
+    reporter = Reporter(verbose=verbose, quiet=quiet)
+    timings = {}
+    started = time.perf_counter()
+    _validate(k, m, normalize, task, threads, check_recall)
+    options = SearchOptions(method="exact" if exact else search, recall=recall,
+                            M=hnsw_m, ef_construction=ef_construction, ef=ef,
+                            threads=threads, seed=seed)
+    destination = resolve_output(output, features, ".weighted.parquet")
+    kind = io.output_kind(destination)
+
+    table = io.read_table(features)
+    io.require_rows(table, features)
+    X, feature_names = io.feature_matrix(
+        table, features, column=features_column,
+        columns=io.split_names(feature_columns))
+    label_table, label_source = _label_table(table, features, labels_file)
+    labels = io.read_labels(label_table, label_source, io.split_names(label),
+                            task=task)
+    timings["read_s"] = time.perf_counter() - started
+
+    result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
+                   normalization=normalize, scale_features=standardize,
+                   search=options, check_recall=check_recall, progress=reporter)
+    timings.update(result.timings)
+
+    started = time.perf_counter()
+    parameters = {
+        "input": features, "k": k, "m": m, "include_self": not exclude_self,
+        "normalization": normalize, "standardize": standardize,
+        "features": feature_names, "labels": [c.column for c in labels],
+        "tasks": {c.column: c.kind for c in labels}, "seed": seed,
+        "search": {"requested": options.method, "used": result.neighbours.method,
+                   **_jsonable(result.neighbours.details)},
+    }
+    inputs = [features] + ([labels_file] if labels_file else [])
+    _write(result, table, destination, kind, weights_only, parameters, inputs,
+           normalize, m)
+    if graph:
+        _write_graph(result, graph, not exclude_self, inputs)
+    timings["write_s"] = time.perf_counter() - started
+    timings["total_s"] = sum(timings.values())
+
+    _summary(reporter, X, k, labels, result, timings, destination,
+             normalize)
+
+
+def _validate(k, m, normalize, task, threads, check_recall):
+    """Refuse wrong options before any file is read."""
+    check_m(m)
+    check_normalization(normalize)
+    if k < 2:
+        raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
+    if task not in io.TASKS:
+        raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
+    if check_recall is not None and check_recall < 1:
+        raise UsageError(f"--check-recall {check_recall}: must be at least 1")
+
+
+def _label_table(table: pa.Table, features: str, labels_file: str | None):
+    """The table the labels come from: the features file, or --labels."""
+    if labels_file is None:
+        return table, features
+    other = io.read_table(labels_file)
+    if other.column_names == ["values"] or other.column_names == ["features"]:
+        # A bare .npy array: its column is the label.
+        other = other.rename_columns([io.DEFAULT_LABEL])
+    if other.num_rows != table.num_rows:
+        raise DataError(f"{labels_file}: {other.num_rows} label rows for "
+                        f"{table.num_rows} feature rows in {io.describe(features)}")
+    return other, labels_file
+
+
+def _write(result, table, destination, kind, weights_only, parameters, inputs,
+           normalize, m):
+    if kind == "npy":
+        io.write_array(result.weight, destination, inputs=inputs)
+        return
+    weight_meta = {b"normalization": normalize.encode(), b"m": str(m).encode()}
+    columns = {
+        "local_variance": pa.array(result.local_variance),
+        "weight": pa.array(result.weight),
+    }
+    if weights_only:
+        keep = table.select([io.ID_COLUMN]) if io.ID_COLUMN in table.column_names \
+            else pa.table({"row": pa.array(np.arange(table.num_rows))})
+        out = keep
+    else:
+        out = table.drop_columns([c for c in columns if c in table.column_names])
+    for name, values in columns.items():
+        field = pa.field(name, pa.float64(),
+                         metadata=weight_meta if name == "weight" else None)
+        out = out.append_column(field, values)
+    record = io.provenance("weigh", parameters)
+    out = io.with_provenance(out, record, table.schema.metadata)
+    io.write_table(out, destination, inputs=inputs)
+
+
+def _write_graph(result, path, include_self, inputs):
+    from scipy.sparse import save_npz
+
+    if not str(path).endswith(".npz"):
+        raise UsageError(f"--graph {path}: the graph is written as .npz")
+    matrix = csr_graph(result.neighbours, include_self)
+    with io.atomic_output(path, inputs=inputs) as temporary:
+        with open(temporary, "wb") as handle:
+            save_npz(handle, matrix)
+
+
+def _jsonable(details: dict) -> dict:
+    return {key: (round(value, 4) if isinstance(value, float) else value)
+            for key, value in details.items()}
+
+
+def _summary(reporter, X, k, labels, result, timings, destination,
+             normalize):
+    if reporter.quiet:
+        return
+    n_samples, n_features = X.shape
+    details = result.neighbours.details
+    search = result.neighbours.method
+    if search == "hnsw":
+        search += (f" (M={details['M']}, ef_construction="
+                   f"{details['ef_construction']}, ef={details['ef']}, "
+                   f"sample recall {details['sample_recall']:.3f})")
+    else:
+        search += f" ({details.get('reason', '')})"
+    tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
+    reporter.say(f"rows {n_samples}, dimensions {n_features}, k {k}, labels "
+                 f"{tasks}")
+    reporter.say(f"search: {search}")
+    if "reason" in details and result.neighbours.method == "exact" \
+            and "ef" in details:
+        reporter.notice(f"fell back to exact search: {details['reason']}")
+    if result.recall is not None:
+        reporter.say(f"recall@{k} against exact search: {result.recall:.4f}")
+    duplicates = duplicate_rows(result.neighbours)
+    if duplicates:
+        reporter.notice(f"{duplicates} rows have a duplicate feature vector "
+                        "among their neighbours (each point is counted once)")
+    if result.all_equal:
+        reporter.notice("every local variance is equal (all labels equal?): "
+                        "all weights are 1 before normalisation")
+    stages = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in timings.items())
+    reporter.say(f"time: {stages}")
+    weight = result.weight
+    reporter.say(f"weight ({normalize} 1): min {weight.min():.4g}, max "
+                 f"{weight.max():.4g}, mean {weight.mean():.4g}")
+    for line in histogram(weight):
+        reporter.say(line)
+    reporter.say(f"wrote {'stdout' if destination == '-' else destination}")

@@ -1,0 +1,514 @@
+"""Reading and writing the files every command shares.
+
+Conventions (see DESIGN.md):
+
+* inputs are Parquet (``.parquet``) or NumPy (``.npy``); ``-`` reads stdin, and the
+  format is then recognised from the first bytes;
+* features are one list column (fixed-size, variable-length or object lists of
+  equal width) or several numeric columns;
+* labels are one or more columns, kept as they were in every output;
+* outputs are written atomically (a temporary file beside the target, then a
+  rename) and carry their provenance in the Parquet key-value metadata.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import io
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vbsw_cli import __version__
+from vbsw_cli.errors import DataError, UsageError
+
+STDIO = "-"
+PARQUET_MAGIC = b"PAR1"
+NPY_MAGIC = b"\x93NUMPY"
+PROVENANCE_KEY = b"vbsw"
+HISTORY_KEY = b"vbsw.history"
+DEFAULT_FEATURES = "features"
+DEFAULT_LABEL = "label"
+ID_COLUMN = "id"
+TASKS = ("auto", "classification", "regression")
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def describe(path: str | os.PathLike) -> str:
+    """Name a path the way messages show it (stdin for ``-``)."""
+    return "stdin" if str(path) == STDIO else str(path)
+
+
+def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None
+               ) -> pa.Table:
+    """Read a Parquet or ``.npy`` file (or stdin) into an Arrow table.
+
+    A 2-D ``.npy`` array becomes one fixed-size list column named ``features``;
+    a 1-D array becomes a column named ``values``.
+    """
+    path = str(path)
+    if path == STDIO:
+        data = sys.stdin.buffer.read()
+        return _read_bytes(data, "stdin", columns)
+
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, expected a .parquet or .npy file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return _npy_table(_load_npy(path, path))
+    if suffix in (".parquet", ".pq"):
+        return _read_parquet(path, path, columns)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(NPY_MAGIC):
+        return _npy_table(_load_npy(path, path))
+    if head.startswith(PARQUET_MAGIC):
+        return _read_parquet(path, path, columns)
+    raise DataError(f"{path}: unknown file type; expected .parquet or .npy")
+
+
+def _read_bytes(data: bytes, name: str, columns) -> pa.Table:
+    if not data:
+        raise DataError(f"{name}: no data on standard input")
+    if data.startswith(NPY_MAGIC):
+        return _npy_table(_load_npy(io.BytesIO(data), name))
+    if data.startswith(PARQUET_MAGIC):
+        return _read_parquet(pa.BufferReader(data), name, columns)
+    raise DataError(f"{name}: neither Parquet nor .npy data on standard input")
+
+
+def _read_parquet(source, name: str, columns) -> pa.Table:
+    try:
+        table = pq.read_table(source, columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
+        raise DataError(f"{name}: not a readable Parquet file ({_short(error)})")
+    return table
+
+
+def _load_npy(source, name: str) -> np.ndarray:
+    try:
+        array = np.load(source, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{name}: not a readable .npy file ({_short(error)})")
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{name}: expected one array, found an archive")
+    return array
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    """Read a ``.npy`` file (or stdin holding one) as an array."""
+    path = str(path)
+    if path == STDIO:
+        return _load_npy(io.BytesIO(sys.stdin.buffer.read()), "stdin")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    return _load_npy(path, path)
+
+
+def _npy_table(array: np.ndarray) -> pa.Table:
+    if array.dtype.names is not None:
+        raise DataError("structured .npy arrays are not supported; use Parquet")
+    if array.ndim == 1:
+        return pa.table({"values": array})
+    flat = np.ascontiguousarray(array.reshape(len(array), -1))
+    return pa.table({DEFAULT_FEATURES: fixed_size_list(flat)})
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# Columns
+
+
+def require_rows(table: pa.Table, name: str) -> None:
+    """Refuse a table without rows."""
+    if table.num_rows == 0:
+        raise DataError(f"{describe(name)}: the file has no rows")
+
+
+def column_or_error(table: pa.Table, column: str, name: str, role: str
+                    ) -> pa.ChunkedArray:
+    """Return a column, or raise naming it, the file, and the close matches."""
+    if column in table.column_names:
+        return table.column(column)
+    raise DataError(missing_column_message(table, column, name, role))
+
+
+def missing_column_message(table: pa.Table, column: str, name: str, role: str
+                           ) -> str:
+    names = table.column_names
+    close = difflib.get_close_matches(column, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return (f"{describe(name)}: no {role} column '{column}'{hint} "
+            f"(columns: {shown})")
+
+
+def expand_columns(table: pa.Table, patterns: Sequence[str], name: str,
+                   role: str) -> list[str]:
+    """Resolve column names and shell-style patterns (``pixel_*``) in order."""
+    chosen: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            matches = [c for c in table.column_names
+                       if fnmatch.fnmatchcase(c, pattern)]
+            if not matches:
+                raise DataError(f"{describe(name)}: no {role} column matches "
+                                f"'{pattern}'")
+        else:
+            column_or_error(table, pattern, name, role)
+            matches = [pattern]
+        chosen.extend(c for c in matches if c not in chosen)
+    return chosen
+
+
+def split_names(text: str | None) -> list[str]:
+    """Split a comma-separated option value into names."""
+    if text is None:
+        return []
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
+                   columns: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """Features as a 2-D float array, with the columns they came from.
+
+    Parameters
+    ----------
+    table : the input table.
+    name : the file name used in messages.
+    column : one list column (default ``features``).
+    columns : several numeric columns (names or patterns); wins over ``column``.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), float32 or float64.
+    used : the source column names.
+    """
+    if columns:
+        used = expand_columns(table, columns, name, "feature")
+        parts = [_numeric_column(table.column(c), name, c) for c in used]
+        X = np.column_stack(parts)
+    else:
+        column = column or DEFAULT_FEATURES
+        if column not in table.column_names:
+            message = missing_column_message(table, column, name, "feature")
+            raise DataError(message + "; name numeric columns with "
+                            "--feature-columns")
+        used = [column]
+        X = list_column_matrix(table.column(column), name, column)
+
+    X = _as_float(X)
+    check_finite(X, name, ", ".join(used), "feature")
+    return X, used
+
+
+def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
+                       ) -> np.ndarray:
+    """A list column whose rows all have the same width as a 2-D array."""
+    array = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
+    if isinstance(array.type, pa.ExtensionType):
+        array = array.storage
+    kind = array.type
+    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return _numeric_column(chunked, name, column)[:, None]
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind)):
+        raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
+                        "expected a list of numbers per row")
+    if array.null_count:
+        raise DataError(f"{describe(name)}: column '{column}' has "
+                        f"{array.null_count} empty (null) rows")
+
+    while isinstance(array.type.value_type, pa.ExtensionType):
+        array = array.cast(pa.list_(array.type.value_type.storage_type))
+    inner = array.type.value_type
+    if pa.types.is_list(inner) or pa.types.is_fixed_size_list(inner):
+        # Nested lists (images as rows of rows): flatten them row by row.
+        array = _flatten_nested(array)
+
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    width = int(lengths[0]) if len(lengths) else 0
+    if len(lengths) and (lengths != width).any():
+        bad = int(np.argmax(lengths != width))
+        raise DataError(f"{describe(name)}: column '{column}' has rows of "
+                        f"different widths ({width} in row 0, {lengths[bad]} in "
+                        f"row {bad}); every row needs the same width")
+    values = pc.list_flatten(array)
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+            or pa.types.is_boolean(values.type)):
+        raise DataError(f"{describe(name)}: column '{column}' holds lists of "
+                        f"{values.type}, expected numbers")
+    if values.null_count:
+        raise DataError(f"{describe(name)}: column '{column}' has "
+                        f"{values.null_count} missing values inside its lists")
+    flat = values.to_numpy(zero_copy_only=False)
+    return flat.reshape(len(array), width)
+
+
+def _flatten_nested(array: pa.Array) -> pa.Array:
+    """Turn a list of lists (of lists...) into one flat list per row."""
+    row_starts = np.arange(len(array) + 1)
+    current = array
+    while _is_list(current.type):
+        lengths = pc.list_value_length(current).to_numpy(zero_copy_only=False)
+        element_starts = np.concatenate([[0], np.cumsum(lengths)])
+        row_starts = element_starts[row_starts]
+        current = pc.list_flatten(current)
+    offsets = pa.array(row_starts, pa.int64())
+    return pa.LargeListArray.from_arrays(offsets, current)
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind))
+
+
+def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str) -> np.ndarray:
+    kind = chunked.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+            or pa.types.is_boolean(kind)):
+        raise DataError(f"{describe(name)}: feature column '{column}' holds "
+                        f"{kind}, expected numbers")
+    if chunked.null_count:
+        raise DataError(f"{describe(name)}: column '{column}' has "
+                        f"{chunked.null_count} missing values")
+    return chunked.to_numpy()
+
+
+def _as_float(X: np.ndarray) -> np.ndarray:
+    if X.dtype in (np.float32, np.float64):
+        return np.ascontiguousarray(X)
+    return np.ascontiguousarray(X, dtype=np.float64)
+
+
+def check_finite(X: np.ndarray, name: str, column: str, role: str) -> None:
+    """Refuse NaN or infinite values, naming the first bad row."""
+    finite = np.isfinite(X)
+    if finite.all():
+        return
+    rows = ~finite.reshape(len(X), -1).all(axis=1)
+    first = int(np.argmax(rows))
+    raise DataError(f"{describe(name)}: {role} column '{column}' has NaN or "
+                    f"infinite values in {int(rows.sum())} rows (first: row "
+                    f"{first})")
+
+
+# ---------------------------------------------------------------------------
+# Labels
+
+
+@dataclass
+class Labels:
+    """Label columns turned into arrays the computations can use.
+
+    ``kind`` is ``"classification"`` (``values`` are integer class codes and
+    ``classes`` the original values) or ``"regression"`` (``values`` a float array
+    of shape (n_samples, n_outputs)).
+    """
+
+    column: str
+    kind: str
+    values: np.ndarray
+    classes: list | None = None
+
+
+def read_labels(table: pa.Table, name: str, columns: Sequence[str], *,
+                task: str = "auto") -> list[Labels]:
+    """Label columns as :class:`Labels`, classified by their type.
+
+    Floats are regression targets; integers, booleans, strings and categoricals
+    are classes. ``task`` forces one reading for every column.
+    """
+    used = expand_columns(table, columns, name, "label")
+    return [_one_label(table.column(c), name, c, task) for c in used]
+
+
+def _one_label(chunked: pa.ChunkedArray, name: str, column: str, task: str
+               ) -> Labels:
+    if chunked.null_count:
+        raise DataError(f"{describe(name)}: label column '{column}' has "
+                        f"{chunked.null_count} missing values")
+    kind = chunked.type
+    if pa.types.is_dictionary(kind):
+        chunked = chunked.cast(kind.value_type)
+        kind = chunked.type
+    is_float = pa.types.is_floating(kind)
+    is_listy = pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)
+    is_class = (pa.types.is_integer(kind) or pa.types.is_boolean(kind)
+                or pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+    if is_listy:
+        if task == "classification":
+            raise DataError(f"{describe(name)}: label column '{column}' holds "
+                            "vectors, which cannot be classes")
+        Y = _as_float(list_column_matrix(chunked, name, column))
+        check_finite(Y, name, column, "label")
+        return Labels(column, "regression", Y)
+    if not (is_float or is_class):
+        raise DataError(f"{describe(name)}: label column '{column}' holds "
+                        f"{kind}; expected numbers, strings or categories")
+
+    regression = task == "regression" or (task == "auto" and is_float)
+    if regression:
+        if not (is_float or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise DataError(f"{describe(name)}: label column '{column}' holds "
+                            f"{kind}, which cannot be a regression target")
+        Y = chunked.to_numpy().astype(np.float64)[:, None]
+        check_finite(Y, name, column, "label")
+        return Labels(column, "regression", Y)
+
+    raw = chunked.to_numpy(zero_copy_only=False)
+    if is_float:
+        check_finite(raw.astype(np.float64), name, column, "label")
+    classes, codes = np.unique(raw, return_inverse=True)
+    return Labels(column, "classification", codes.astype(np.int64),
+                  classes.tolist())
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def fixed_size_list(X: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D array as a fixed-size list column, without copying."""
+    X = np.ascontiguousarray(X)
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+
+
+def provenance(command: str, parameters: dict) -> dict:
+    """The record of how an output was made."""
+    return {"command": command, "version": __version__,
+            "parameters": _jsonable(parameters)}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def with_provenance(table: pa.Table, record: dict,
+                    upstream: dict[bytes, bytes] | None = None) -> pa.Table:
+    """Attach this step's record, keeping earlier steps' records as history."""
+    metadata = dict(upstream or {})
+    metadata.pop(b"pandas", None)
+    history = json.loads(metadata.get(HISTORY_KEY, b"[]"))
+    if PROVENANCE_KEY in metadata:
+        history.append(json.loads(metadata[PROVENANCE_KEY]))
+    metadata[HISTORY_KEY] = json.dumps(history).encode()
+    metadata[PROVENANCE_KEY] = json.dumps(record, sort_keys=True).encode()
+    metadata.update(table.schema.metadata or {})
+    return table.replace_schema_metadata(metadata)
+
+
+def read_provenance(path_or_table) -> dict | None:
+    """The provenance record of a Parquet file or table, if it has one."""
+    if isinstance(path_or_table, pa.Table):
+        metadata = path_or_table.schema.metadata or {}
+    else:
+        metadata = pq.read_schema(path_or_table).metadata or {}
+    raw = metadata.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
+                  ) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it into place on success.
+
+    On any error, or an interrupt, the temporary file is removed and ``path`` is
+    left as it was. Refuses to overwrite one of the ``inputs``.
+    """
+    target = Path(path)
+    _refuse_input_overwrite(target, inputs)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise DataError(f"{target}: the folder {folder} does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
+                                         suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
+    for source in inputs:
+        if source == STDIO or not os.path.exists(source):
+            continue
+        if target.exists() and os.path.samefile(source, target):
+            raise UsageError(f"-o {target}: refusing to overwrite the input file")
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, *,
+                inputs: Sequence[str] = ()) -> None:
+    """Write a table as Parquet to a path (atomically) or to stdout (``-``)."""
+    path = str(path)
+    if path == STDIO:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        sys.stdout.buffer.write(sink.getvalue().to_pybytes())
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(path, inputs=inputs) as temporary:
+        pq.write_table(table, temporary)
+
+
+def write_array(array: np.ndarray, path: str | os.PathLike, *,
+                inputs: Sequence[str] = ()) -> None:
+    """Write an array as ``.npy`` to a path (atomically) or to stdout."""
+    path = str(path)
+    if path == STDIO:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        sys.stdout.buffer.write(buffer.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(path, inputs=inputs) as temporary:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
+
+def output_kind(path: str | os.PathLike, default: str = "parquet") -> str:
+    """``"npy"`` or ``"parquet"`` from an output path's suffix."""
+    suffix = Path(str(path)).suffix.lower()
+    if suffix == ".npy":
+        return "npy"
+    if suffix in (".parquet", ".pq") or str(path) == STDIO:
+        return default if str(path) == STDIO else "parquet"
+    raise UsageError(f"-o {path}: unknown output type; use .parquet or .npy")
