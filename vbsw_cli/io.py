@@ -420,15 +420,18 @@ def _jsonable(value):
 
 def with_provenance(table: pa.Table, record: dict,
                     upstream: dict[bytes, bytes] | None = None) -> pa.Table:
-    """Attach this step's record, keeping earlier steps' records as history."""
-    metadata = dict(upstream or {})
+    """Attach this step's record, keeping earlier steps' records as history.
+
+    ``upstream`` is the metadata of the input file; its own vbsw record moves
+    into ``vbsw.history``. pandas metadata is dropped: the columns changed.
+    """
+    metadata = {**(table.schema.metadata or {}), **(upstream or {})}
     metadata.pop(b"pandas", None)
     history = json.loads(metadata.get(HISTORY_KEY, b"[]"))
     if PROVENANCE_KEY in metadata:
         history.append(json.loads(metadata[PROVENANCE_KEY]))
     metadata[HISTORY_KEY] = json.dumps(history).encode()
     metadata[PROVENANCE_KEY] = json.dumps(record, sort_keys=True).encode()
-    metadata.update(table.schema.metadata or {})
     return table.replace_schema_metadata(metadata)
 
 

@@ -218,8 +218,13 @@ def _approximate_or_exact(X, n_query, options, progress):
         indices, distances = exact_search(X, n_query, options, progress)
         return indices, distances, "exact", {**details, "reason": fallback}
 
-    indices, distances = query_index(index, X, n_query, ef, options, progress)
-    return indices, distances, "hnsw", details
+    found = query_index(index, X, n_query, ef, options, progress)
+    if found is None:
+        del index
+        reason = f"hnswlib could not return {n_query} neighbours for every row"
+        indices, distances = exact_search(X, n_query, options, progress)
+        return indices, distances, "exact", {**details, "reason": reason}
+    return (*found, "hnsw", details)
 
 
 def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
@@ -248,16 +253,28 @@ def _choose_ef(index, X, sample, reference, n_query, options):
     while True:
         index.set_ef(max(ef, n_query))
         started = time.perf_counter()
-        labels, squared = index.knn_query(queries, k=n_query, num_threads=threads)
+        found = _knn_query(index, queries, n_query, threads)
         per_row = (time.perf_counter() - started) / len(sample)
-        recall = recall_at_k(np.sqrt(squared), reference)
+        recall = 0.0 if found is None else recall_at_k(np.sqrt(found[1]),
+                                                       reference)
         if options.ef is not None or recall >= options.recall or ef >= EF_LIMIT:
             return max(ef, n_query), recall, per_row
         ef = min(ef * 2, EF_LIMIT)
 
 
+def _knn_query(index, queries, n_query, threads):
+    """hnswlib's answer, or None where the graph cannot give n_query results."""
+    try:
+        return index.knn_query(queries, k=n_query, num_threads=threads)
+    except RuntimeError:  # "Cannot return the results in a contiguous 2D array"
+        return None
+
+
 def query_index(index, X, n_query, ef, options, progress):
-    """Neighbours of every row from the graph, Euclidean distances."""
+    """Neighbours of every row from the graph, Euclidean distances.
+
+    Returns None when the graph cannot give n_query results for some row.
+    """
     threads = thread_count(options.threads)
     index.set_ef(max(ef, n_query))
     indices = np.empty((len(X), n_query), dtype=np.int64)
@@ -265,7 +282,11 @@ def query_index(index, X, n_query, ef, options, progress):
     task = progress.task("searching", len(X))
     for start, stop in chunks(len(X), QUERY_CHUNK):
         block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
-        labels, squared = index.knn_query(block, k=n_query, num_threads=threads)
+        found = _knn_query(index, block, n_query, threads)
+        if found is None:
+            task.close()
+            return None
+        labels, squared = found
         indices[start:stop] = labels
         distances[start:stop] = np.sqrt(np.maximum(squared, 0.0))
         task.advance(stop - start)

@@ -201,8 +201,10 @@ def _write_graph(result, path, include_self, inputs):
 
 
 def _jsonable(details: dict) -> dict:
+    """Search details for the metadata: timings left out, so that the same
+    seed writes the same bytes."""
     return {key: (round(value, 4) if isinstance(value, float) else value)
-            for key, value in details.items()}
+            for key, value in details.items() if not key.endswith("_s")}
 
 
 def _summary(reporter, X, k, labels, result, timings, destination,

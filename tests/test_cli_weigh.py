@@ -1,0 +1,220 @@
+"""``vbsw weigh`` as a user runs it: exit codes, stdout, stderr, files."""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from scipy.sparse import load_npz
+
+from conftest import SAMPLE, run_vbsw, vectors, write_features
+from test_weigh import reference_neighbours, reference_variance, reference_weights
+
+BREAST_CANCER = SAMPLE / "breast_cancer.parquet"
+
+
+def read(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def one_line(run) -> str:
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    return lines[0]
+
+
+def test_sample_data_weighs_as_the_readme_says(tmp_path):
+    out = tmp_path / "w.parquet"
+    run = run_vbsw("weigh", BREAST_CANCER, "--k", "35", "--m", "50", "-o", out)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "rows 569, dimensions 30, k 35" in run.stderr
+    table = pq.read_table(out)
+    source = pq.read_table(BREAST_CANCER)
+    assert table.column_names == source.column_names + ["local_variance", "weight"]
+    assert table.column("id").equals(source.column("id"))
+    assert table.column("diagnosis").equals(source.column("diagnosis"))
+    weight = table.column("weight").to_numpy()
+    assert weight.mean() == pytest.approx(1.0)
+    assert weight.max() / weight.min() == pytest.approx(50.0)
+    record = json.loads(table.schema.metadata[b"vbsw"])
+    assert record["command"] == "weigh"
+    assert record["parameters"]["k"] == 35
+    assert record["parameters"]["normalization"] == "mean"
+
+
+def test_weights_equal_the_reference_through_the_command(tmp_path, rng):
+    X = rng.normal(size=(80, 3))
+    y = rng.choice(["a", "b", "c"], size=80)
+    path = write_features(tmp_path / "f.parquet", X, y)
+    run = run_vbsw("weigh", path, "--k", "6", "--m", "12", "-o", "-")
+    assert run.code == 0, run.stderr
+    table = read(run.stdout)
+    variance = reference_variance(reference_neighbours(X, 6),
+                                  [("classification", y)])
+    np.testing.assert_allclose(table.column("local_variance").to_numpy(),
+                               variance, atol=1e-12)
+    np.testing.assert_allclose(table.column("weight").to_numpy(),
+                               reference_weights(variance, 12), rtol=1e-9)
+    assert table.column("label").to_pylist() == list(y)
+
+
+def test_pipes_through_stdin_and_stdout(tmp_path, rng):
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(50, 2)),
+                          rng.normal(size=50))
+    first = run_vbsw("weigh", path, "--k", "5", "-o", "-", "-q")
+    assert first.code == 0 and first.stderr == ""
+    second = run_vbsw("weigh", "-", "--k", "5", "--m", "3", "-o", "-", "-q",
+                      stdin=first.stdout)
+    assert second.code == 0, second.stderr
+    table = read(second.stdout)
+    history = json.loads(table.schema.metadata[b"vbsw.history"])
+    assert [step["command"] for step in history] == ["weigh"]
+    assert table.column("weight").to_numpy().max() > 1.0
+
+
+def test_npy_features_with_npy_labels_and_npy_output(tmp_path, rng):
+    X, y = rng.normal(size=(40, 4)), rng.integers(2, size=40)
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    run = run_vbsw("weigh", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                   "--k", "5", "-o", tmp_path / "w.npy")
+    assert run.code == 0, run.stderr
+    weight = np.load(tmp_path / "w.npy")
+    variance = reference_variance(reference_neighbours(X, 5),
+                                  [("classification", y)])
+    np.testing.assert_allclose(weight, reference_weights(variance, 40))
+
+
+def test_numeric_feature_columns_weights_only_and_graph(tmp_path):
+    out, graph = tmp_path / "w.parquet", tmp_path / "g.npz"
+    run = run_vbsw("weigh", SAMPLE / "double_moon.parquet", "--feature-columns",
+                   "x0,x1", "--k", "20", "--m", "100", "--weights-only",
+                   "--graph", graph, "-o", out)
+    assert run.code == 0, run.stderr
+    table = pq.read_table(out)
+    assert table.column_names == ["id", "local_variance", "weight"]
+    matrix = load_npz(graph)
+    assert matrix.shape == (300, 300)
+    assert matrix.nnz == 300 * 19
+    assert (matrix.diagonal() == 0).all()
+
+
+def test_exclude_self_changes_the_neighbourhood(tmp_path, rng):
+    X, y = rng.normal(size=(60, 2)), rng.normal(size=60)
+    path = write_features(tmp_path / "f.parquet", X, y)
+    run = run_vbsw("weigh", path, "--k", "5", "--exclude-self", "-o", "-", "-q")
+    assert run.code == 0, run.stderr
+    expected = reference_variance(reference_neighbours(X, 5, include_self=False),
+                                  [("regression", y)])
+    np.testing.assert_allclose(read(run.stdout).column("local_variance")
+                               .to_numpy(), expected, rtol=1e-9)
+
+
+def test_hnsw_with_recall_check_and_same_seed_same_bytes(tmp_path, rng):
+    X = rng.normal(size=(3000, 6)).astype(np.float32)
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(4, size=3000))
+    args = ("weigh", path, "--k", "10", "--search", "hnsw", "--threads", "1",
+            "--check-recall", "200", "--seed", "7", "-o", "-")
+    first, second = run_vbsw(*args), run_vbsw(*args)
+    assert first.code == 0, first.stderr
+    assert "search: hnsw" in first.stderr
+    recall = float(first.stderr.split("against exact search: ")[1].split()[0])
+    assert recall >= 0.95
+    assert first.stdout == second.stdout
+
+
+def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
+    X = np.repeat(rng.normal(size=(10, 2)), 3, axis=0)
+    path = write_features(tmp_path / "f.parquet", X, np.full(30, 2))
+    run = run_vbsw("weigh", path, "--k", "4", "-o", "-")
+    assert run.code == 0, run.stderr
+    assert "30 rows have a duplicate feature vector" in run.stderr
+    assert "all weights are 1" in run.stderr
+    assert (read(run.stdout).column("weight").to_numpy() == 1).all()
+
+
+# ---------------------------------------------------------------------------
+# Errors: one line, the right exit code, no output file
+
+
+@pytest.fixture
+def small(tmp_path, rng):
+    return write_features(tmp_path / "small.parquet", rng.normal(size=(12, 2)),
+                          rng.integers(2, size=12))
+
+
+def _fails(tmp_path, args, code, *needles, stdin=None):
+    out = tmp_path / "never.parquet"
+    run = run_vbsw("weigh", *args, "-o", out, stdin=stdin)
+    assert run.code == code, run.stderr
+    line = one_line(run)
+    for needle in needles:
+        assert needle in line, line
+    assert run.stdout == b""
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    return line
+
+
+def test_error_missing_and_misspelt_columns(tmp_path, small):
+    _fails(tmp_path, [small, "--label", "lable"], 1, "small.parquet",
+           "'lable'", "did you mean 'label'")
+    _fails(tmp_path, [small, "--features", "feature"], 1, "'feature'",
+           "did you mean 'features'")
+
+
+def test_error_nan_features_and_infinite_labels(tmp_path, rng):
+    X = rng.normal(size=(12, 2))
+    X[3, 0] = np.nan
+    bad = write_features(tmp_path / "nan.parquet", X, np.zeros(12))
+    _fails(tmp_path, [bad], 1, "nan.parquet", "NaN or infinite", "row 3")
+    y = np.zeros(12)
+    y[5] = np.inf
+    bad = write_features(tmp_path / "inf.parquet", rng.normal(size=(12, 2)), y)
+    _fails(tmp_path, [bad], 1, "label column 'label'", "row 5")
+
+
+def test_error_k_and_m_out_of_range(tmp_path, small):
+    _fails(tmp_path, [small, "--k", "13"], 2, "--k 13", "12 rows")
+    _fails(tmp_path, [small, "--k", "12", "--exclude-self"], 2, "--k 12")
+    _fails(tmp_path, [small, "--k", "1"], 2, "--k 1")
+    _fails(tmp_path, [small, "--m", "0.5"], 2, "--m 0.5", "at least 1")
+    _fails(tmp_path, [small, "--normalize", "max"], 2, "--normalize max")
+    _fails(tmp_path, [small, "--k", "five"], 2, "'--k'", "integer")
+
+
+def test_error_corrupt_empty_and_missing_files(tmp_path):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1" + b"\0" * 50)
+    _fails(tmp_path, [corrupt], 1, "corrupt.parquet", "not a readable Parquet")
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    _fails(tmp_path, [empty], 1, "empty.parquet", "empty")
+    _fails(tmp_path, [tmp_path / "absent.parquet"], 1, "no such file")
+    _fails(tmp_path, ["-"], 1, "stdin", stdin=b"")
+
+
+def test_error_keeps_an_existing_output_untouched(tmp_path, small):
+    out = tmp_path / "keep.parquet"
+    out.write_bytes(b"earlier result")
+    run = run_vbsw("weigh", small, "--label", "nope", "-o", out)
+    assert run.code == 1
+    assert out.read_bytes() == b"earlier result"
+
+
+def test_debug_shows_the_traceback(tmp_path, small):
+    run = run_vbsw("weigh", small, "--label", "nope", "-o", "-", "--debug")
+    assert run.code != 0
+    assert "Traceback" in run.stderr
+
+
+@pytest.mark.parametrize("name", ["weigh"])
+def test_help_shows_a_working_example(name):
+    run = run_vbsw(name, "--help")
+    assert run.code == 0
+    assert "Example:" in run.stdout.decode()

@@ -1,0 +1,155 @@
+"""File handling shared by every command."""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vbsw_cli import io
+from vbsw_cli.errors import DataError, UsageError
+from conftest import vectors
+
+
+def test_fixed_size_list_features_are_read_without_change(rng):
+    X = rng.normal(size=(7, 3)).astype(np.float32)
+    table = pa.table({"features": vectors(X)})
+    got, used = io.feature_matrix(table, "f.parquet")
+    assert used == ["features"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, X)
+
+
+def test_variable_lists_and_pandas_object_columns_of_equal_width(tmp_path, rng):
+    X = rng.normal(size=(5, 4))
+    frame = pd.DataFrame({"emb": list(X), "label": [0, 1, 0, 1, 1]})
+    frame.to_parquet(tmp_path / "p.parquet")
+    table = io.read_table(tmp_path / "p.parquet")
+    got, _ = io.feature_matrix(table, "p", column="emb")
+    np.testing.assert_allclose(got, X)
+
+
+def test_lists_of_different_widths_are_refused():
+    table = pa.table({"features": pa.array([[1.0, 2.0], [1.0, 2.0, 3.0]])})
+    with pytest.raises(DataError, match="different widths.*row 1"):
+        io.feature_matrix(table, "f.parquet")
+
+
+def test_nested_lists_are_flattened_row_by_row():
+    rows = [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]
+    table = pa.table({"features": pa.array(rows)})
+    got, _ = io.feature_matrix(table, "f")
+    np.testing.assert_array_equal(got, [[1, 2, 3, 4], [5, 6, 7, 8]])
+
+
+def test_numeric_columns_by_name_and_pattern(rng):
+    table = pa.table({"x1": [1.0, 2.0], "x2": [3, 4], "id": [0, 1]})
+    got, used = io.feature_matrix(table, "t", columns=["x*"])
+    assert used == ["x1", "x2"]
+    np.testing.assert_array_equal(got, [[1, 3], [2, 4]])
+
+
+def test_missing_column_suggests_the_close_name():
+    table = pa.table({"featurez": pa.array([[1.0]]), "label": [1]})
+    with pytest.raises(DataError, match="did you mean 'featurez'"):
+        io.feature_matrix(table, "f.parquet")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_infinite_features_name_the_column_and_row(bad):
+    X = np.ones((4, 2))
+    X[2, 1] = bad
+    with pytest.raises(DataError, match="'features'.*first: row 2"):
+        io.feature_matrix(pa.table({"features": vectors(X)}), "f")
+
+
+def test_label_types_are_read_by_kind():
+    table = pa.table({
+        "i": [3, 1, 3], "s": ["b", "a", "b"], "f": [0.5, 1.5, 2.5],
+        "c": pa.array(["x", "y", "x"]).dictionary_encode(), "b": [True, False, True],
+    })
+    labels = io.read_labels(table, "t", ["i", "s", "f", "c", "b"])
+    kinds = [label.kind for label in labels]
+    assert kinds == ["classification", "classification", "regression",
+                     "classification", "classification"]
+    assert labels[1].classes == ["a", "b"]
+    np.testing.assert_array_equal(labels[1].values, [1, 0, 1])
+    forced = io.read_labels(table, "t", ["i"], task="regression")[0]
+    np.testing.assert_array_equal(forced.values[:, 0], [3.0, 1.0, 3.0])
+
+
+def test_nan_labels_and_nulls_are_refused():
+    with pytest.raises(DataError, match="label column 'y'.*NaN"):
+        io.read_labels(pa.table({"y": [1.0, np.nan]}), "t", ["y"])
+    with pytest.raises(DataError, match="missing values"):
+        io.read_labels(pa.table({"y": pa.array([1, None])}), "t", ["y"])
+
+
+def test_corrupt_empty_and_rowless_files(tmp_path):
+    corrupt = tmp_path / "bad.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="bad.parquet: not a readable Parquet"):
+        io.read_table(corrupt)
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        io.read_table(empty)
+    rowless = tmp_path / "none.parquet"
+    pq.write_table(pa.table({"features": vectors(np.ones((0, 2)))}), rowless)
+    with pytest.raises(DataError, match="no rows"):
+        io.require_rows(io.read_table(rowless), str(rowless))
+
+
+def test_npy_input_becomes_a_features_column(tmp_path, rng):
+    X = rng.normal(size=(6, 2, 3))
+    np.save(tmp_path / "x.npy", X)
+    table = io.read_table(tmp_path / "x.npy")
+    got, _ = io.feature_matrix(table, "x.npy")
+    np.testing.assert_array_equal(got, X.reshape(6, 6))
+
+
+def test_stdin_is_sniffed(monkeypatch, rng):
+    X = rng.normal(size=(3, 2))
+    buffer = stdio.BytesIO()
+    np.save(buffer, X)
+    monkeypatch.setattr("sys.stdin", stdio.TextIOWrapper(
+        stdio.BytesIO(buffer.getvalue())))
+    got, _ = io.feature_matrix(io.read_table("-"), "-")
+    np.testing.assert_array_equal(got, X)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.parquet"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError):
+        with io.atomic_output(target) as temporary:
+            with open(temporary, "wb") as handle:
+                handle.write(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet"]
+
+
+def test_refuses_to_overwrite_an_input(tmp_path):
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"a": [1]}), source)
+    with pytest.raises(UsageError, match="overwrite the input"):
+        io.write_table(pa.table({"a": [2]}), source, inputs=[str(source)])
+    assert io.read_table(source).column("a").to_pylist() == [1]
+
+
+def test_provenance_keeps_the_chain_of_steps(tmp_path):
+    first = io.with_provenance(pa.table({"a": [1]}), io.provenance("embed", {"x": 1}))
+    second = io.with_provenance(first, io.provenance("weigh", {"k": 5}),
+                                first.schema.metadata)
+    io.write_table(second, tmp_path / "o.parquet")
+    metadata = pq.read_schema(tmp_path / "o.parquet").metadata
+    assert json.loads(metadata[b"vbsw"])["command"] == "weigh"
+    history = json.loads(metadata[b"vbsw.history"])
+    assert [step["command"] for step in history] == ["embed"]
+    assert io.read_provenance(tmp_path / "o.parquet")["parameters"] == {"k": 5}

@@ -1,0 +1,262 @@
+"""Local variance and weights against a plain numpy brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vbsw_cli.io import Labels
+from vbsw_cli.neighbors import SearchOptions, nearest_neighbours
+from vbsw_cli.weigh import (class_variance, local_variance, value_variance,
+                            weigh, weights_from_variance)
+
+EXACT = SearchOptions(method="exact")
+
+
+# ---------------------------------------------------------------------------
+# The reference: written for clarity, not speed, sharing no code with vbsw_cli.
+
+
+def reference_neighbours(X, k, include_self=True):
+    """For each point: itself (optionally) then its nearest other points."""
+    X = np.asarray(X, dtype=np.float64)
+    out = []
+    for i in range(len(X)):
+        distance = np.sqrt(((X - X[i]) ** 2).sum(axis=1))
+        others = [j for j in np.argsort(distance, kind="stable") if j != i]
+        chosen = ([i] + others[:k - 1]) if include_self else others[:k]
+        out.append(chosen)
+    return np.array(out)
+
+
+def reference_variance(neighbour_sets, columns):
+    """Eq. (4) by explicit loops: unbiased variance, one-hot for classes."""
+    total = np.zeros(len(neighbour_sets))
+    for kind, values in columns:
+        if kind == "classification":
+            classes = sorted(set(values.tolist()))
+            onehot = np.array([[v == c for c in classes] for v in values], float)
+            matrix = onehot
+        else:
+            matrix = np.asarray(values, float).reshape(len(values), -1)
+        for i, rows in enumerate(neighbour_sets):
+            total[i] += np.var(matrix[rows], axis=0, ddof=1).sum()
+    return total
+
+
+def reference_weights(variance, m):
+    low, high = variance.min(), variance.max()
+    if high == low:
+        raw = np.ones_like(variance)
+    else:
+        raw = 1 + (m - 1) * (variance - low) / (high - low)
+    return raw / raw.mean()
+
+
+def regression(y):
+    y = np.asarray(y, float)
+    return Labels("label", "regression", y.reshape(len(y), -1))
+
+
+def classes(y):
+    values, codes = np.unique(np.asarray(y), return_inverse=True)
+    return Labels("label", "classification", codes, values.tolist())
+
+
+# ---------------------------------------------------------------------------
+# Exact search and variance against the reference
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_exact_neighbours_match_reference(rng, include_self):
+    X = rng.normal(size=(150, 5))
+    found = nearest_neighbours(X, 7, include_self=include_self, options=EXACT)
+    expected = reference_neighbours(X, 7, include_self)
+    assert found.method == "exact"
+    for got, want in zip(found.indices, expected):
+        assert set(got) == set(want)
+    if include_self:
+        assert (found.indices[:, 0] == np.arange(len(X))).all()
+
+
+def test_regression_variance_and_weights_match_reference(rng):
+    X = rng.normal(size=(120, 3))
+    y = np.sin(3 * X[:, 0]) + 0.1 * rng.normal(size=len(X))
+    result = weigh(X, [regression(y)], k=10, m=40, search=EXACT)
+    neighbours = reference_neighbours(X, 10)
+    variance = reference_variance(neighbours, [("regression", y)])
+    np.testing.assert_allclose(result.local_variance, variance, rtol=1e-9)
+    np.testing.assert_allclose(result.weight, reference_weights(variance, 40),
+                               rtol=1e-9)
+
+
+def test_multi_output_and_mixed_columns_sum_their_variances(rng):
+    X = rng.normal(size=(90, 4))
+    Y = rng.normal(size=(90, 3))
+    labels = rng.choice(["cat", "dog", "eel"], size=90)
+    result = weigh(X, [regression(Y), classes(labels)], k=6, m=10, search=EXACT)
+    neighbours = reference_neighbours(X, 6)
+    variance = reference_variance(neighbours, [("regression", Y),
+                                               ("classification", labels)])
+    np.testing.assert_allclose(result.local_variance, variance, rtol=1e-9)
+
+
+@pytest.mark.parametrize("n_classes", [2, 5, 40])
+def test_class_closed_form_equals_explicit_one_hot(rng, n_classes):
+    codes = rng.integers(n_classes, size=300)
+    indices = rng.integers(300, size=(300, 9))
+    indices[:, 0] = np.arange(300)
+    onehot = np.eye(n_classes)[codes]
+    explicit = np.var(onehot[indices], axis=1, ddof=1).sum(axis=1)
+    np.testing.assert_allclose(class_variance(codes, indices), explicit,
+                               atol=1e-12)
+
+
+def test_real_data_matches_reference():
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    X, y = data.data[:200], data.target[:200]
+    result = weigh(X, [classes(y)], k=35, m=50, search=EXACT)
+    variance = reference_variance(reference_neighbours(X, 35),
+                                  [("classification", y)])
+    np.testing.assert_allclose(result.local_variance, variance, atol=1e-12)
+    np.testing.assert_allclose(result.weight, reference_weights(variance, 50),
+                               rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Duplicates and degenerate labels
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_duplicates_count_the_point_once(rng, include_self):
+    base = rng.normal(size=(30, 2))
+    X = np.repeat(base, 6, axis=0)  # every point has 5 exact copies
+    found = nearest_neighbours(X, 4, include_self=include_self, options=EXACT)
+    own = (found.indices == np.arange(len(X))[:, None]).sum(axis=1)
+    assert (own == (1 if include_self else 0)).all()
+    for row in found.indices:
+        assert len(set(row)) == len(row)
+    assert (found.distances[:, 1 if include_self else 0:] == 0).all()
+
+
+def test_duplicates_with_hnsw_count_the_point_once(rng):
+    X = np.repeat(rng.normal(size=(400, 8)), 5, axis=0)
+    options = SearchOptions(method="hnsw", seed=3, threads=1)
+    found = nearest_neighbours(X, 8, options=options)
+    own = (found.indices == np.arange(len(X))[:, None]).sum(axis=1)
+    assert (own == 1).all()
+    assert (found.indices[:, 0] == np.arange(len(X))).all()
+
+
+def test_all_equal_labels_give_all_weights_one(rng):
+    X = rng.normal(size=(60, 3))
+    for labels in ([regression(np.full(60, 0.1))], [classes(np.full(60, "a"))]):
+        result = weigh(X, labels, k=5, m=40, search=EXACT)
+        assert result.all_equal
+        np.testing.assert_array_equal(result.weight, np.ones(60))
+
+
+def test_pure_neighbourhoods_of_float_labels_are_exactly_zero():
+    # Two far clusters with different float labels: every neighbourhood is pure,
+    # so rounding noise must not spread the weights.
+    X = np.concatenate([np.zeros((20, 2)), np.full((20, 2), 100.0)])
+    X += np.linspace(0, 1e-3, 40)[:, None]
+    y = np.repeat([0.1, 0.7], 20)
+    variance = value_variance(y[:, None], reference_neighbours(X, 5))
+    assert (variance == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Approximate search
+
+
+def test_hnsw_reaches_the_recall_and_the_weights(rng):
+    centres = rng.normal(size=(10, 4)) * 5
+    latent = centres[rng.integers(10, size=6000)] + rng.normal(size=(6000, 4))
+    X = latent @ rng.normal(size=(4, 32))
+    y = rng.integers(3, size=6000)
+    exact = weigh(X, [classes(y)], k=20, m=40, search=EXACT)
+    approx = weigh(X, [classes(y)], k=20, m=40, check_recall=300,
+                   search=SearchOptions(method="hnsw", seed=1))
+    assert approx.neighbours.method == "hnsw"
+    assert approx.recall >= 0.95
+    assert approx.neighbours.details["sample_recall"] >= 0.95
+    close = np.isclose(approx.local_variance, exact.local_variance).mean()
+    assert close > 0.9
+
+
+def test_hard_data_falls_back_to_exact_when_recall_is_unreachable(rng):
+    X = rng.normal(size=(3000, 64))
+    options = SearchOptions(method="hnsw", recall=1.0, M=2, ef_construction=2,
+                            seed=0)
+    found = nearest_neighbours(X, 20, options=options)
+    assert found.method == "exact"
+    assert "recall" in found.details["reason"]
+
+
+# ---------------------------------------------------------------------------
+# Properties
+
+
+def _problem(seed, n, d, kind):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    if kind == "regression":
+        y = X[:, 0] ** 2 + rng.normal(size=n)
+        return X, y, regression
+    return X, rng.integers(3, size=n), classes
+
+
+problems = st.tuples(st.integers(0, 10_000), st.integers(12, 60),
+                     st.integers(1, 6), st.sampled_from(["regression", "class"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems, st.integers(2, 10), st.floats(1, 200))
+def test_weights_lie_in_range_and_average_one(problem, k, m):
+    X, y, make = _problem(*problem)
+    result = weigh(X, [make(y)], k=min(k, len(X)), m=m, search=EXACT)
+    raw = weights_from_variance(result.local_variance, m, "mean")[0]
+    scale = raw.min()  # raw weights start at 1 before the mean normalisation
+    before = raw / scale
+    assert before.min() == pytest.approx(1.0)
+    assert before.max() <= m * (1 + 1e-9)
+    assert result.weight.mean() == pytest.approx(1.0)
+    summed = weights_from_variance(result.local_variance, m, "sum")[0]
+    assert summed.sum() == pytest.approx(1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems, st.randoms(use_true_random=False))
+def test_permuting_rows_permutes_weights(problem, random):
+    X, y, make = _problem(*problem)
+    order = np.array(random.sample(range(len(X)), len(X)))
+    first = weigh(X, [make(y)], k=5, m=30, search=EXACT)
+    second = weigh(X[order], [make(y[order])], k=5, m=30, search=EXACT)
+    np.testing.assert_allclose(second.weight, first.weight[order], rtol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems, st.floats(-1e3, 1e3), st.floats(1e-3, 1e3))
+def test_translation_and_label_scale_leave_weights_unchanged(problem, shift,
+                                                             scale):
+    X, y, make = _problem(*problem)
+    first = weigh(X, [make(y)], k=5, m=30, search=EXACT)
+    moved = weigh(X + shift, [make(y)], k=5, m=30, search=EXACT)
+    np.testing.assert_allclose(moved.weight, first.weight, rtol=1e-6, atol=1e-9)
+    if make is regression:
+        scaled = weigh(X, [make(y * scale)], k=5, m=30, search=EXACT)
+        np.testing.assert_allclose(scaled.weight, first.weight, rtol=1e-6,
+                                   atol=1e-9)
+
+
+def test_local_variance_of_index_sets_directly(rng):
+    codes = rng.integers(4, size=50)
+    indices = reference_neighbours(rng.normal(size=(50, 2)), 6)
+    labels = [Labels("c", "classification", codes, list(range(4)))]
+    expected = reference_variance(indices, [("classification", codes)])
+    np.testing.assert_allclose(local_variance(indices, labels), expected)
