@@ -39,8 +39,21 @@ DEFAULT_M = 12
 DEFAULT_EF_CONSTRUCTION = 40
 
 # Rows on which the recall of the graph is measured, and the largest ef tried.
+# The sample estimate must beat the target by RECALL_MARGIN (about twice its
+# standard error on 400 rows of k = 20), so that the whole set reaches it too.
 RECALL_SAMPLE = 400
+RECALL_MARGIN = 0.005
 EF_LIMIT = 1024
+EF_GROWTH = 1.5
+
+# Relative contrast: the mean distance between random points over the mean
+# distance to the k-th neighbour. Near 1, distances concentrate and a graph
+# search needs a very large ef (about 1.3 for 64-dimensional Gaussian noise,
+# against 2 for the digits pixels and 7 for clustered embeddings). Below
+# HARD_CONTRAST, when the exact search is predicted to take under
+# HARD_EXACT_SECONDS, no graph is built at all.
+HARD_CONTRAST = 1.45
+HARD_EXACT_SECONDS = 60.0
 
 # Rows per call to the search libraries, so the progress bar moves.
 QUERY_CHUNK = 20_000
@@ -189,30 +202,47 @@ def _approximate_or_exact(X, n_query, options, progress):
     rng = np.random.default_rng(options.seed)
     sample = np.sort(rng.choice(len(X), size=min(options.sample_size, len(X)),
                                 replace=False))
+    # A first small call pays the thread pool's start, which the timed one
+    # must not count: its time per row predicts the whole exact search.
+    exact_search(X, n_query, options, progress, rows=sample[:8])
     started = time.perf_counter()
     _, reference = exact_search(X, n_query, options, progress, rows=sample)
     exact_per_row = (time.perf_counter() - started) / len(sample)
     predicted_exact = exact_per_row * len(X)
 
+    contrast = relative_contrast(X, sample, reference, rng)
+    if options.method == "auto" and contrast < HARD_CONTRAST \
+            and predicted_exact < HARD_EXACT_SECONDS:
+        reason = (f"relative contrast {contrast:.2f} < {HARD_CONTRAST}: a graph "
+                  f"would need a huge ef; exact search predicted "
+                  f"{predicted_exact:.1f} s")
+        indices, distances = exact_search(X, n_query, options, progress)
+        return indices, distances, "exact", {"reason": reason,
+                                             "relative_contrast": contrast}
+
     started = time.perf_counter()
     index = build_index(X, options, progress)
     details = {"M": options.M, "ef_construction": options.ef_construction,
                "build_s": time.perf_counter() - started,
-               "recall_sample": int(len(sample)),
+               "recall_sample": int(len(sample)), "relative_contrast": contrast,
                "predicted_exact_s": predicted_exact}
 
+    ceiling = predicted_exact if options.method == "auto" else None
     ef, recall, per_row = _choose_ef(index, X, sample, reference, n_query,
-                                     options)
+                                     options, ceiling)
     predicted_hnsw = per_row * len(X)
     details.update(ef=ef, sample_recall=recall, predicted_query_s=predicted_hnsw)
 
     fallback = None
-    if recall < options.recall and options.ef is None:
-        fallback = (f"hnswlib reached recall {recall:.3f} < {options.recall} "
-                    f"with ef up to {ef}")
-    elif options.method == "auto" and predicted_hnsw > predicted_exact:
-        fallback = (f"hnswlib at ef={ef} (predicted {predicted_hnsw:.1f} s) "
-                    f"is slower than exact search ({predicted_exact:.1f} s)")
+    target = min(1.0, options.recall + RECALL_MARGIN)
+    if ceiling is not None and predicted_hnsw > ceiling:
+        fallback = (f"hnswlib at ef={ef} (recall {recall:.3f}, predicted "
+                    f"{predicted_hnsw:.1f} s) is slower than exact search "
+                    f"(predicted {ceiling:.1f} s)")
+    elif recall < target and options.ef is None:
+        fallback = (f"hnswlib reached recall {recall:.3f} with ef up to {ef}, "
+                    f"short of {target:.3f} (--recall {options.recall} plus a "
+                    f"{RECALL_MARGIN} margin for the sample)")
     if fallback:
         del index
         indices, distances = exact_search(X, n_query, options, progress)
@@ -225,6 +255,14 @@ def _approximate_or_exact(X, n_query, options, progress):
         indices, distances = exact_search(X, n_query, options, progress)
         return indices, distances, "exact", {**details, "reason": reason}
     return (*found, "hnsw", details)
+
+
+def relative_contrast(X, sample, reference, rng) -> float:
+    """Mean distance to a random row over mean distance to the k-th neighbour."""
+    partners = rng.integers(len(X), size=len(sample))
+    spread = np.sqrt(((X[sample].astype(np.float64) - X[partners]) ** 2).sum(1))
+    kth = reference[:, -1].mean()
+    return float(spread.mean() / kth) if kth > 0 else float("inf")
 
 
 def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
@@ -245,9 +283,14 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
     return index
 
 
-def _choose_ef(index, X, sample, reference, n_query, options):
-    """The smallest ef (doubling) whose recall on the sample reaches the target."""
+def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
+    """The smallest ef (growing by half) whose sample recall reaches the target.
+
+    Stops early once the predicted time of the whole query passes ``ceiling``
+    (the predicted time of the exact search): a larger ef would only cost more.
+    """
     threads = thread_count(options.threads)
+    target = min(1.0, options.recall + RECALL_MARGIN)
     ef = options.ef or max(n_query, 16)
     queries = np.ascontiguousarray(X[sample], dtype=np.float32)
     while True:
@@ -257,9 +300,11 @@ def _choose_ef(index, X, sample, reference, n_query, options):
         per_row = (time.perf_counter() - started) / len(sample)
         recall = 0.0 if found is None else recall_at_k(np.sqrt(found[1]),
                                                        reference)
-        if options.ef is not None or recall >= options.recall or ef >= EF_LIMIT:
+        too_slow = ceiling is not None and per_row * len(X) > ceiling
+        if options.ef is not None or recall >= target or ef >= EF_LIMIT \
+                or too_slow:
             return max(ef, n_query), recall, per_row
-        ef = min(ef * 2, EF_LIMIT)
+        ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
 
 def _knn_query(index, queries, n_query, threads):
