@@ -218,3 +218,18 @@ def test_help_shows_a_working_example(name):
     run = run_vbsw(name, "--help")
     assert run.code == 0
     assert "Example:" in run.stdout.decode()
+
+
+def test_several_label_columns_make_one_multi_output_target(tmp_path, rng):
+    X = rng.normal(size=(40, 2))
+    y1, y2 = rng.normal(size=40), rng.normal(size=40)
+    path = write_features(tmp_path / "f.parquet", X, y1, other=y2)
+    run = run_vbsw("weigh", path, "--label", "label,other", "--k", "5", "-o", "-",
+                   "-q")
+    assert run.code == 0, run.stderr
+    expected = reference_variance(reference_neighbours(X, 5),
+                                  [("regression", np.column_stack([y1, y2]))])
+    np.testing.assert_allclose(read(run.stdout).column("local_variance")
+                               .to_numpy(), expected, rtol=1e-9)
+    record = json.loads(read(run.stdout).schema.metadata[b"vbsw"])
+    assert record["parameters"]["labels"] == ["label", "other"]

@@ -260,3 +260,16 @@ def test_local_variance_of_index_sets_directly(rng):
     labels = [Labels("c", "classification", codes, list(range(4)))]
     expected = reference_variance(indices, [("classification", codes)])
     np.testing.assert_allclose(local_variance(indices, labels), expected)
+
+
+def test_standardize_searches_in_unit_variance_space(rng):
+    X = rng.normal(size=(80, 3)) * np.array([1000.0, 1.0, 0.01])
+    y = rng.normal(size=80)
+    scaled = (X - X.mean(axis=0)) / X.std(axis=0)
+    result = weigh(X, [regression(y)], k=6, m=5, scale_features=True,
+                   search=EXACT)
+    expected = reference_variance(reference_neighbours(scaled, 6),
+                                  [("regression", y)])
+    np.testing.assert_allclose(result.local_variance, expected, rtol=1e-9)
+    raw = weigh(X, [regression(y)], k=6, m=5, search=EXACT)
+    assert not np.allclose(raw.local_variance, result.local_variance)
