@@ -275,7 +275,7 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
                      random_seed=options.seed)
     threads = thread_count(options.threads)
     task = progress.task("building index", len(X))
-    for start, stop in chunks(len(X), QUERY_CHUNK * 5):
+    for start, stop in chunks(len(X), QUERY_CHUNK):
         block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
         index.add_items(block, np.arange(start, stop), num_threads=threads)
         task.advance(stop - start)
