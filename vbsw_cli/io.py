@@ -39,6 +39,9 @@ NPY_MAGIC = b"\x93NUMPY"
 PROVENANCE_KEY = b"vbsw"
 HISTORY_KEY = b"vbsw.history"
 DEFAULT_FEATURES = "features"
+READ_BUFFER = 1 << 20
+READ_BATCH = 65_536
+WRITE_ROW_GROUP = 131_072
 DEFAULT_LABEL = "label"
 ID_COLUMN = "id"
 TASKS = ("auto", "classification", "regression")
@@ -97,11 +100,22 @@ def _read_bytes(data: bytes, name: str, columns) -> pa.Table:
 
 
 def _read_parquet(source, name: str, columns) -> pa.Table:
+    """Read Parquet batch by batch through a small buffer.
+
+    Reading a large column chunk whole holds its compressed and decoded forms
+    at once (about four times the data); a buffered stream of batches holds
+    little more than the table itself.
+    """
     try:
-        table = pq.read_table(source, columns=columns)
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
+        handle = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
+        schema = handle.schema_arrow
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns],
+                               metadata=schema.metadata)
+        batches = list(handle.iter_batches(batch_size=READ_BATCH, columns=columns))
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError) as error:
         raise DataError(f"{name}: not a readable Parquet file ({_short(error)})")
-    return table
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 def _load_npy(source, name: str) -> np.ndarray:
@@ -227,25 +241,49 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
 
 def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
                        ) -> np.ndarray:
-    """A list column whose rows all have the same width as a 2-D array."""
-    array = chunked.combine_chunks() if chunked.num_chunks != 1 else chunked.chunk(0)
-    if isinstance(array.type, pa.ExtensionType):
-        array = array.storage
-    kind = array.type
+    """A list column whose rows all have the same width as a 2-D array.
+
+    Each chunk is viewed in place; only several chunks are copied, once, into
+    one array.
+    """
+    kind = chunked.type
+    if isinstance(kind, pa.ExtensionType):
+        kind = kind.storage_type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
         return _numeric_column(chunked, name, column)[:, None]
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)
-            or pa.types.is_fixed_size_list(kind)):
+    if not _is_list(kind):
         raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
                         "expected a list of numbers per row")
-    if array.null_count:
+    if chunked.null_count:
         raise DataError(f"{describe(name)}: column '{column}' has "
-                        f"{array.null_count} empty (null) rows")
+                        f"{chunked.null_count} empty (null) rows")
 
+    blocks, offset = [], 0
+    for chunk in chunked.chunks:
+        blocks.append(_chunk_matrix(chunk, name, column, offset))
+        offset += len(chunk)
+    if not blocks:
+        return np.empty((0, 0))
+    width = blocks[0].shape[1]
+    for start, block in zip(np.cumsum([0] + [len(b) for b in blocks]), blocks):
+        if block.shape[1] != width and len(block):
+            _different_widths(name, column, width, block.shape[1], int(start))
+    if len(blocks) == 1:
+        return blocks[0]
+    out = np.empty((offset, width), dtype=np.result_type(*blocks))
+    for start, block in zip(np.cumsum([0] + [len(b) for b in blocks]), blocks):
+        out[start:start + len(block)] = block
+    return out
+
+
+def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
+                  ) -> np.ndarray:
+    """One chunk of a list column as a 2-D array (a view where possible)."""
+    if isinstance(array.type, pa.ExtensionType):
+        array = array.storage
     while isinstance(array.type.value_type, pa.ExtensionType):
         array = array.cast(pa.list_(array.type.value_type.storage_type))
-    inner = array.type.value_type
-    if pa.types.is_list(inner) or pa.types.is_fixed_size_list(inner):
+    if _is_list(array.type.value_type):
         # Nested lists (images as rows of rows): flatten them row by row.
         array = _flatten_nested(array)
 
@@ -253,9 +291,7 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
     width = int(lengths[0]) if len(lengths) else 0
     if len(lengths) and (lengths != width).any():
         bad = int(np.argmax(lengths != width))
-        raise DataError(f"{describe(name)}: column '{column}' has rows of "
-                        f"different widths ({width} in row 0, {lengths[bad]} in "
-                        f"row {bad}); every row needs the same width")
+        _different_widths(name, column, width, int(lengths[bad]), offset + bad)
     values = pc.list_flatten(array)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
             or pa.types.is_boolean(values.type)):
@@ -264,8 +300,13 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
     if values.null_count:
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{values.null_count} missing values inside its lists")
-    flat = values.to_numpy(zero_copy_only=False)
-    return flat.reshape(len(array), width)
+    return values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+
+
+def _different_widths(name, column, width, other, row):
+    raise DataError(f"{describe(name)}: column '{column}' has rows of different "
+                    f"widths ({width} in row 0, {other} in row {row}); every row "
+                    "needs the same width")
 
 
 def _flatten_nested(array: pa.Array) -> pa.Array:
@@ -484,12 +525,12 @@ def write_table(table: pa.Table, path: str | os.PathLike, *,
     path = str(path)
     if path == STDIO:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, row_group_size=WRITE_ROW_GROUP)
         sys.stdout.buffer.write(sink.getvalue().to_pybytes())
         sys.stdout.buffer.flush()
         return
     with atomic_output(path, inputs=inputs) as temporary:
-        pq.write_table(table, temporary)
+        pq.write_table(table, temporary, row_group_size=WRITE_ROW_GROUP)
 
 
 def write_array(array: np.ndarray, path: str | os.PathLike, *,

@@ -55,8 +55,10 @@ EF_GROWTH = 1.5
 HARD_CONTRAST = 1.45
 HARD_EXACT_SECONDS = 60.0
 
-# Rows per call to the search libraries, so the progress bar moves.
+# Rows per call to the search libraries, so the progress bar moves, and rows
+# per block when neighbourhoods are rearranged.
 QUERY_CHUNK = 20_000
+OWN_BLOCK = 65_536
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Neighbours:
 
     indices : ndarray of shape (n_samples, k), int64. With the point included,
         column 0 is the point itself.
-    distances : ndarray of shape (n_samples, k), float64, Euclidean.
+    distances : ndarray of shape (n_samples, k), float32 (graph) or float64
+        (exact), Euclidean.
     method : ``"exact"`` or ``"hnsw"``.
     details : how the search ran (parameters, measured recall, timings, and the
         reason for a fallback to exact search).
@@ -180,7 +183,7 @@ def exact_search(X: np.ndarray, n_query: int, options: SearchOptions,
     algorithm = "brute" if rows is not None else "auto"
     search = NearestNeighbors(n_neighbors=n_query, algorithm=algorithm,
                               n_jobs=thread_count(options.threads)).fit(X)
-    indices = np.empty((len(queries), n_query), dtype=np.int64)
+    indices = np.empty((len(queries), n_query), dtype=index_dtype(len(X)))
     distances = np.empty((len(queries), n_query), dtype=np.float64)
     task = progress.task("exact search", len(queries)) if rows is None else None
     for start, stop in chunks(len(queries), QUERY_CHUNK):
@@ -322,8 +325,8 @@ def query_index(index, X, n_query, ef, options, progress):
     """
     threads = thread_count(options.threads)
     index.set_ef(max(ef, n_query))
-    indices = np.empty((len(X), n_query), dtype=np.int64)
-    distances = np.empty((len(X), n_query), dtype=np.float64)
+    indices = np.empty((len(X), n_query), dtype=index_dtype(len(X)))
+    distances = np.empty((len(X), n_query), dtype=np.float32)
     task = progress.task("searching", len(X))
     for start, stop in chunks(len(X), QUERY_CHUNK):
         block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
@@ -343,6 +346,11 @@ def query_index(index, X, n_query, ef, options, progress):
 # Neighbourhoods and recall
 
 
+def index_dtype(n_samples: int):
+    """int32 row numbers where they fit: neighbour arrays are the largest."""
+    return np.int32 if n_samples < 2**31 else np.int64
+
+
 def _own_neighbourhood(indices: np.ndarray, distances: np.ndarray,
                        include_self: bool, owners: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -352,19 +360,28 @@ def _own_neighbourhood(indices: np.ndarray, distances: np.ndarray,
     point's own entry is removed where it came back; where it did not (ties
     among duplicates, a graph miss), the farthest result is removed instead.
     With the point included it is then put back in front at distance 0.
+    Works by blocks of rows, so that memory holds little beyond the result.
     """
     n_rows, n_query = indices.shape
     owners = np.arange(n_rows) if owners is None else owners
-    own = indices == owners[:, None]
-    position = np.where(own.any(axis=1), own.argmax(axis=1), n_query - 1)
-    keep = np.ones_like(own)
-    keep[np.arange(n_rows), position] = False
-    others = indices[keep].reshape(n_rows, n_query - 1)
-    other_distances = distances[keep].reshape(n_rows, n_query - 1)
-    if not include_self:
-        return others, other_distances
-    return (np.hstack([owners[:, None].astype(indices.dtype), others]),
-            np.hstack([np.zeros((n_rows, 1)), other_distances]))
+    width = n_query if include_self else n_query - 1
+    first = 1 if include_self else 0
+    out_indices = np.empty((n_rows, width), dtype=indices.dtype)
+    out_distances = np.empty((n_rows, width), dtype=distances.dtype)
+    columns = np.arange(n_query - 1)
+    for start, stop in chunks(n_rows, OWN_BLOCK):
+        block = indices[start:stop]
+        own = block == owners[start:stop, None]
+        position = np.where(own.any(axis=1), own.argmax(axis=1), n_query - 1)
+        # Columns to keep: every one but `position`, in their order.
+        keep = columns + (columns >= position[:, None])
+        out_indices[start:stop, first:] = np.take_along_axis(block, keep, axis=1)
+        out_distances[start:stop, first:] = np.take_along_axis(
+            distances[start:stop], keep, axis=1)
+    if include_self:
+        out_indices[:, 0] = owners
+        out_distances[:, 0] = 0.0
+    return out_indices, out_distances
 
 
 def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:

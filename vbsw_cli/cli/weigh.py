@@ -108,6 +108,9 @@ def weigh_cli(
     label_table, label_source = _label_table(table, features, labels_file)
     labels = io.read_labels(label_table, label_source, io.split_names(label),
                             task=task)
+    if weights_only or kind == "npy":
+        # Only id goes out: free the other columns before the search.
+        table = table.select([c for c in table.column_names if c == io.ID_COLUMN])
     timings["read_s"] = time.perf_counter() - started
 
     result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
