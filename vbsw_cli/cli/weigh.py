@@ -93,7 +93,7 @@ def weigh_cli(
     reporter = Reporter(verbose=verbose, quiet=quiet)
     timings = {}
     started = time.perf_counter()
-    _validate(k, m, normalize, task, threads, check_recall)
+    _validate(k, m, normalize, task, threads, check_recall, graph)
     options = SearchOptions(method="exact" if exact else search, recall=recall,
                             M=hnsw_m, ef_construction=ef_construction, ef=ef,
                             threads=threads, seed=seed)
@@ -139,7 +139,7 @@ def weigh_cli(
              normalize)
 
 
-def _validate(k, m, normalize, task, threads, check_recall):
+def _validate(k, m, normalize, task, threads, check_recall, graph):
     """Refuse wrong options before any file is read."""
     check_m(m)
     check_normalization(normalize)
@@ -151,6 +151,8 @@ def _validate(k, m, normalize, task, threads, check_recall):
         raise UsageError(f"--threads {threads}: must be at least 1")
     if check_recall is not None and check_recall < 1:
         raise UsageError(f"--check-recall {check_recall}: must be at least 1")
+    if graph is not None and not graph.endswith(".npz"):
+        raise UsageError(f"--graph {graph}: the graph is written as .npz")
 
 
 def _label_table(table: pa.Table, features: str, labels_file: str | None):
@@ -195,8 +197,6 @@ def _write(result, table, destination, kind, weights_only, parameters, inputs,
 def _write_graph(result, path, include_self, inputs):
     from scipy.sparse import save_npz
 
-    if not str(path).endswith(".npz"):
-        raise UsageError(f"--graph {path}: the graph is written as .npz")
     matrix = csr_graph(result.neighbours, include_self)
     with io.atomic_output(path, inputs=inputs) as temporary:
         with open(temporary, "wb") as handle:
