@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from vbsw_cli.errors import DataError, UsageError
 
@@ -35,6 +33,14 @@ MAX_ITER = 500
 # Added to N_k so that an emptied component divides by a small number, not 0
 # (scikit-learn does the same).
 TINY = 10 * np.finfo(np.float64).eps
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at its step limit before the log-likelihood settled.
+
+    Our own class, not scikit-learn's, so that importing this module (and
+    starting the command line) does not import scikit-learn.
+    """
 
 
 @dataclass
@@ -124,12 +130,15 @@ def distinct_count(X: np.ndarray) -> int:
 
 def _kmeans_start(X, w, n_components, rng, reg_covar) -> Mixture:
     """Parameters of the mixture whose components are weighted k-means clusters."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning as KMeansWarning
+
     seed = int(rng.integers(2**31 - 1))
     keep = w > 0
     kmeans = KMeans(n_clusters=n_components, n_init=1, random_state=seed)
     with warnings.catch_warnings():
         # Ties between duplicated points are fine: the count was checked.
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", KMeansWarning)
         kmeans.fit(X[keep], sample_weight=w[keep])
     resp = np.zeros((len(X), n_components))
     resp[np.flatnonzero(keep), kmeans.labels_] = 1.0
