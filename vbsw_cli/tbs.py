@@ -180,8 +180,11 @@ def _grid(n_samples: int, d: int) -> np.ndarray:
 def _quasi_random(design: str, n_samples: int, d: int, rng) -> np.ndarray:
     from scipy.stats import qmc
 
-    engine = (qmc.LatinHypercube(d, rng=rng) if design == "lhs"
-              else qmc.Sobol(d, scramble=True, rng=rng))
+    kind = qmc.LatinHypercube if design == "lhs" else qmc.Sobol
+    try:
+        engine = kind(d, rng=rng)
+    except TypeError:  # scipy < 1.15 calls the generator ``seed``
+        engine = kind(d, seed=rng)
     with warnings.catch_warnings():
         # Sobol points are unbalanced unless n is a power of 2: said in --help.
         warnings.simplefilter("ignore", UserWarning)

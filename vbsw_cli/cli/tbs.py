@@ -297,9 +297,9 @@ def _output_table(box, X, density, sampling, fn, label, table,
     all_points = np.concatenate(rows)
 
     columns = {}
-    if include_initial and table is not None and io.ID_COLUMN in table.column_names:
-        ids = table.column(io.ID_COLUMN).to_pylist()
-        columns[io.ID_COLUMN] = pa.array(ids + [None] * len(sampling.points))
+    carried = _carried(table, fn, label) if include_initial else []
+    if io.ID_COLUMN in carried:
+        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, len(sampling.points))
     for i, name in enumerate(box.names):
         columns[name] = pa.array(all_points[:, i])
     columns["source"] = pa.array(sources, pa.string())
@@ -307,7 +307,28 @@ def _output_table(box, X, density, sampling, fn, label, table,
     columns["mixture_density"] = pa.array(sampling.mixture_density(all_points))
     if fn is not None:
         columns.update(_labels(fn, all_points, label))
+    for name in carried:
+        if name not in columns:
+            columns[name] = _with_nulls(table, name, len(sampling.points))
     return pa.table(columns)
+
+
+def _carried(table, fn, label) -> list[str]:
+    """Columns of POINTS written for the initial rows (null for new rows):
+    id, and the labels when they come from the file, so the simulator's
+    results for the new rows can be filled in beside them."""
+    if table is None:
+        return []
+    names = [io.ID_COLUMN] if io.ID_COLUMN in table.column_names else []
+    if fn is None:
+        wanted = io.split_names(label) or [io.DEFAULT_LABEL]
+        names += [c for c in wanted if c in table.column_names]
+    return names
+
+
+def _with_nulls(table, column, n_new) -> pa.Array:
+    values = table.column(column).combine_chunks()
+    return pa.concat_arrays([values, pa.nulls(n_new, values.type)])
 
 
 def _labels(fn: Function, X: np.ndarray, label: str | None) -> dict:
