@@ -1,0 +1,474 @@
+"""Taylor based sampling: Df_eps^n, designs, densities, sampling, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+from math import factorial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run_vbsw, vectors
+from vbsw_cli import io
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.functions import Function, runge
+from vbsw_cli.mixture import Mixture
+from vbsw_cli.neighbors import SearchOptions, nearest_neighbours
+from vbsw_cli import tbs
+from vbsw_cli.weigh import local_variance
+
+SEED = 0
+
+
+# ---------------------------------------------------------------------------
+# Df_eps^n against analytic derivatives
+
+
+def reference_density(derivative, d, eps, order):
+    """Equation (2) summed literally over multi-indices 1 <= |k| <= order.
+
+    derivative(k) returns d^k f at the points, shape (n, outputs), for a
+    multi-index k given as a tuple of d non-negative integers.
+    """
+    total = 0.0
+    for k in itertools.product(range(order + 1), repeat=d):
+        if not 1 <= sum(k) <= order:
+            continue
+        eps_k = np.prod([e**ki for e, ki in zip(eps, k)])
+        k_factorial = np.prod([factorial(ki) for ki in k])
+        total = total + eps_k * (derivative(k) ** 2).sum(axis=1) / k_factorial
+    return total
+
+
+def test_df_of_a_1d_cubic_matches_analytic_derivatives():
+    function = Function("cubic", lambda X: 3 * X[:, 0]**3 - 2 * X[:, 0]**2 + X[:, 0])
+    x = np.linspace(-1, 1, 9)
+    first = (9 * x**2 - 4 * x + 1)[:, None]
+    second = (18 * x - 4)[:, None]
+    eps = np.array([1e-3])
+
+    for order in (1, 2):
+        expected = reference_density(
+            lambda k: first if k == (1,) else second, 1, eps, order)
+        found = tbs.function_density(function, x[:, None], eps, order=order,
+                                     step=np.array([1e-4]))
+        np.testing.assert_allclose(found, expected, rtol=1e-6)
+
+
+def _poly2(X):
+    """Two outputs of two inputs, with mixed terms."""
+    x, y = X[:, 0], X[:, 1]
+    return np.column_stack([x**2 * y + 3 * x * y**2 - y**3 + 2 * x,
+                            x * y - 0.5 * x**3])
+
+
+def _poly2_derivative(X, k):
+    x, y = X[:, 0], X[:, 1]
+    table = {
+        (1, 0): [2 * x * y + 3 * y**2 + 2, y - 1.5 * x**2],
+        (0, 1): [x**2 + 6 * x * y - 3 * y**2, x],
+        (2, 0): [2 * y, -3 * x],
+        (1, 1): [2 * x + 6 * y, np.ones_like(x)],
+        (0, 2): [6 * x - 6 * y, np.zeros_like(x)],
+    }
+    return np.column_stack(table[k])
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_df_of_a_2d_polynomial_with_mixed_terms(order):
+    X = np.random.default_rng(SEED).uniform(-1, 1, size=(20, 2))
+    eps = np.array([1e-3, 5e-3])  # unequal, so eps^k is checked per axis
+    expected = reference_density(lambda k: _poly2_derivative(X, k), 2, eps,
+                                 order)
+    found = tbs.function_density(Function("p", _poly2), X, eps, order=order,
+                                 step=np.array([1e-4, 1e-4]))
+    np.testing.assert_allclose(found, expected, rtol=1e-6)
+
+
+def test_finite_difference_hessian_of_the_2d_polynomial():
+    X = np.random.default_rng(1).uniform(-1, 1, size=(10, 2))
+    _, hessian = tbs.finite_differences(Function("p", _poly2), X,
+                                        np.array([1e-3, 2e-3]), order=2)
+    np.testing.assert_allclose(hessian[:, 0, 0], _poly2_derivative(X, (2, 0)),
+                               atol=1e-5)
+    np.testing.assert_allclose(hessian[:, 0, 1], _poly2_derivative(X, (1, 1)),
+                               atol=1e-5)
+    np.testing.assert_allclose(hessian[:, 1, 0], hessian[:, 0, 1])
+    np.testing.assert_allclose(hessian[:, 1, 1], _poly2_derivative(X, (0, 2)),
+                               atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(1, 4))
+def test_df_of_random_quadratics(seed, d):
+    # f(x) = x^T A x + b.x: gradient 2 A x + b, Hessian 2 A everywhere;
+    # central differences are exact for quadratics up to rounding.
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(d, d))
+    A = (A + A.T) / 2
+    b = rng.normal(size=d)
+    X = rng.uniform(-1, 1, size=(6, d))
+    eps = rng.uniform(1e-4, 1e-2, size=d)
+
+    def derivative(k):
+        k = np.array(k)
+        if k.sum() == 1:
+            i = int(np.argmax(k))
+            return (2 * X @ A[i] + b[i])[:, None]
+        i, j = np.flatnonzero(k) if (k == 1).sum() == 2 else [np.argmax(k)] * 2
+        return np.full((len(X), 1), 2 * A[i, j])
+
+    function = Function("q", lambda Z: np.einsum("ni,ij,nj->n", Z, A, Z) + Z @ b)
+    found = tbs.function_density(function, X, eps, order=2,
+                                 step=np.full(d, 1e-3))
+    expected = reference_density(derivative, d, eps, 2)
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-12)
+
+
+def test_given_derivatives_give_the_same_density():
+    X = np.random.default_rng(2).uniform(-1, 1, size=(15, 2))
+    eps = np.array([1e-3, 1e-3])
+    gradient = np.stack([_poly2_derivative(X, (1, 0)),
+                         _poly2_derivative(X, (0, 1))], axis=1)
+    hessian = tbs.hessian_from_upper([_poly2_derivative(X, (2, 0)),
+                                      _poly2_derivative(X, (1, 1)),
+                                      _poly2_derivative(X, (0, 2))], 2)
+    expected = reference_density(lambda k: _poly2_derivative(X, k), 2, eps, 2)
+    np.testing.assert_allclose(tbs.taylor_density(gradient, hessian, eps, 2),
+                               expected, rtol=1e-12)
+
+
+def test_hessian_from_upper_needs_the_full_triangle():
+    with pytest.raises(UsageError, match="3 inputs need 6 columns"):
+        tbs.hessian_from_upper([np.zeros((2, 1))] * 5, 3)
+
+
+# ---------------------------------------------------------------------------
+# Boxes and initial designs
+
+
+def test_parse_bounds_text_and_files(tmp_path):
+    low, high, names = tbs.parse_bounds("-1:1, 0:10")
+    assert low.tolist() == [-1, 0] and high.tolist() == [1, 10] and names is None
+
+    csv = tmp_path / "box.csv"
+    csv.write_text("name,low,high\nu0,0,1\nt,0,10\n")
+    low, high, names = tbs.parse_bounds(str(csv))
+    assert names == ["u0", "t"] and high.tolist() == [1, 10]
+
+    parquet = tmp_path / "box.parquet"
+    pq.write_table(pa.table({"low": [0.5], "high": [2.0]}), parquet)
+    assert tbs.parse_bounds(str(parquet))[1].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("-1:1,0", "'0' is not low:high"),
+    ("a:b", "'a:b' is not low:high"),
+    ("missing.csv", "no such file"),
+])
+def test_parse_bounds_errors(text, message):
+    with pytest.raises(UsageError, match=message):
+        tbs.parse_bounds(text)
+
+
+def test_make_box_errors():
+    with pytest.raises(UsageError, match="dimension 2 has low 3 >= high 1"):
+        tbs.make_box([0, 3], [1, 1], ["a", "b"])
+    with pytest.raises(UsageError, match="1 names for 2 dimensions"):
+        tbs.make_box([0, 0], [1, 1], ["a"])
+
+
+@pytest.mark.parametrize("design", tbs.DESIGNS)
+def test_designs_lie_in_the_box(design):
+    box = tbs.make_box([-1, 0], [1, 10], ["a", "b"])
+    X = tbs.initial_design(box, 16, design, np.random.default_rng(SEED))
+    assert X.shape == (16, 2)
+    assert box.contains(X).all()
+
+
+def test_grid_design_and_its_errors():
+    box = tbs.make_box([-1], [1], ["x"])
+    X = tbs.initial_design(box, 8, "grid", np.random.default_rng(SEED))
+    np.testing.assert_allclose(X[:, 0], np.linspace(-1, 1, 8))
+    box2 = tbs.make_box([0, 0], [1, 1], ["a", "b"])
+    with pytest.raises(UsageError, match="needs m\\*\\*2 points, e.g. 4, 9"):
+        tbs.initial_design(box2, 8, "grid", np.random.default_rng(SEED))
+
+
+def test_lhs_design_puts_one_point_in_each_stratum():
+    box = tbs.make_box([0, 0, 0], [1, 1, 1], list("abc"))
+    X = tbs.initial_design(box, 10, "lhs", np.random.default_rng(SEED))
+    for column in X.T:
+        assert sorted(np.floor(column * 10).astype(int)) == list(range(10))
+
+
+# ---------------------------------------------------------------------------
+# Densities from labels (section 6.1)
+
+
+def test_variance_density_equals_local_variance_and_brute_force():
+    rng = np.random.default_rng(SEED)
+    U = rng.random((60, 2))
+    y = np.sin(6 * U[:, 0]) + U[:, 1] ** 2
+    labels = [io.Labels("label", "regression", y[:, None])]
+
+    found = tbs.variance_density(U, labels, 7)
+    neighbours = nearest_neighbours(U, 7, include_self=True,
+                                    options=SearchOptions(method="exact"))
+    np.testing.assert_allclose(found, local_variance(neighbours.indices, labels))
+
+    distances = ((U[:, None, :] - U[None, :, :]) ** 2).sum(axis=2)
+    nearest = np.argsort(distances, axis=1, kind="stable")[:, :7]
+    np.testing.assert_allclose(found, y[nearest].var(axis=1, ddof=1), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.integers(1, 3),
+       n_components=st.integers(1, 4))
+def test_every_sample_lies_in_the_box(seed, d, n_components):
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(-5, 5, size=d)
+    box = tbs.make_box(low, low + rng.uniform(0.01, 10, size=d),
+                       [f"x{i}" for i in range(d)])
+    X = tbs.initial_design(box, 30, "uniform", rng)
+    # Density highest at the box's edge, so many draws fall outside.
+    density = np.exp(8 * box.to_unit(X)[:, 0])
+    result = tbs.tbs_sample(X, density, box, n_new=200,
+                            n_components=n_components, rng=rng)
+    assert result.points.shape == (200, d)
+    assert box.contains(result.points).all()
+    assert result.acceptance <= 1.0
+
+
+def test_samples_go_where_the_density_is():
+    box = tbs.make_box([-1], [1], ["x"])
+    rng = np.random.default_rng(SEED)
+    X = tbs.initial_design(box, 64, "grid", rng)
+    density = tbs.function_density(Function("runge", runge), X, np.array([1e-3]))
+    result = tbs.tbs_sample(X, density, box, n_new=2000, n_components=3,
+                            rng=rng)
+    # Runge is steepest near |x| = 0.2 and flat at the ends.
+    assert (np.abs(result.points) < 0.5).mean() > 0.9
+
+
+def test_same_generator_state_gives_the_same_points():
+    box = tbs.make_box([0, 0], [1, 2], ["a", "b"])
+
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        X = tbs.initial_design(box, 25, "sobol", rng)
+        return tbs.tbs_sample(X, X[:, 0] ** 2 + 0.1, box, n_new=50,
+                              n_components=3, rng=rng).points
+
+    np.testing.assert_array_equal(draw(3), draw(3))
+    assert not np.array_equal(draw(3), draw(4))
+
+
+def test_flat_function_falls_back_to_uniform_sampling():
+    box = tbs.make_box([0], [2], ["x"])
+    X = np.linspace(0, 2, 8)[:, None]
+    density = tbs.function_density(Function("c", lambda Z: np.full(len(Z), 3.0)),
+                                   X, np.array([1e-3]))
+    assert (density == 0).all()
+    result = tbs.tbs_sample(X, density, box, n_new=4000, n_components=3,
+                            rng=np.random.default_rng(SEED))
+    assert result.fallback == "uniform" and "every density is zero" in result.notes[0]
+    assert abs(result.points.mean() - 1.0) < 0.05
+    np.testing.assert_allclose(result.mixture_density(X), 0.5)
+
+
+def test_fewer_distinct_points_than_components_reduces_them():
+    box = tbs.make_box([0], [1], ["x"])
+    X = np.array([[0.2], [0.2], [0.7], [0.9]])
+    density = np.array([1.0, 1.0, 2.0, 0.0])
+    result = tbs.tbs_sample(X, density, box, n_new=10, n_components=3,
+                            rng=np.random.default_rng(SEED))
+    assert result.n_components == 2
+    assert "only 2 distinct points" in result.notes[0]
+
+
+def test_rejection_gives_up_below_the_acceptance_floor():
+    far = Mixture(np.array([1.0]), np.array([[40.0, 40.0]]),
+                  np.array([np.eye(2) * 0.01]))
+    with pytest.raises(DataError, match="acceptance below 0.001"):
+        tbs.sample_in_unit_box(far, 10, np.random.default_rng(SEED))
+
+
+@pytest.mark.parametrize("density, message", [
+    ([1.0, np.nan, 1.0], "NaN or infinite"),
+    ([1.0, -1.0, 1.0], "negative"),
+])
+def test_bad_densities_are_refused(density, message):
+    box = tbs.make_box([0], [1], ["x"])
+    with pytest.raises(DataError, match=message):
+        tbs.tbs_sample(np.array([[0.1], [0.5], [0.9]]), density, box, n_new=3,
+                       n_components=1, rng=np.random.default_rng(SEED))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def _table(run) -> pa.Table:
+    assert run.code == 0, run.stderr
+    return pq.read_table(pa.BufferReader(run.stdout))
+
+
+def _one_line_error(run, code, text):
+    assert run.code == code, run.stderr
+    assert run.stdout == b""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert text in lines[0], lines[0]
+
+
+def test_cli_runge_writes_points_labels_and_provenance(tmp_path):
+    out = tmp_path / "runge.parquet"
+    run = run_vbsw("tbs-sample", "--function", "runge", "--initial", "8",
+                   "--design", "grid", "--new", "8", "--components", "3",
+                   "--include-initial", "-o", out)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "wrote" in run.stderr
+    table = pq.read_table(out)
+    assert table.column_names == ["x", "source", "density", "mixture_density",
+                                  "f"]
+    sources = table.column("source").to_pylist()
+    assert sources.count("initial") == 8 and sources.count("tbs") == 8
+    x = table.column("x").to_numpy()
+    assert ((x >= -1) & (x <= 1)).all()
+    np.testing.assert_allclose(table.column("f").to_numpy(), 1 / (1 + 25 * x**2))
+    record = io.read_provenance(out)
+    assert record["command"] == "tbs-sample"
+    assert record["parameters"]["components_used"] == 3
+
+
+def test_cli_same_seed_same_bytes(tmp_path):
+    args = ("tbs-sample", "--function", "bateman", "--initial", "64",
+            "--design", "lhs", "--new", "20", "--components", "4",
+            "--eps", "5e-4")
+    first = run_vbsw(*args, "--seed", "7")
+    again = run_vbsw(*args, "--seed", "7")
+    other = run_vbsw(*args, "--seed", "8")
+    assert first.code == 0, first.stderr
+    assert first.stdout == again.stdout
+    assert _table(first).column("u0") != _table(other).column("u0")
+    table = _table(first)
+    assert table.column_names[:3] == ["u0", "eta0", "t"]
+    assert table.column_names[-2:] == ["u", "eta"]
+    t = table.column("t").to_numpy()
+    assert ((t >= 0) & (t <= 10)).all()
+
+
+def test_cli_variance_density_from_labelled_points(tmp_path):
+    rng = np.random.default_rng(SEED)
+    X = rng.random((40, 2))
+    path = tmp_path / "points.parquet"
+    pq.write_table(pa.table({"id": np.arange(40), "a": X[:, 0], "b": X[:, 1],
+                             "y": np.tanh(10 * (X[:, 0] - 0.5))}), path)
+    run = run_vbsw("tbs-sample", path, "--names", "a,b", "--label", "y",
+                   "--bounds", "0:1,0:1", "--k", "5", "--new", "30",
+                   "--include-initial")
+    table = _table(run)
+    assert table.num_rows == 70
+    assert table.column("id").to_pylist()[:40] == list(range(40))
+    expected = tbs.variance_density(X, [io.Labels("y", "regression",
+                                                  np.tanh(10 * (X[:, :1] - 0.5)))],
+                                    5)
+    np.testing.assert_allclose(table.column("density").to_numpy()[:40], expected)
+    # The labels of the initial rows are carried; the new rows await theirs.
+    assert table.column("y").to_pylist()[:40] == pytest.approx(
+        np.tanh(10 * (X[:, 0] - 0.5)).tolist())
+    assert table.column("y").null_count == 30
+
+
+def test_cli_given_derivative_columns(tmp_path):
+    X = np.linspace(-1, 1, 12)[:, None]
+    path = tmp_path / "points.parquet"
+    pq.write_table(pa.table({"x": X[:, 0], "dx": 2 * X[:, 0],
+                             "dxx": np.full(12, 2.0)}), path)
+    run = run_vbsw("tbs-sample", path, "--names", "x", "--gradient", "dx",
+                   "--hessian", "dxx", "--bounds", "-1:1", "--new", "5",
+                   "--include-initial", "--eps", "0.01")
+    density = _table(run).column("density").to_numpy()[:12]
+    np.testing.assert_allclose(density, 0.01 * (2 * X[:, 0])**2 + 1e-4 * 4 / 2)
+
+
+def test_cli_user_function_from_the_current_folder(tmp_path):
+    (tmp_path / "mysim.py").write_text(
+        "import numpy as np\n"
+        "def f(X):\n    return np.column_stack([X[:, 0] * X[:, 1], X[:, 0]])\n"
+        "def bad(X):\n    return X[:, :1].T\n")
+    run = run_vbsw("tbs-sample", "--function", "mysim:f", "--bounds", "0:1,0:2",
+                   "--initial", "16", "--new", "4", "--label", "p,q",
+                   cwd=tmp_path)
+    table = _table(run)
+    np.testing.assert_allclose(table.column("p").to_numpy(),
+                               table.column("x0").to_numpy()
+                               * table.column("x1").to_numpy())
+    bad = run_vbsw("tbs-sample", "--function", "mysim:bad", "--bounds",
+                   "0:1,0:2", "--initial", "16", "-o", "out.parquet",
+                   cwd=tmp_path)
+    _one_line_error(bad, 1, "returned shape (1, 144) for input of shape (144, 2)")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--function", "runge", "--initial", "8", "--bounds", "1:-1"], 2,
+     "dimension 1 has low 1 >= high -1"),
+    (["--function", "runge", "--initial", "8", "--bounds", "0;1"], 2,
+     "is not low:high"),
+    (["--function", "nosuch_mod:f", "--initial", "8", "--bounds", "0:1"], 2,
+     "no module named 'nosuch_mod'"),
+    (["--function", "numpy:nosuch", "--initial", "8", "--bounds", "0:1"], 2,
+     "has no attribute 'nosuch'"),
+    (["--function", "bateman", "--initial", "10", "--design", "grid"], 2,
+     "needs m**3 points"),
+    (["--function", "runge", "--initial", "8", "--order", "3"], 2,
+     "n = 1 or 2"),
+    (["--function", "runge"], 2, "give POINTS or --initial N"),
+    (["--initial", "8", "--bounds", "0:1"], 2, "give --function"),
+    (["--function", "runge", "--initial", "8", "--eps", "1e-3,1e-3"], 2,
+     "give one value or 1"),
+    (["--function", "runge", "--initial", "8", "--reg-covar", "-1"], 2,
+     "--reg-covar -1"),
+    (["--function", "runge", "--initial", "8", "--new", "0"], 2,
+     "--new 0: must be at least 1"),
+])
+def test_cli_usage_and_data_errors(tmp_path, args, code, text):
+    run = run_vbsw("tbs-sample", *args, "-o", tmp_path / "out.parquet")
+    _one_line_error(run, code, text)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_cli_errors_on_points_files(tmp_path):
+    path = tmp_path / "points.parquet"
+    pq.write_table(pa.table({"x": [0.1, 0.5, 2.0], "y": [1.0, 2.0, 3.0],
+                             "features": vectors(np.zeros((3, 2)))}), path)
+    out = tmp_path / "out.parquet"
+    outside = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
+                       "--bounds", "0:1", "--k", "2", "-o", out)
+    _one_line_error(outside, 1, "1 points lie outside --bounds (first: row 2")
+    misspelt = run_vbsw("tbs-sample", path, "--names", "x", "--label", "yy",
+                        "--k", "2", "-o", out)
+    _one_line_error(misspelt, 1, "no label column 'yy'; did you mean 'y'?")
+    big_k = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
+                     "--k", "5", "-o", out)
+    _one_line_error(big_k, 2, "--k 5 is larger than the 3 rows")
+    assert not out.exists()
+
+
+def test_cli_help_shows_the_example_and_the_bateman_domain():
+    run = run_vbsw("tbs-sample", "--help")
+    assert run.code == 0
+    text = " ".join(run.stdout.decode().split())  # undo the help's wrapping
+    assert "vbsw tbs-sample --function runge --initial 8" in text
+    assert "[0,1] x [0,1] x [0,10]" in text

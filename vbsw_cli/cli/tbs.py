@@ -1,0 +1,386 @@
+"""``vbsw tbs-sample``: Taylor based sampling, new inputs where f is steep."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import typer
+
+from vbsw_cli import io
+from vbsw_cli.cli._common import (DebugOpt, OutputOpt, QuietOpt, Reporter,
+                                  SeedOpt, VerboseOpt, command, resolve_output)
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.functions import Function, evaluate, load_function
+from vbsw_cli.neighbors import SearchOptions
+from vbsw_cli import tbs
+
+EXAMPLE = ("vbsw tbs-sample --function runge --initial 8 --design grid "
+           "--new 8 --components 3 --eps 1e-3 --include-initial "
+           "-o runge_tbs.parquet")
+
+
+@command("tbs-sample", EXAMPLE)
+def tbs_cli(
+    points: Annotated[Optional[str], typer.Argument(
+        metavar="[POINTS]",
+        help="Parquet file of existing points (columns --names), with labels "
+             "or derivative columns when there is no --function. Without it, "
+             "--initial points are drawn.")] = None,
+    function: Annotated[Optional[str], typer.Option(
+        "--function", metavar="NAME|MODULE:FUNC",
+        help="runge (1/(1+25x^2) on [-1,1]), tanh (on [-3,3]), bateman "
+             "(M = 1, sigma_a = sigma_r = -0.45, v = 1; inputs u0, eta0, t on "
+             "[0,1] x [0,1] x [0,10]; outputs u, eta), or package.module:name "
+             "or file.py:name of a vectorised function, (n, d) array in, (n,) "
+             "or (n, outputs) out.")] = None,
+    bounds: Annotated[Optional[str], typer.Option(
+        "--bounds", metavar="LOW:HIGH,...|FILE",
+        help="The box: one low:high per input, comma-separated, or a .csv / "
+             ".parquet file with columns low, high (and name), one row per "
+             "input. Default: the built-in's domain, else the points' "
+             "bounding box.")] = None,
+    names: Annotated[Optional[str], typer.Option(
+        "--names", metavar="A,B,...",
+        help="Input column names (default: the bounds file's or the "
+             "built-in's, else x0, x1, ...).")] = None,
+    initial: Annotated[Optional[int], typer.Option(
+        "--initial", metavar="N", help="Initial points to draw when POINTS is "
+        "not given.")] = None,
+    design: Annotated[str, typer.Option(
+        "--design", metavar="uniform|grid|lhs|sobol",
+        help="Initial design: uniform; grid (N = m^d, ends included); lhs "
+             "(Latin hypercube); sobol (scrambled; balanced for N a power "
+             "of 2).")] = "uniform",
+    new: Annotated[int, typer.Option(
+        "--new", metavar="N'", help="Points to draw by TBS.")] = 100,
+    order: Annotated[int, typer.Option(
+        "--order", metavar="1|2", help="n of Df_eps^n (eq. 2), mixed second "
+        "derivatives included.")] = 2,
+    eps: Annotated[str, typer.Option(
+        "--eps", metavar="E[,E...]", help="eps of eq. (2): one value, or one "
+        "per input.")] = "1e-3",
+    step: Annotated[Optional[str], typer.Option(
+        "--step", metavar="H[,H...]", help="Finite-difference step (default: "
+        "--eps); f is evaluated up to this far outside the box.")] = None,
+    gradient: Annotated[Optional[str], typer.Option(
+        "--gradient", metavar="COLUMNS", help="Given first derivatives: one "
+        "column per input (numbers, or lists with one value per output).")
+    ] = None,
+    hessian: Annotated[Optional[str], typer.Option(
+        "--hessian", metavar="COLUMNS", help="Given second derivatives for "
+        "--order 2: the upper triangle row by row, d(d+1)/2 columns: "
+        "(1,1),(1,2),...,(1,d),(2,2),...")] = None,
+    label: Annotated[Optional[str], typer.Option(
+        "--label", metavar="A[,B...]",
+        help="Without --function or --gradient: the label columns of POINTS "
+             "whose local variance (eq. 4) is the density. With --function: "
+             "the names of the label columns written (default: the "
+             "built-in's, else label or label_0, label_1, ...).")] = None,
+    k: Annotated[int, typer.Option(
+        "--k", help="Neighbourhood size of the local variance, the point "
+        "itself included.")] = 20,
+    components: Annotated[int, typer.Option(
+        "--components", help="Gaussians in the mixture.")] = 3,
+    reg_covar: Annotated[str, typer.Option(
+        "--reg-covar", metavar="auto|X",
+        help="Added to each covariance's diagonal, in unit-box coordinates. "
+             "auto: h^2/12 with h = N^(-1/d), the variance of one point's "
+             "cell; 1e-6 is scikit-learn's default.")] = "auto",
+    include_initial: Annotated[bool, typer.Option(
+        "--include-initial", help="Also write the initial points "
+        "(source = initial).")] = False,
+    output: OutputOpt = None,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Draw new inputs where the function is steep (Taylor based sampling).
+
+    The density at the initial points is Df_eps^n of eq. (2) (finite
+    differences of --function, or --gradient/--hessian columns), or the local
+    label variance of eq. (4) (--label). A Gaussian mixture is fitted to the
+    points weighted by it (weighted EM), and --new points are drawn from it,
+    those outside the box redrawn. The output has the input columns, source
+    (initial or tbs), density (at the initial points), mixture_density, and
+    the labels when --function is given.
+    """
+    reporter = Reporter(verbose=verbose, quiet=quiet)
+    plan = _plan(points, function, gradient, hessian, label, initial, order,
+                 new, components, k)
+    reg = _reg_covar(reg_covar)
+    destination = resolve_output(output, points or "tbs_sample", ".tbs.parquet")
+    if destination != "-" and io.output_kind(destination) != "parquet":
+        raise UsageError(f"-o {destination}: tbs-sample writes Parquet")
+    rng = np.random.default_rng(seed)
+    fn = load_function(function) if function else None
+
+    box, table, X = _inputs(points, fn, bounds, names, initial, design, rng)
+    density = _density(plan, fn, table, points, X, box, eps, step, order,
+                       gradient, hessian, label, k, seed)
+    sampling = tbs.tbs_sample(X, density, box, n_new=new,
+                              n_components=components, rng=rng, reg_covar=reg)
+
+    out = _output_table(box, X, density, sampling, fn, label, table,
+                        include_initial)
+    parameters = _parameters(plan, points, function, box, initial, design, new,
+                             order, eps, step, k, components, sampling,
+                             include_initial, seed)
+    record = io.provenance("tbs-sample", parameters)
+    upstream = table.schema.metadata if table is not None else None
+    io.write_table(io.with_provenance(out, record, upstream), destination,
+                   inputs=[points] if points else [])
+    _summary(reporter, plan, X, density, sampling, destination)
+
+
+# ---------------------------------------------------------------------------
+# Options
+
+
+def _plan(points, function, gradient, hessian, label, initial, order, new,
+          components, k) -> str:
+    """Which density source the options ask for; refuse contradictions."""
+    tbs.check_order(order)
+    if new < 1:
+        raise UsageError(f"--new {new}: must be at least 1")
+    if components < 1:
+        raise UsageError(f"--components {components}: must be at least 1")
+    if function and gradient:
+        raise UsageError("--function and --gradient: give one source of "
+                         "derivatives, not both")
+    if hessian and not gradient:
+        raise UsageError("--hessian needs --gradient")
+    if hessian and order == 1:
+        raise UsageError("--hessian is used only with --order 2")
+    if points and initial is not None:
+        raise UsageError("--initial draws points when POINTS is not given; "
+                         "give one of them")
+    if function:
+        if not points and initial is None:
+            raise UsageError("--function: give POINTS or --initial N")
+        return "function"
+    if not points:
+        raise UsageError("give --function, or POINTS with --gradient or "
+                         "--label")
+    if gradient:
+        if order == 2 and not hessian:
+            raise UsageError("--order 2 with --gradient needs --hessian (or "
+                             "use --order 1)")
+        return "derivatives"
+    if k < 2:
+        raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
+    return "variance"
+
+
+def _reg_covar(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value < 0:
+        raise UsageError(f"--reg-covar {text}: give auto or a number >= 0")
+    return value
+
+
+def _numbers(text: str, d: int, option: str) -> np.ndarray:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text}: expected numbers, comma-separated")
+    return tbs.per_dimension(values, d, option)
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
+    """The box, the points table (or None) and the points X (n, d)."""
+    low = high = file_names = None
+    if bounds:
+        low, high, file_names = tbs.parse_bounds(bounds)
+    elif fn is not None and fn.bounds is not None:
+        low, high = fn.bounds[:, 0], fn.bounds[:, 1]
+    chosen = io.split_names(names) or file_names or (
+        fn.input_names if fn is not None and fn.input_names else None)
+
+    table = None
+    if points:
+        table = io.read_table(points)
+        io.require_rows(table, points)
+        if chosen is None:
+            if low is None:
+                raise UsageError("--names: name the input columns of "
+                                 f"{io.describe(points)}")
+            chosen = [f"x{i}" for i in range(len(low))]
+        X, _ = io.feature_matrix(table, points, columns=chosen)
+        X = X.astype(np.float64)
+        if low is None:
+            low, high = X.min(axis=0), X.max(axis=0)
+    elif low is None:
+        raise UsageError("--bounds: give the box (low:high per input)")
+    chosen = chosen or [f"x{i}" for i in range(len(low))]
+    box = tbs.make_box(low, high, chosen)
+    if table is None:
+        X = tbs.initial_design(box, initial, design, rng)
+    _check_inside(box, X, points)
+    return box, table, X
+
+
+def _check_inside(box, X, points):
+    if X.shape[1] != len(box.low):
+        raise DataError(f"{X.shape[1]} input columns for a box of "
+                        f"{len(box.low)} dimensions")
+    outside = ~box.contains(X)
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise DataError(f"{io.describe(points)}: {int(outside.sum())} points lie "
+                        f"outside --bounds (first: row {first}, "
+                        f"{X[first].tolist()})")
+
+
+def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
+             hessian, label, k, seed) -> np.ndarray:
+    d = X.shape[1]
+    if plan == "variance":
+        labels = io.read_labels(table, points, io.split_names(label)
+                                or [io.DEFAULT_LABEL])
+        return tbs.variance_density(box.to_unit(X), labels, k,
+                                    options=SearchOptions(seed=seed))
+    eps_values = _numbers(eps, d, "--eps")
+    if plan == "function":
+        steps = _numbers(step, d, "--step") if step else None
+        return tbs.function_density(fn, X, eps_values, order=order, step=steps)
+    first = _derivative_columns(table, points, gradient, "--gradient")
+    if len(first) != d:
+        raise UsageError(f"--gradient: {d} inputs need {d} columns, not "
+                         f"{len(first)}")
+    second = None
+    if order == 2:
+        second = tbs.hessian_from_upper(
+            _derivative_columns(table, points, hessian, "--hessian"), d)
+    return tbs.taylor_density(np.stack(first, axis=1), second, eps_values, order)
+
+
+def _derivative_columns(table, points, text, option) -> list[np.ndarray]:
+    columns = io.expand_columns(table, io.split_names(text), points, "derivative")
+    values = []
+    for column in columns:
+        matrix = io.list_column_matrix(table.column(column), points, column)
+        matrix = matrix.astype(np.float64)
+        io.check_finite(matrix, points, column, "derivative")
+        values.append(matrix)
+    widths = {v.shape[1] for v in values}
+    if len(widths) > 1:
+        raise DataError(f"{io.describe(points)}: {option} columns hold different "
+                        "numbers of outputs")
+    return values
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+def _output_table(box, X, density, sampling, fn, label, table,
+                  include_initial) -> pa.Table:
+    rows = [sampling.points]
+    sources = ["tbs"] * len(sampling.points)
+    densities = [None] * len(sampling.points)
+    if include_initial:
+        rows.insert(0, X)
+        sources = ["initial"] * len(X) + sources
+        densities = density.tolist() + densities
+    all_points = np.concatenate(rows)
+
+    columns = {}
+    carried = _carried(table, fn, label) if include_initial else []
+    if io.ID_COLUMN in carried:
+        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, len(sampling.points))
+    for i, name in enumerate(box.names):
+        columns[name] = pa.array(all_points[:, i])
+    columns["source"] = pa.array(sources, pa.string())
+    columns["density"] = pa.array(densities, pa.float64())
+    columns["mixture_density"] = pa.array(sampling.mixture_density(all_points))
+    if fn is not None:
+        columns.update(_labels(fn, all_points, label))
+    for name in carried:
+        if name not in columns:
+            columns[name] = _with_nulls(table, name, len(sampling.points))
+    return pa.table(columns)
+
+
+def _carried(table, fn, label) -> list[str]:
+    """Columns of POINTS written for the initial rows (null for new rows):
+    id, and the labels when they come from the file, so the simulator's
+    results for the new rows can be filled in beside them."""
+    if table is None:
+        return []
+    names = [io.ID_COLUMN] if io.ID_COLUMN in table.column_names else []
+    if fn is None:
+        wanted = io.split_names(label) or [io.DEFAULT_LABEL]
+        names += [c for c in wanted if c in table.column_names]
+    return names
+
+
+def _with_nulls(table, column, n_new) -> pa.Array:
+    values = table.column(column).combine_chunks()
+    return pa.concat_arrays([values, pa.nulls(n_new, values.type)])
+
+
+def _labels(fn: Function, X: np.ndarray, label: str | None) -> dict:
+    values = evaluate(fn, X)
+    n_outputs = values.shape[1]
+    names = io.split_names(label) or fn.output_names or (
+        [io.DEFAULT_LABEL] if n_outputs == 1
+        else [f"{io.DEFAULT_LABEL}_{i}" for i in range(n_outputs)])
+    if len(names) != n_outputs:
+        raise UsageError(f"--label: {len(names)} names for the {n_outputs} "
+                         f"outputs of {fn.name}")
+    return {name: pa.array(values[:, i]) for i, name in enumerate(names)}
+
+
+def _parameters(plan, points, function, box, initial, design, new, order, eps,
+                step, k, components, sampling, include_initial, seed) -> dict:
+    parameters = {
+        "input": points, "density": plan, "function": function,
+        "bounds": {n: [float(lo), float(hi)] for n, lo, hi
+                   in zip(box.names, box.low, box.high)},
+        "initial": initial, "design": design if not points else None,
+        "new": new, "components_requested": components,
+        "components_used": sampling.n_components,
+        "reg_covar": sampling.reg_covar, "fallback": sampling.fallback,
+        "acceptance": round(sampling.acceptance, 6),
+        "include_initial": include_initial, "seed": seed,
+    }
+    if plan == "variance":
+        parameters["k"] = k
+    else:
+        parameters.update(order=order, eps=eps, step=step or eps)
+    if sampling.mixture is not None:
+        parameters["mixture_converged"] = sampling.mixture.converged
+        parameters["mixture_iterations"] = sampling.mixture.n_iter
+    return parameters
+
+
+def _summary(reporter, plan, X, density, sampling, destination):
+    for note in sampling.notes:
+        reporter.notice(note)
+    if reporter.quiet:
+        return
+    kind = {"function": "Df_eps^n (finite differences)",
+            "derivatives": "Df_eps^n (given derivatives)",
+            "variance": "local label variance"}[plan]
+    reporter.say(f"initial points {len(X)}, dimensions {X.shape[1]}, density "
+                 f"{kind}: min {density.min():.4g}, max {density.max():.4g}")
+    if sampling.mixture is not None:
+        state = "converged" if sampling.mixture.converged else "NOT converged"
+        reporter.say(f"mixture: {sampling.n_components} components, "
+                     f"{state} in {sampling.mixture.n_iter} EM steps, "
+                     f"reg_covar {sampling.reg_covar:.3g}")
+    reporter.say(f"new points {len(sampling.points)}, acceptance in the box "
+                 f"{sampling.acceptance:.3f}")
+    reporter.say(f"wrote {'stdout' if destination == '-' else destination}")
