@@ -32,7 +32,7 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH",
-    help="Output file (.parquet or .npy), or - for stdout. Default: stdout when "
+    help="Output file, or - for stdout. Default: stdout when "
          "it is a pipe, else a file named after the input.")]
 FeaturesOpt = Annotated[str, typer.Option(
     "--features", metavar="COLUMN",
