@@ -191,7 +191,9 @@ def cut(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
 def merge(backbone: onnx.ModelProto, tensor: str, head: onnx.ModelProto
           ) -> onnx.ModelProto:
     """One model: the backbone cut at ``tensor``, flattened, then the head."""
-    body = cut(backbone, tensor)
+    # cut() returns the backbone itself when nothing is cut: work on a copy.
+    body = onnx.ModelProto()
+    body.CopyFrom(cut(backbone, tensor))
     flat = f"{tensor}__flat"
     flatten = helper.make_node("Flatten", [tensor], [flat], axis=1,
                                name="vbsw_flatten")
@@ -203,9 +205,14 @@ def merge(backbone: onnx.ModelProto, tensor: str, head: onnx.ModelProto
     head = _same_opset(head, _opset(body))
     body.ir_version = head.ir_version = min(body.ir_version, head.ir_version)
     head_input = _graph_inputs(head)[0]
+    # merge_models copies both models' metadata and refuses a key with two
+    # values: the head's entries (what the merged model now outputs) win.
+    head_keys = {entry.key for entry in head.metadata_props}
+    kept = [entry for entry in body.metadata_props if entry.key not in head_keys]
+    del body.metadata_props[:]
+    body.metadata_props.extend(kept)
     merged = onnx.compose.merge_models(body, head, io_map=[(flat, head_input)],
                                        prefix2="head/")
-    merged.metadata_props.extend(head.metadata_props)
     onnx.checker.check_model(merged)
     return merged
 

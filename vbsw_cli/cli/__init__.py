@@ -19,6 +19,8 @@ from vbsw_cli import __version__
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import weigh  # noqa: F401  (registers the command)
 from vbsw_cli.cli import tbs  # noqa: F401  (registers the command)
+from vbsw_cli.cli import head  # noqa: F401
+from vbsw_cli.cli import evaluate  # noqa: F401
 
 
 def _version(value: bool):

@@ -1,0 +1,336 @@
+"""vbsw evaluate: metrics against scikit-learn and scipy, models, comparisons."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from scipy import stats
+from sklearn import metrics as skm
+
+from conftest import Run, run_vbsw, write_features
+from vbsw_cli.errors import DataError
+from vbsw_cli.evaluate import (as_probabilities, classification_metrics,
+                               compare, macro_f1, regression_metrics,
+                               run_model, softmax, summary)
+from vbsw_cli.head import HeadOptions, head_to_onnx, train_head
+from vbsw_cli.io import Labels
+from vbsw_cli.onnx_graph import make_model
+
+def vbsw(capfd, *args) -> Run:
+    """Run the command line in this process (the imports are paid once);
+    stdout and stderr are captured at the file descriptors, apart."""
+    from vbsw_cli.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capfd.readouterr()
+    return Run(code, out, err.decode())
+
+
+# ---------------------------------------------------------------------------
+# Metrics against independent references
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_classification_metrics_match_scikit_learn(rng, n_classes):
+    y = rng.integers(0, n_classes, 300)
+    proba = softmax(rng.normal(scale=2, size=(300, n_classes)))
+    got = classification_metrics(y, proba)
+    pred = proba.argmax(axis=1)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert got["log_loss"] == pytest.approx(
+        skm.log_loss(y, proba, labels=range(n_classes)), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1,
+                max_size=40))
+def test_macro_f1_matches_scikit_learn_on_any_labels(pairs):
+    y_true, y_pred = (np.array(column) for column in zip(*pairs))
+    expected = skm.f1_score(y_true, y_pred, average="macro", zero_division=0)
+    assert macro_f1(y_true, y_pred) == pytest.approx(expected)
+
+
+def test_log_loss_of_a_certain_wrong_answer_is_finite():
+    loss = classification_metrics(np.array([0]), np.array([[0.0, 1.0]]))["log_loss"]
+    assert loss == pytest.approx(-math.log(np.finfo(float).eps))
+
+
+def test_regression_metrics_match_scikit_learn_and_scipy(rng):
+    y = rng.normal(size=200)
+    p = y + rng.normal(scale=0.5, size=200)
+    p[:20] = np.round(p[:20])  # ties for the ranks
+    got = regression_metrics(y, p)
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(y, p))
+    assert got["rmse"] == pytest.approx(math.sqrt(skm.mean_squared_error(y, p)))
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(y, p))
+    assert got["max_abs_error"] == pytest.approx(skm.max_error(y, p))
+    assert got["pearson"] == pytest.approx(stats.pearsonr(y, p)[0])
+    assert got["spearman"] == pytest.approx(stats.spearmanr(y, p)[0])
+
+
+def test_multi_output_regression_averages_over_outputs(rng):
+    Y = rng.normal(size=(100, 3))
+    P = Y * [1, 2, -1] + rng.normal(size=(100, 3))
+    got = regression_metrics(Y, P)
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(Y, P))
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(Y, P))
+    assert got["max_abs_error"] == pytest.approx(np.abs(Y - P).max())
+    pearson = np.mean([stats.pearsonr(Y[:, j], P[:, j])[0] for j in range(3)])
+    assert got["pearson"] == pytest.approx(pearson)
+
+
+def test_constant_predictions_have_no_correlation(rng):
+    got = regression_metrics(rng.normal(size=10), np.ones(10))
+    assert got["pearson"] is None and got["spearman"] is None
+
+
+def test_outputs_become_probabilities():
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    proba, note = as_probabilities(logits, 3)
+    np.testing.assert_allclose(proba, softmax(logits))
+    assert "softmax" in note
+    same, note = as_probabilities(softmax(logits), 3)
+    np.testing.assert_allclose(same, softmax(logits))
+    assert note is None
+    binary, _ = as_probabilities(np.array([[0.25], [0.9]]), 2)
+    np.testing.assert_allclose(binary, [[0.75, 0.25], [0.1, 0.9]])
+    with pytest.raises(DataError, match="4 outputs per row for 3 classes"):
+        as_probabilities(np.zeros((2, 4)), 3)
+
+
+# ---------------------------------------------------------------------------
+# Comparisons
+
+
+def record(run, seed, accuracy, mse=None, group=None):
+    metrics = {"accuracy": accuracy}
+    if mse is not None:
+        metrics["mse"] = mse
+    return {"run": run, "seed": seed, "group": group, "metrics": metrics}
+
+
+def test_summary_is_best_mean_and_standard_error():
+    values = [0.9, 0.8, 0.95, 0.85]
+    got = summary(values)
+    assert got["best"] == 0.95 and got["n"] == 4
+    assert got["mean"] == pytest.approx(np.mean(values))
+    assert got["se"] == pytest.approx(np.std(values, ddof=1) / 2)
+    assert summary([3.0, 1.0], lower_is_better=True)["best"] == 1.0
+    assert summary([0.5])["se"] is None
+
+
+def test_gain_per_model_follows_table_4():
+    # Two base models (groups), each with one baseline and three VBSW runs.
+    records = [record("baseline", None, 0.90, 2.0, group="M1"),
+               record("baseline", None, 0.80, 3.0, group="M2")]
+    records += [record("vbsw", s, a, e, group="M1")
+                for s, a, e in [(0, 0.91, 1.9), (1, 0.93, 2.5), (2, 0.89, 1.5)]]
+    records += [record("vbsw", s, a, e, group="M2")
+                for s, a, e in [(0, 0.79, 3.5), (1, 0.78, 3.1), (2, 0.80, 3.2)]]
+    result = compare(records)
+    gain = result["gains"]["vbsw"]["accuracy"]
+    assert gain["n_models"] == 2
+    assert gain["best"] == pytest.approx(0.03)      # M1: 0.93 - 0.90
+    assert gain["mean"] == pytest.approx((0.03 + 0.00) / 2)
+    mse_gain = result["gains"]["vbsw"]["mse"]       # lower is better
+    assert mse_gain["best"] == pytest.approx(0.5)   # M1: 2.0 - 1.5
+    assert mse_gain["mean"] == pytest.approx((0.5 - 0.1) / 2)
+    runs = result["runs"]["vbsw"]
+    assert runs["accuracy"]["best"] == pytest.approx(0.93)
+    assert runs["mse"]["best"] == pytest.approx(1.5)
+    assert result["runs"]["baseline"]["accuracy"]["n"] == 2
+
+
+def test_runs_without_group_pair_by_seed():
+    records = [record("baseline", s, 0.5 + s / 10) for s in range(3)]
+    records += [record("vbsw", s, 0.52 + s / 10) for s in range(3)]
+    records.append(record("vbsw", 7, 0.99))  # no baseline with seed 7
+    gain = compare(records)["gains"]["vbsw"]["accuracy"]
+    assert gain["n_models"] == 3
+    assert gain["mean"] == pytest.approx(0.02)
+
+
+# ---------------------------------------------------------------------------
+# Running models
+
+
+def linear_model(W, b, shape, *, softmax_out=False, dtype=TensorProto.FLOAT):
+    """Flatten the input of ``shape`` then Gemm (and Softmax)."""
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "W", "b"],
+                              ["z" if softmax_out else "y"])]
+    if softmax_out:
+        nodes.append(helper.make_node("Softmax", ["z"], ["y"], axis=1))
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", dtype, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", W.shape[1]])],
+        [numpy_helper.from_array(W.astype(np.float32), "W"),
+         numpy_helper.from_array(b.astype(np.float32), "b")])
+    return make_model(graph)
+
+
+def test_rows_are_reshaped_to_the_model_input(rng):
+    W, b = rng.normal(size=(6, 2)), rng.normal(size=2)
+    X = rng.normal(size=(25, 6))
+    for shape in (["N", 6], ["N", 2, 3], ["N", 1, "h", 3]):
+        out = run_model(linear_model(W, b, shape), X, batch_size=7).outputs
+        np.testing.assert_allclose(out, X @ W + b, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_inputs_are_refused(rng):
+    W, b = rng.normal(size=(6, 2)), rng.normal(size=2)
+    with pytest.raises(DataError, match="takes 8 values per row"):
+        run_model(linear_model(rng.normal(size=(8, 2)), b, ["N", 8]),
+                  rng.normal(size=(4, 6)))
+    with pytest.raises(DataError, match="do not fit"):
+        run_model(linear_model(W, b, ["N", "h", 4]), rng.normal(size=(4, 6)))
+    with pytest.raises(DataError, match="takes STRING tensors"):
+        run_model(linear_model(W, b, ["N", 6], dtype=TensorProto.STRING),
+                  rng.normal(size=(4, 6)))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture
+def trained(tmp_path, rng):
+    """A string-label head, its test data, and the head's own probabilities."""
+    X = rng.normal(size=(90, 4)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=90) > 0).astype(int) + (X[:, 1] > 1)
+    names = np.array(["low", "mid", "top"])[y]
+    head = train_head(X, [Labels("kind", "classification", y,
+                                 ["low", "mid", "top"])],
+                      options=HeadOptions(epochs=30))
+    model = tmp_path / "head.onnx"
+    onnx.save(head_to_onnx(head), str(model))
+    data = write_features(tmp_path / "test.parquet", X, y, kind=names)
+    return model, data, head.predict_proba(X), y
+
+
+def test_cli_evaluates_a_head_with_string_labels(trained):
+    model, data, proba, y = trained
+    run = run_vbsw("evaluate", model, data, "--label", "kind", "--json", "-",
+                   "--run-name", "vbsw", "--seed", "4")
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["classes"] == ["low", "mid", "top"]
+    assert result["run"] == "vbsw" and result["seed"] == 4
+    expected = classification_metrics(y, proba)
+    for name, value in expected.items():
+        assert result["metrics"][name] == pytest.approx(value, abs=1e-5)
+    assert "accuracy" in run.stderr and "macro_f1" in run.stderr
+
+
+def test_cli_predictions_round_trip(capfdbinary, tmp_path, trained):
+    model, data, _, _ = trained
+    saved = tmp_path / "pred.parquet"
+    first = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind", "--json",
+                     tmp_path / "a.json", "--save-predictions", saved, "-q")
+    assert first.code == 0 and first.stdout == b"" and first.stderr == ""
+    table = pq.read_table(saved)
+    assert set(table.column_names) == {"id", "kind", "probabilities", "prediction"}
+    again = vbsw(capfdbinary, "evaluate", "--predictions", saved, "--label", "kind",
+                     "--json", "-", "-q")
+    assert again.code == 0, again.stderr
+    a = json.loads((tmp_path / "a.json").read_text())["metrics"]
+    assert json.loads(again.stdout)["metrics"] == pytest.approx(a)
+    classes_only = table.drop_columns(["probabilities"])
+    pq.write_table(classes_only, tmp_path / "classes.parquet")
+    third = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "classes.parquet",
+                     "--label", "kind", "--json", "-", "-q")
+    metrics = json.loads(third.stdout)["metrics"]
+    assert "log_loss" not in metrics
+    assert metrics["accuracy"] == pytest.approx(a["accuracy"])
+
+
+def test_cli_regression_predictions_file(capfdbinary, tmp_path, rng):
+    y, p = rng.normal(size=50), rng.normal(size=50)
+    pq.write_table(pa.table({"label": y, "prediction": p}), tmp_path / "p.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "p.parquet",
+                   "--json", "-", "-q")
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["metrics"]["mae"] == pytest.approx(
+        skm.mean_absolute_error(y, p))
+
+
+def test_cli_model_without_metadata_and_image_column(capfdbinary, tmp_path, rng):
+    W, b = rng.normal(size=(6, 3)), rng.normal(size=3)
+    onnx.save(linear_model(W, b, ["N", 2, 3], softmax_out=True),
+              str(tmp_path / "m.onnx"))
+    X = rng.normal(size=(40, 6))
+    y = rng.integers(0, 3, 40)
+    pq.write_table(pa.table({"image": pa.FixedSizeListArray.from_arrays(
+        pa.array(X.reshape(-1)), 6), "label": y}), tmp_path / "d.parquet")
+    run = vbsw(capfdbinary, "evaluate", tmp_path / "m.onnx", tmp_path / "d.parquet",
+                   "--json", "-", "-q")
+    assert run.code == 0, run.stderr
+    expected = classification_metrics(y, softmax(X @ W + b))
+    assert json.loads(run.stdout)["metrics"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cli_compare_prints_and_writes_the_table(capfdbinary, tmp_path):
+    paths = []
+    for name, seed, accuracy in [("baseline", 0, 0.9), ("baseline", 1, 0.8),
+                                 ("vbsw", 0, 0.92), ("vbsw", 1, 0.83)]:
+        path = tmp_path / f"{name}{seed}.json"
+        path.write_text(json.dumps(record(name, seed, accuracy)))
+        paths.append(path)
+    run = vbsw(capfdbinary, "evaluate", "--compare", *paths, "--json", "-")
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["gains"]["vbsw"]["accuracy"]["best"] == pytest.approx(0.03)
+    assert "gain per model" in run.stderr and "0.9200" in run.stderr
+
+
+@pytest.mark.parametrize("make_args, code, text", [
+    (lambda m, d, t: [m, d, "--label", "nope"], 1, "no label column 'nope'"),
+    (lambda m, d, t: [m, d, "--features", "feats"], 1, "no feature column"),
+    (lambda m, d, t: [m], 2, "give MODEL.onnx and DATA"),
+    (lambda m, d, t: [m, d, "--task", "x"], 2, "--task x"),
+    (lambda m, d, t: [m, d, "--batch-size", "0"], 2, "--batch-size 0"),
+    (lambda m, d, t: [t / "bad.onnx", d], 1, "not a valid ONNX model"),
+    (lambda m, d, t: [m, t / "empty.parquet"], 1, "no rows"),
+    (lambda m, d, t: [m, t / "wide.parquet", "--label", "kind"], 1,
+     "takes 4 values per row"),
+    (lambda m, d, t: [m, t / "nan.parquet", "--label", "kind"], 1, "NaN"),
+    (lambda m, d, t: [m, d, "--label", "label"], 1,
+     "not among the model's 3 classes"),
+    (lambda m, d, t: ["--compare", t / "bad.json"], 1, "not a JSON run record"),
+    (lambda m, d, t: ["--predictions", d, "--label", "kind"], 1,
+     "needs 'probabilities' or 'prediction'"),
+])
+def test_cli_errors(capfdbinary, tmp_path, rng, trained, make_args, code, text):
+    model, data, _, _ = trained
+    (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
+    (tmp_path / "bad.json").write_text("{not json")
+    pq.write_table(pa.table({"features": pa.array([], pa.list_(pa.float32())),
+                             "label": pa.array([], pa.int64())}),
+                   tmp_path / "empty.parquet")
+    write_features(tmp_path / "wide.parquet", rng.normal(size=(5, 7)),
+                   np.zeros(5, int), kind=["low"] * 5)
+    X = rng.normal(size=(5, 4))
+    X[3, 2] = np.nan
+    write_features(tmp_path / "nan.parquet", X, np.zeros(5, int), kind=["low"] * 5)
+    out = tmp_path / "out.json"
+    args = make_args(model, data, tmp_path)
+    run = vbsw(capfdbinary, "evaluate", *args, "--json", out)
+    assert run.code == code, run.stderr
+    assert text in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert run.stdout == b""
+    assert not out.exists()

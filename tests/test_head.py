@@ -1,0 +1,396 @@
+"""vbsw retrain-head: the weighted head, its ONNX export, the merged model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import Run, run_vbsw, write_features
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
+                           read_metadata, train_head)
+from vbsw_cli.io import Labels
+from vbsw_cli.onnx_graph import cut, find_cut, make_model
+
+LBFGS = HeadOptions(optimizer="lbfgs", epochs=500, l2=1e-6, tol=1e-10)
+
+
+def classes(codes, names=None) -> list[Labels]:
+    codes = np.asarray(codes)
+    names = names or sorted(set(codes.tolist()))
+    return [Labels("label", "classification", codes, list(names))]
+
+
+def targets(Y) -> list[Labels]:
+    Y = np.asarray(Y, dtype=np.float64).reshape(len(Y), -1)
+    return [Labels("y", "regression", Y)]
+
+
+def run_onnx(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: X.astype(np.float32)})[0]
+
+
+def blobs(rng, n=150, n_features=4, n_classes=3):
+    centres = rng.normal(scale=3, size=(n_classes, n_features))
+    y = rng.integers(0, n_classes, n)
+    X = centres[y] + rng.normal(size=(n, n_features))
+    return (X * 5 + 2).astype(np.float32), y
+
+
+def vbsw(capfd, *args) -> Run:
+    """Run the command line in this process (the imports are paid once);
+    stdout and stderr are captured at the file descriptors, apart."""
+    from vbsw_cli.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capfd.readouterr()
+    return Run(code, out, err.decode())
+
+
+# ---------------------------------------------------------------------------
+# Weights
+
+
+def test_equal_weights_train_the_unweighted_head(rng):
+    X, y = blobs(rng)
+    options = HeadOptions(epochs=40, hidden=3)
+    plain = train_head(X, classes(y), None, options=options)
+    equal = train_head(X, classes(y), np.full(len(X), 3.7), options=options)
+    assert plain.epochs_run == equal.epochs_run
+    for a, b in zip(plain.layers(), equal.layers()):
+        np.testing.assert_allclose(a[0], b[0], atol=1e-4)
+        np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
+def test_equal_weights_reach_the_unweighted_optimum(rng):
+    # lbfgs follows rounding differences to slightly different paths, so compare
+    # the converged (convex, linear) heads rather than the iterates.
+    X, y = blobs(rng)
+    plain = train_head(X, classes(y), None, options=LBFGS)
+    equal = train_head(X, classes(y), np.full(len(X), 0.2), options=LBFGS)
+    np.testing.assert_allclose(plain.predict_proba(X), equal.predict_proba(X),
+                               atol=1e-3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(scale=st.floats(0.01, 100), seed=st.integers(0, 2**16))
+def test_weight_scale_does_not_change_the_head(scale, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(60, 3)).astype(np.float32)
+    Y = X @ rng.normal(size=(3, 1)) + rng.normal(size=(60, 1))
+    weight = rng.uniform(1, 20, len(X))
+    a = train_head(X, targets(Y), weight, options=LBFGS)
+    b = train_head(X, targets(Y), weight * scale, options=LBFGS)
+    np.testing.assert_allclose(a.predict(X), b.predict(X), atol=1e-3)
+
+
+def test_heavy_points_are_fitted_better_in_regression(rng):
+    # Two groups on the same inputs with opposite slopes: one line cannot fit
+    # both, so the weights decide which group it follows.
+    x = rng.uniform(-1, 1, size=(200, 1)).astype(np.float32)
+    group_a = np.arange(200) < 100
+    y = np.where(group_a, 2 * x[:, 0], -x[:, 0] + 0.5)
+    weight = np.where(group_a, 20.0, 1.0)
+    plain = train_head(x, targets(y), None, options=LBFGS)
+    weighted = train_head(x, targets(y), weight, options=LBFGS)
+
+    def mse(head, rows):
+        return float(np.mean((head.predict(x)[rows, 0] - y[rows]) ** 2))
+
+    assert mse(weighted, group_a) < 0.5 * mse(plain, group_a)
+    assert mse(weighted, ~group_a) > mse(plain, ~group_a)
+
+
+def test_heavy_points_are_fitted_better_in_classification(rng):
+    # Overlapping classes: heavily weighted rows of class 1 pull the boundary.
+    X, y = blobs(rng, n=300, n_features=2, n_classes=2)
+    X = X + rng.normal(scale=20, size=X.shape).astype(np.float32)
+    heavy = y == 1
+    weight = np.where(heavy, 15.0, 1.0)
+    plain = train_head(X, classes(y), None, options=LBFGS)
+    weighted = train_head(X, classes(y), weight, options=LBFGS)
+    p_plain = plain.predict_proba(X)[heavy, 1]
+    p_weighted = weighted.predict_proba(X)[heavy, 1]
+    assert np.mean(np.log(p_weighted)) > np.mean(np.log(p_plain))
+    assert np.mean(weighted.predict(X)[heavy] == 1) >= \
+        np.mean(plain.predict(X)[heavy] == 1)
+
+
+def test_bad_weights_are_refused(rng):
+    X, y = blobs(rng, n=20)
+    for weight, text in [(np.full(20, np.nan), "NaN"), (-np.ones(20), "negative"),
+                         (np.zeros(20), "every weight is 0"),
+                         (np.ones(5), "5 weights for 20 rows")]:
+        with pytest.raises(DataError, match=text):
+            train_head(X, classes(y), weight)
+
+
+def test_the_command_offers_the_core_optimizers():
+    from vbsw_cli.cli import head as cli_head
+    from vbsw_cli import head as core_head
+
+    assert cli_head.OPTIMIZERS == core_head.OPTIMIZERS
+
+
+def test_options_are_checked():
+    for options, text in [(HeadOptions(optimizer="rmsprop"), "--optimizer rmsprop"),
+                          (HeadOptions(epochs=0), "--epochs 0"),
+                          (HeadOptions(learning_rate=-1), "--learning-rate -1"),
+                          (HeadOptions(hidden=-2), "--hidden -2"),
+                          (HeadOptions(l2=-0.5), "--l2 -0.5")]:
+        with pytest.raises(UsageError, match=text):
+            options.check()
+
+
+def test_one_class_is_refused(rng):
+    X = rng.normal(size=(10, 2))
+    with pytest.raises(DataError, match="single class"):
+        train_head(X, classes(np.zeros(10, int)))
+
+
+# ---------------------------------------------------------------------------
+# ONNX export
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("hidden", [0, 5])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_onnx_head_gives_the_estimator_probabilities(rng, n_classes, hidden,
+                                                     standardize):
+    X, y = blobs(rng, n_classes=n_classes)
+    options = HeadOptions(hidden=hidden, epochs=30, standardize=standardize)
+    head = train_head(X, classes(y), rng.uniform(1, 5, len(X)), options=options)
+    model = head_to_onnx(head)
+    out = run_onnx(model, X)
+    assert out.shape == (len(X), n_classes)
+    np.testing.assert_allclose(out, head.predict_proba(X), atol=1e-5)
+    nodes = [node.op_type for node in model.graph.node]
+    assert ("Sigmoid" in nodes) == (n_classes == 2)
+    assert ("Relu" in nodes) == (hidden > 0)
+    assert model.ir_version == 9
+
+
+@pytest.mark.parametrize("hidden", [0, 4])
+def test_onnx_head_gives_the_estimator_predictions(rng, hidden):
+    X = rng.normal(size=(120, 5)).astype(np.float32)
+    Y1 = X @ rng.normal(size=(5, 1)) * 3 + 10
+    Y2 = np.column_stack([np.sin(X[:, 0]), X[:, 1] ** 2])
+    labels = [Labels("a", "regression", Y1), Labels("b", "regression", Y2)]
+    head = train_head(X, labels, options=HeadOptions(hidden=hidden, epochs=30))
+    out = run_onnx(head_to_onnx(head), X)
+    assert out.shape == (120, 3)
+    np.testing.assert_allclose(out, head.predict(X), rtol=1e-5, atol=1e-5)
+    assert read_metadata(head_to_onnx(head))["n_outputs"] == [1, 2]
+
+
+def test_string_classes_are_kept_in_the_metadata(rng):
+    X, y = blobs(rng)
+    names = ["cat", "dog", "émeu"]
+    head = train_head(X, classes(y, names), options=HeadOptions(epochs=20))
+    metadata = read_metadata(head_to_onnx(head))
+    assert metadata["task"] == "classification"
+    assert metadata["classes"] == names
+    assert metadata["labels"] == ["label"]
+
+
+# ---------------------------------------------------------------------------
+# Merging with a backbone
+
+
+def small_backbone(rng) -> onnx.ModelProto:
+    """Image 3x4 -> Flatten -> MatMul+Relu (6) -> Gemm (3) -> Softmax."""
+    W1 = rng.normal(size=(12, 6)).astype(np.float32)
+    W2 = rng.normal(size=(6, 3)).astype(np.float32)
+    b2 = rng.normal(size=3).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W1"], ["hidden"]),
+             helper.make_node("Relu", ["hidden"], ["embedding"]),
+             helper.make_node("Gemm", ["embedding", "W2", "b2"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["scores"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "backbone",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"),
+         numpy_helper.from_array(b2, "b2")])
+    return make_model(graph, metadata={"vbsw": "{}", "author": "test"})
+
+
+@pytest.mark.parametrize("layer", ["auto", "hidden", "output"])
+def test_merged_model_equals_cut_then_head(rng, layer):
+    backbone = small_backbone(rng)
+    images = rng.normal(size=(40, 3, 4)).astype(np.float32)
+    tensor = find_cut(backbone, layer)
+    features = run_onnx(cut(backbone, tensor), images).reshape(40, -1)
+    y = rng.integers(0, 4, 40)
+    head = train_head(features, classes(y, ["a", "b", "c", "d"]),
+                      options=HeadOptions(hidden=3, epochs=20))
+    head_model = head_to_onnx(head)
+    merged = merge_with_backbone(backbone, head_model, layer)
+    np.testing.assert_allclose(run_onnx(merged, images), run_onnx(head_model, features),
+                               atol=1e-5)
+    assert read_metadata(merged)["classes"] == ["a", "b", "c", "d"]
+    assert [i.name for i in merged.graph.input] == ["image"]
+    assert len(backbone.graph.node) == 5  # the backbone itself is unchanged
+
+
+def test_merge_refuses_a_head_of_another_width(rng):
+    backbone = small_backbone(rng)
+    head = train_head(rng.normal(size=(30, 5)), classes(rng.integers(0, 2, 30)),
+                      options=HeadOptions(epochs=5))
+    with pytest.raises(DataError, match="has 6 features per row, the head takes 5"):
+        merge_with_backbone(backbone, head_to_onnx(head))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture
+def weighted(tmp_path, rng):
+    X, y = blobs(rng, n=80)
+    names = np.array(["ant", "bee", "cow"])[y]
+    return write_features(tmp_path / "w.parquet", X, y,
+                          weight=rng.uniform(0.5, 2, 80), name=names)
+
+
+def test_cli_writes_a_head_that_runs(tmp_path, weighted):
+    out = tmp_path / "head.onnx"
+    run = run_vbsw("retrain-head", weighted, "-o", out, "--label", "name",
+                   "--hidden", "4", "--epochs", "30", "--seed", "3")
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "weighted" in run.stderr and "wrote" in run.stderr
+    model = onnx.load(str(out))
+    metadata = read_metadata(model)
+    assert metadata["classes"] == ["ant", "bee", "cow"]
+    assert metadata["trained_on"]["weight_column"] == "weight"
+    assert metadata["training"]["seed"] == 3
+    X = pq.read_table(weighted).column("features").combine_chunks()
+    X = X.flatten().to_numpy().reshape(80, -1)
+    proba = run_onnx(model, X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+
+
+def test_cli_is_deterministic_and_writes_to_stdout(capfdbinary, weighted):
+    args = ("retrain-head", weighted, "-o", "-", "--epochs", "10", "-q")
+    first = vbsw(capfdbinary, *args)
+    second = vbsw(capfdbinary, *args)
+    assert first.code == 0 and first.stderr == ""
+    model = onnx.load_from_string(first.stdout)
+    assert model.graph.output[0].name == "probabilities"
+    again = onnx.load_from_string(second.stdout)
+    assert model.graph.initializer == again.graph.initializer
+
+
+def test_cli_baseline_ignores_the_weights(capfdbinary, tmp_path, weighted):
+    table = pq.read_table(weighted).drop_columns(["weight"])
+    pq.write_table(table, tmp_path / "plain.parquet")
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "plain.parquet", "--no-weights",
+                   "-o", tmp_path / "b.onnx", "--epochs", "5")
+    assert run.code == 0, run.stderr
+    assert "unweighted" in run.stderr
+    metadata = read_metadata(onnx.load(str(tmp_path / "b.onnx")))
+    assert metadata["trained_on"]["weight_column"] is None
+
+
+def test_cli_merges_with_a_backbone(capfdbinary, tmp_path, rng):
+    backbone = small_backbone(rng)
+    onnx.save(backbone, str(tmp_path / "bb.onnx"))
+    images = rng.normal(size=(50, 3, 4)).astype(np.float32)
+    features = run_onnx(cut(backbone, "embedding"), images)
+    y = rng.integers(0, 2, 50)
+    write_features(tmp_path / "f.parquet", features, y, weight=np.ones(50))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet",
+               "-o", tmp_path / "h.onnx",
+                   "--backbone", tmp_path / "bb.onnx", "--epochs", "10")
+    assert run.code == 0, run.stderr
+    merged = onnx.load(str(tmp_path / "h.merged.onnx"))
+    head = onnx.load(str(tmp_path / "h.onnx"))
+    np.testing.assert_allclose(run_onnx(merged, images), run_onnx(head, features),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["--weight-column", "wieght"], 1, "no weight column 'wieght'; did you mean "
+     "'weight'?"),
+    (["--label", "lable"], 1, "no label column 'lable'"),
+    (["--features", "feats"], 1, "no feature column 'feats'"),
+    (["--optimizer", "rmsprop"], 2, "--optimizer rmsprop: choose one of adam"),
+    (["--epochs", "0"], 2, "--epochs 0: must be at least 1"),
+    (["--task", "ranking"], 2, "--task ranking"),
+    (["--merged-output", "m.onnx"], 2, "--merged-output needs --backbone"),
+])
+def test_cli_errors_are_one_line(capfdbinary, tmp_path, weighted, args, code, text):
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-o", out, *args)
+    assert run.code == code
+    assert text in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert run.stdout == b""
+    assert not out.exists()
+
+
+def test_cli_data_errors(capfdbinary, tmp_path, rng):
+    X, y = blobs(rng, n=20)
+    bad = np.ones(20)
+    bad[4] = np.nan
+    write_features(tmp_path / "nan_w.parquet", X, y, weight=bad)
+    X_nan = X.copy()
+    X_nan[2, 1] = np.inf
+    write_features(tmp_path / "nan_x.parquet", X_nan, y, weight=np.ones(20))
+    write_features(tmp_path / "one.parquet", X, np.zeros(20, int),
+                   weight=np.ones(20))
+    pq.write_table(pa.table({"features": pa.array([], pa.list_(pa.float32())),
+                             "label": pa.array([], pa.int64())}),
+                   tmp_path / "empty.parquet")
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "bb.onnx").write_bytes(b"not a model")
+    write_features(tmp_path / "ok.parquet", X, y, weight=np.ones(20))
+    cases = [("nan_w.parquet", [], "weight column 'weight' has NaN"),
+             ("nan_x.parquet", [], "feature column 'features' has NaN"),
+             ("one.parquet", [], "single class"),
+             ("empty.parquet", [], "no rows"),
+             ("corrupt.parquet", [], "not a readable Parquet file"),
+             ("missing.parquet", [], "no such file"),
+             ("ok.parquet", ["--backbone", tmp_path / "bb.onnx"],
+              "not a valid ONNX model")]
+    for name, extra, text in cases:
+        out = tmp_path / "h.onnx"
+        run = vbsw(capfdbinary, "retrain-head", tmp_path / name, "-o", out, *extra)
+        assert run.code == 1, (name, run.stderr)
+        assert text in run.stderr, name
+        assert len(run.stderr.strip().splitlines()) == 1, name
+        assert not out.exists()
+
+
+def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
+    backbone = small_backbone(rng)
+    onnx.save(backbone, str(tmp_path / "bb.onnx"))
+    write_features(tmp_path / "f.parquet", rng.normal(size=(30, 5)),
+                   rng.integers(0, 2, 30), weight=np.ones(30))
+    (tmp_path / "h.onnx").write_bytes(b"old")
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet",
+               "-o", tmp_path / "h.onnx",
+                   "--backbone", tmp_path / "bb.onnx", "--epochs", "5")
+    assert run.code == 1
+    assert "the head takes 5" in run.stderr
+    assert (tmp_path / "h.onnx").read_bytes() == b"old"
+    assert not (tmp_path / "h.merged.onnx").exists()
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,454 @@
+"""``vbsw evaluate``: metrics of a model or a predictions file; comparisons."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import typer
+
+from vbsw_cli import __version__, io
+from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, LabelOpt,
+                                  QuietOpt, Reporter, VerboseOpt, command,
+                                  stderr)
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
+                               REGRESSION_METRICS, as_probabilities,
+                               class_positions, classification_metrics,
+                               compare, regression_metrics, run_model)
+
+EXAMPLE = ("vbsw evaluate head.onnx w.parquet --run-name vbsw --json vbsw.json; "
+           "vbsw evaluate --compare base.json vbsw.json")
+
+PREDICTION = "prediction"
+PROBABILITIES = "probabilities"
+
+
+@command("evaluate", EXAMPLE)
+def evaluate_cli(
+    paths: Annotated[Optional[List[str]], typer.Argument(
+        metavar="MODEL.onnx DATA | RUN.json...",
+        help="A model and labelled data (Parquet or .npy with --labels); with "
+        "--compare, run records written by --json.")] = None,
+    predictions: Annotated[Optional[str], typer.Option(
+        "--predictions", metavar="FILE",
+        help="Evaluate a predictions file instead of a model (columns: the "
+        "labels, and 'probabilities' and/or 'prediction').")] = None,
+    compare_runs: Annotated[bool, typer.Option(
+        "--compare", help="Aggregate run records by run name: best, mean ± se, "
+        "gain per base model.")] = False,
+    reference: Annotated[str, typer.Option(
+        "--reference", metavar="NAME",
+        help="With --compare: the run name gains are measured against.")
+    ] = "baseline",
+    features_column: Annotated[Optional[str], typer.Option(
+        "--features", metavar="COLUMN", help="The model's input column. "
+        "Default: 'features', else the one list column.")] = None,
+    feature_columns: FeatureColumnsOpt = None,
+    label: LabelOpt = io.DEFAULT_LABEL,
+    labels_file: Annotated[Optional[str], typer.Option(
+        "--labels", metavar="FILE", help="Labels from another file, joined on "
+        "'id' when both files have one, else row for row.")] = None,
+    task: Annotated[str, typer.Option(
+        "--task", metavar="auto|classification|regression",
+        help="auto: the model's vbsw metadata, else the labels' type.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Rows per onnxruntime call.")] = 1024,
+    json_path: Annotated[Optional[str], typer.Option(
+        "--json", metavar="PATH", help="Write the record (or the comparison) "
+        "as JSON to PATH, or - for stdout.")] = None,
+    run_name: Annotated[Optional[str], typer.Option(
+        "--run-name", metavar="NAME", help="Name of the method, e.g. baseline "
+        "or vbsw; runs with one name are aggregated by --compare.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed the model was trained with (recorded).")] = None,
+    group: Annotated[Optional[str], typer.Option(
+        "--group", metavar="ID", help="The base model this run belongs to, "
+        "for the gain per model (default: the seed).")] = None,
+    save_predictions: Annotated[Optional[str], typer.Option(
+        "--save-predictions", metavar="PATH.parquet",
+        help="Also write the model's predictions (a file --predictions reads).")
+    ] = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Measure a model on labelled data, or compare runs.
+
+    Classification: accuracy, macro F1, log loss. Regression: MSE, RMSE, MAE,
+    maximum absolute error (L-infinity), Pearson, Spearman. A table goes to
+    stderr, the record to --json.
+    """
+    reporter = Reporter(verbose=verbose, quiet=quiet)
+    paths = list(paths or [])
+    if task not in io.TASKS:
+        raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if compare_runs:
+        _compare_mode(paths, predictions, reference, json_path, reporter)
+        return
+
+    if predictions is not None:
+        if paths:
+            raise UsageError("--predictions FILE takes no MODEL or DATA "
+                             "arguments")
+        record = _predictions_mode(predictions, label, labels_file, task)
+    else:
+        if len(paths) != 2:
+            raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
+                             "or --compare RUN.json...)")
+        _check_output(save_predictions, paths)
+        record = _model_mode(paths, features_column, feature_columns, label,
+                             labels_file, task, batch_size, save_predictions,
+                             reporter)
+    record.update({"run": run_name, "seed": seed, "group": group,
+                   "version": __version__})
+    _write_json(record, json_path, paths)
+    _print_record(reporter, record)
+
+
+# ---------------------------------------------------------------------------
+# A model on data
+
+
+def _check_output(save_predictions, paths) -> None:
+    if save_predictions and Path(save_predictions).suffix.lower() not in (
+            ".parquet", ".pq"):
+        raise UsageError(f"--save-predictions {save_predictions}: predictions "
+                         "are written as .parquet")
+
+
+def _model_mode(paths, features_column, feature_columns, label, labels_file,
+                task, batch_size, save_predictions, reporter) -> dict:
+    from vbsw_cli.head import read_metadata
+    from vbsw_cli.onnx_graph import load_model
+
+    model_path, data_path = paths
+    model = load_model(model_path)
+    metadata = read_metadata(model) or {}
+    if task == "auto":
+        task = metadata.get("task", "auto")
+
+    table = io.read_table(data_path)
+    io.require_rows(table, data_path)
+    column = features_column or _input_column(table, data_path, label)
+    X, used = io.feature_matrix(table, data_path, column=column,
+                                columns=io.split_names(feature_columns))
+    label_table, source = _label_table(table, data_path, labels_file)
+    labels = io.read_labels(label_table, source, io.split_names(label), task=task)
+
+    result = run_model(model, X, name=model_path, batch_size=batch_size,
+                       progress=reporter)
+    record, frame = _score(result.outputs, labels, metadata, model_path)
+    record["notes"] = result.notes + record.get("notes", [])
+    record.update({"source": "model", "model": model_path, "data": data_path,
+                   "features": used})
+    if save_predictions:
+        _save_predictions(frame, table, labels, label_table, save_predictions,
+                          [model_path, data_path], record)
+    return record
+
+
+def _input_column(table: pa.Table, name: str, label: str) -> str:
+    """'features' if present, else the only list column that is not a label."""
+    if io.DEFAULT_FEATURES in table.column_names:
+        return io.DEFAULT_FEATURES
+    labels = set(io.split_names(label))
+    listy = [f.name for f in table.schema if f.name not in labels and (
+        pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
+        or pa.types.is_large_list(f.type))]
+    if len(listy) == 1:
+        return listy[0]
+    return io.DEFAULT_FEATURES  # feature_matrix names the problem
+
+
+def _label_table(table: pa.Table, name: str, labels_file: str | None):
+    if labels_file is None:
+        return table, name
+    other = io.read_table(labels_file)
+    if other.column_names in (["values"], ["features"]):
+        other = other.rename_columns([io.DEFAULT_LABEL])
+    if io.ID_COLUMN in table.column_names and io.ID_COLUMN in other.column_names:
+        return _joined(table, name, other, labels_file), labels_file
+    if other.num_rows != table.num_rows:
+        raise DataError(f"{labels_file}: {other.num_rows} label rows for "
+                        f"{table.num_rows} rows in {io.describe(name)}")
+    return other, labels_file
+
+
+def _joined(table, name, other, labels_file) -> pa.Table:
+    """The label rows in the order of the data's ids."""
+    ids = table.column(io.ID_COLUMN).to_pylist()
+    theirs = {value: i for i, value in enumerate(
+        other.column(io.ID_COLUMN).to_pylist())}
+    missing = [value for value in ids if value not in theirs]
+    if missing:
+        raise DataError(f"{labels_file}: no labels for {len(missing)} ids of "
+                        f"{io.describe(name)} (first: {missing[0]!r})")
+    return other.take(pa.array([theirs[value] for value in ids]))
+
+
+def _score(outputs, labels, metadata, name) -> tuple[dict, dict]:
+    """Metrics of model outputs against labels; the predictions to save."""
+    kinds = {c.kind for c in labels}
+    if kinds == {"classification"}:
+        if len(labels) != 1:
+            raise DataError("classification takes one label column")
+        return _score_classes(outputs, labels[0], metadata, name)
+    Y = np.column_stack([np.asarray(c.values).reshape(len(c.values), -1)
+                         for c in labels])
+    if outputs.shape[1] != Y.shape[1]:
+        raise DataError(f"{name}: the model gives {outputs.shape[1]} outputs per "
+                        f"row for {Y.shape[1]} label values")
+    record = {"task": "regression", "n_samples": len(Y),
+              "metrics": regression_metrics(Y, outputs)}
+    return record, {PREDICTION: outputs}
+
+
+def _score_classes(outputs, column, metadata, name) -> tuple[dict, dict]:
+    classes = metadata.get("classes")
+    notes = []
+    if classes is None:
+        classes = list(range(max(outputs.shape[1], 2)))
+        if not all(isinstance(c, (int, np.integer)) for c in column.classes):
+            raise DataError(f"{name}: the model names no classes (no vbsw "
+                            "metadata), so the labels must be class numbers "
+                            f"0..{len(classes) - 1}; '{column.column}' holds "
+                            "other values")
+    proba, note = as_probabilities(outputs, len(classes))
+    if note:
+        notes.append(note)
+    positions = class_positions(column.classes, classes, name)
+    y_true = positions[column.values]
+    record = {"task": "classification", "n_samples": len(y_true),
+              "classes": classes,
+              "metrics": classification_metrics(y_true, proba), "notes": notes}
+    predicted = [classes[i] for i in np.argmax(proba, axis=1)]
+    return record, {PROBABILITIES: proba, PREDICTION: predicted,
+                    "classes": classes}
+
+
+def _save_predictions(frame, table, labels, label_table, path, inputs, record):
+    columns = {}
+    if io.ID_COLUMN in table.column_names:
+        columns[io.ID_COLUMN] = table.column(io.ID_COLUMN)
+    for column in labels:
+        columns[column.column] = label_table.column(column.column)
+    out = pa.table(columns) if columns else pa.table({})
+    if PROBABILITIES in frame:
+        field = pa.field(PROBABILITIES, pa.list_(pa.float64(), len(frame["classes"])),
+                         metadata={b"classes": json.dumps(frame["classes"]).encode()})
+        out = out.append_column(field, io.fixed_size_list(frame[PROBABILITIES]))
+        out = out.append_column(PREDICTION, pa.array(frame[PREDICTION]))
+    else:
+        values = frame[PREDICTION]
+        array = pa.array(values[:, 0]) if values.shape[1] == 1 \
+            else io.fixed_size_list(values)
+        out = out.append_column(PREDICTION, array)
+    provenance = io.provenance("evaluate", {"model": inputs[0], "data": inputs[1],
+                                            "metrics": record["metrics"]})
+    io.write_table(io.with_provenance(out, provenance, table.schema.metadata),
+                   path, inputs=inputs)
+
+
+# ---------------------------------------------------------------------------
+# A predictions file
+
+
+def _predictions_mode(path, label, labels_file, task) -> dict:
+    table = io.read_table(path)
+    io.require_rows(table, path)
+    label_table, source = _label_table(table, path, labels_file)
+    labels = io.read_labels(label_table, source, io.split_names(label), task=task)
+    kinds = {c.kind for c in labels}
+    if kinds == {"classification"} and len(labels) == 1:
+        record = _predicted_classes(table, path, labels[0])
+    else:
+        record = _predicted_values(table, path, labels)
+    record.update({"source": "predictions", "predictions": path})
+    return record
+
+
+def _predicted_classes(table, path, column) -> dict:
+    has_proba = PROBABILITIES in table.column_names
+    if not has_proba and PREDICTION not in table.column_names:
+        raise DataError(io.missing_column_message(table, PROBABILITIES, path,
+                                                  "prediction")
+                        + f"; a classification predictions file needs "
+                        f"'{PROBABILITIES}' or '{PREDICTION}'")
+    if has_proba:
+        proba = io.list_column_matrix(table.column(PROBABILITIES), path,
+                                      PROBABILITIES).astype(np.float64)
+        io.check_finite(proba, path, PROBABILITIES, "prediction")
+        classes = _proba_classes(table, proba.shape[1], column)
+        proba, note = as_probabilities(proba, len(classes))
+        y_true = class_positions(column.classes, classes, path)[column.values]
+        return {"task": "classification", "n_samples": len(y_true),
+                "classes": classes, "notes": [note] if note else [],
+                "metrics": classification_metrics(y_true, proba)}
+    predicted = io.read_labels(table, path, [PREDICTION],
+                               task="classification")[0]
+    classes = sorted(set(column.classes) | set(predicted.classes), key=_sort_key)
+    y_true = class_positions(column.classes, classes, path)[column.values]
+    y_pred = class_positions(predicted.classes, classes, path)[predicted.values]
+    return {"task": "classification", "n_samples": len(y_true),
+            "classes": classes, "notes": ["no probabilities: no log loss"],
+            "metrics": classification_metrics(y_true, y_pred=y_pred)}
+
+
+def _sort_key(value):
+    return (str(type(value)), value)
+
+
+def _proba_classes(table, width, column) -> list:
+    """The class of each probability: the field's metadata, else the labels."""
+    metadata = table.schema.field(PROBABILITIES).metadata or {}
+    if b"classes" in metadata:
+        classes = json.loads(metadata[b"classes"])
+        if len(classes) != width:
+            raise DataError(f"'{PROBABILITIES}' names {len(classes)} classes in "
+                            f"its metadata but holds {width} values per row")
+        return classes
+    if all(isinstance(c, (int, np.integer)) for c in column.classes):
+        return list(range(max(width, 2)))
+    raise DataError(f"'{PROBABILITIES}' has no 'classes' metadata, so the labels "
+                    "must be class numbers (the position of each probability)")
+
+
+def _predicted_values(table, path, labels) -> dict:
+    prediction = io.column_or_error(table, PREDICTION, path, "prediction")
+    if pa.types.is_floating(prediction.type) or pa.types.is_integer(prediction.type):
+        P = prediction.to_numpy().astype(np.float64)[:, None]
+    else:
+        P = io.list_column_matrix(prediction, path, PREDICTION).astype(np.float64)
+    io.check_finite(P, path, PREDICTION, "prediction")
+    Y = np.column_stack([np.asarray(c.values, np.float64).reshape(len(P), -1)
+                         for c in labels])
+    return {"task": "regression", "n_samples": len(Y),
+            "metrics": regression_metrics(Y, P)}
+
+
+# ---------------------------------------------------------------------------
+# Comparisons
+
+
+def _compare_mode(paths, predictions, reference, json_path, reporter) -> None:
+    if predictions is not None:
+        raise UsageError("--compare and --predictions cannot be combined")
+    if not paths:
+        raise UsageError("--compare: give the run records (RUN.json ...)")
+    records = []
+    for path in paths:
+        records += _read_records(path)
+    result = compare(records, reference=reference)
+    _write_json(result, json_path, paths)
+    _print_comparison(reporter, result)
+
+
+def _read_records(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a JSON run record ({error})")
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("metrics"), dict):
+            raise DataError(f"{path}: a run record needs a 'metrics' object "
+                            "(write records with vbsw evaluate --json)")
+    return items
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+def _write_json(data: dict, path: str | None, inputs) -> None:
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=_plain) + "\n"
+    if path == io.STDIO:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    with io.atomic_output(path, inputs=inputs) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_record(reporter, record) -> None:
+    if reporter.quiet:
+        return
+    from rich.table import Table
+
+    names = CLASSIFICATION_METRICS if record["task"] == "classification" \
+        else REGRESSION_METRICS
+    title = f"{record.get('run') or 'run'}: {record['task']}, " \
+        f"{record['n_samples']} rows"
+    table = Table(title=title, title_justify="left")
+    for name in names:
+        if name in record["metrics"]:
+            table.add_column(name, justify="right")
+    table.add_row(*[_number(record["metrics"][n]) for n in names
+                    if n in record["metrics"]])
+    stderr.print(table)
+    for note in record.get("notes", []):
+        reporter.notice(note)
+
+
+def _print_comparison(reporter, result) -> None:
+    if reporter.quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title="best, mean ± se per run name", title_justify="left")
+    table.add_column("metric")
+    names = list(result["runs"])
+    for name in names:
+        table.add_column(f"{name} (n={_count(result['runs'][name])})",
+                         justify="right")
+    gained = list(result["gains"])
+    for name in gained:
+        table.add_column(f"gain per model: {name}", justify="right")
+    metrics = []
+    for name in names:
+        metrics += [m for m in result["runs"][name] if m not in metrics]
+    for metric in metrics:
+        arrow = " (lower better)" if metric in LOWER_IS_BETTER else ""
+        cells = [_cell(result["runs"][n].get(metric)) for n in names]
+        cells += [_cell(result["gains"][n].get(metric)) for n in gained]
+        table.add_row(metric + arrow, *cells)
+    stderr.print(table)
+    if not gained:
+        reporter.notice(f"no runs named '{result['reference']}': no gains "
+                        "(set --reference)")
+
+
+def _count(summaries: dict) -> int:
+    return max((s.get("n", 0) for s in summaries.values()), default=0)
+
+
+def _cell(summary: dict | None) -> str:
+    if not summary or summary.get("best") is None:
+        return "-"
+    se = summary.get("se")
+    spread = f" ± {se:.4f}" if se is not None else ""
+    return f"{summary['best']:.4f}, {summary['mean']:.4f}{spread}"

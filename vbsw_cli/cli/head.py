@@ -1,0 +1,228 @@
+"""``vbsw retrain-head``: a new last layer trained on weighted features."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import typer
+
+from vbsw_cli import io
+from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
+                                  LabelOpt, QuietOpt, Reporter, SeedOpt,
+                                  VerboseOpt, command)
+from vbsw_cli.errors import DataError, UsageError
+
+# The head module imports onnx, which takes a second: only when the command runs.
+OPTIMIZERS = ("adam", "sgd", "lbfgs")
+
+EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet"
+           " && vbsw retrain-head w.parquet --hidden 30 -o head.onnx")
+
+
+@command("retrain-head", EXAMPLE)
+def retrain_head_cli(
+    features: Annotated[str, typer.Argument(
+        metavar="FEATURES", help="Parquet file of features, labels and weights "
+        "(from vbsw weigh), or - for stdin.")],
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", metavar="PATH.onnx",
+        help="The head as ONNX, or - for stdout. Default: <input stem>.head.onnx."
+    )] = None,
+    features_column: FeaturesOpt = io.DEFAULT_FEATURES,
+    feature_columns: FeatureColumnsOpt = None,
+    label: LabelOpt = io.DEFAULT_LABEL,
+    task: Annotated[str, typer.Option(
+        "--task", metavar="auto|classification|regression",
+        help="auto: float labels are regression targets; integers, strings and "
+        "categories are classes.")] = "auto",
+    weight_column: Annotated[str, typer.Option(
+        "--weight-column", metavar="COLUMN", help="Per-row weights.")] = "weight",
+    no_weights: Annotated[bool, typer.Option(
+        "--no-weights", help="Ignore the weights: the unweighted baseline.")
+    ] = False,
+    hidden: Annotated[int, typer.Option(
+        "--hidden", metavar="N", help="One hidden ReLU layer of N units (0: a "
+        "linear head).")] = 0,
+    optimizer: Annotated[str, typer.Option(
+        "--optimizer", metavar="|".join(OPTIMIZERS),
+        help="adam or sgd (mini-batches), or lbfgs (full batch).")] = "adam",
+    learning_rate: Annotated[float, typer.Option(
+        "--learning-rate", "--lr", help="Initial step size (adam, sgd).")] = 1e-3,
+    epochs: Annotated[int, typer.Option(
+        "--epochs", help="Most passes over the data (lbfgs: iterations).")] = 200,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Rows per step (adam, sgd).")] = 256,
+    l2: Annotated[float, typer.Option(
+        "--l2", help="L2 penalty on the weights (scikit-learn's alpha).")] = 1e-4,
+    momentum: Annotated[float, typer.Option(
+        "--momentum", help="sgd momentum (Nesterov when > 0).")] = 0.9,
+    tol: Annotated[float, typer.Option(
+        "--tol", help="Stop when the loss has not improved by this for 10 "
+        "epochs; 0 runs (nearly) every epoch.")] = 1e-4,
+    no_standardize: Annotated[bool, typer.Option(
+        "--no-standardize", help="Train on the features as they are (default: "
+        "scaled to zero mean and unit variance, folded into the exported head).")
+    ] = False,
+    backbone: Annotated[Optional[str], typer.Option(
+        "--backbone", metavar="MODEL.onnx",
+        help="Also write one merged model: this backbone cut at --layer, then "
+        "the new head.")] = None,
+    layer: Annotated[str, typer.Option(
+        "--layer", metavar="auto|output|NAME",
+        help="Where to cut the backbone, as in vbsw embed.")] = "auto",
+    merged_output: Annotated[Optional[str], typer.Option(
+        "--merged-output", metavar="PATH.onnx",
+        help="The merged model. Default: <head stem>.merged.onnx beside the head."
+    )] = None,
+    seed: SeedOpt = 0,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Train a new last layer (head) on weighted features and write it as ONNX.
+
+    The head is trained by scikit-learn (softmax or logistic regression, least
+    squares, or one hidden ReLU layer with --hidden) with each row's loss
+    multiplied by its weight. With --backbone, a second file holds one model:
+    the backbone cut before its last layer, then the new head.
+    """
+    from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
+                               train_head)
+    from vbsw_cli.onnx_graph import load_model
+
+    reporter = Reporter(verbose=verbose, quiet=quiet)
+    options = HeadOptions(hidden=hidden, optimizer=optimizer,
+                          learning_rate=learning_rate, epochs=epochs,
+                          batch_size=batch_size, l2=l2, momentum=momentum,
+                          tol=tol, standardize=not no_standardize, seed=seed)
+    options.check()
+    if task not in io.TASKS:
+        raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
+    destination = _head_path(output, features)
+    merged_path = _merged_path(merged_output, destination, backbone)
+    backbone_model = load_model(backbone) if backbone else None
+
+    table = io.read_table(features)
+    io.require_rows(table, features)
+    X, used = io.feature_matrix(table, features, column=features_column,
+                                columns=io.split_names(feature_columns))
+    labels = io.read_labels(table, features, io.split_names(label), task=task)
+    weight = None if no_weights else _weights(table, features, weight_column)
+
+    head = train_head(X, labels, weight, options=options, progress=reporter)
+    record = {"input": features, "features": used,
+              "weight_column": None if no_weights else weight_column,
+              "upstream": io.read_provenance(table)}
+    model = head_to_onnx(head, extra_metadata={"trained_on": record})
+    merged = None
+    if backbone_model is not None:
+        merged = merge_with_backbone(backbone_model, model, layer)
+
+    _write_models(model, destination, merged, merged_path, [features])
+    _summary(reporter, head, X, labels, weight, destination, merged_path)
+
+
+def _head_path(output: str | None, source: str) -> str:
+    if output is None:
+        if source == io.STDIO:
+            raise UsageError("give -o PATH.onnx when the features come from stdin")
+        return Path(source).stem + ".head.onnx"
+    if output != io.STDIO and Path(output).suffix.lower() != ".onnx":
+        raise UsageError(f"-o {output}: the head is written as .onnx")
+    return output
+
+
+def _merged_path(merged_output, destination, backbone) -> str | None:
+    if backbone is None:
+        if merged_output:
+            raise UsageError("--merged-output needs --backbone MODEL.onnx")
+        return None
+    if merged_output is None:
+        if destination == io.STDIO:
+            raise UsageError("with -o - and --backbone, name the merged model "
+                             "with --merged-output PATH.onnx")
+        head = Path(destination)
+        return str(head.with_name(head.stem + ".merged.onnx"))
+    if Path(merged_output).suffix.lower() != ".onnx":
+        raise UsageError(f"--merged-output {merged_output}: write it as .onnx")
+    return merged_output
+
+
+def _weights(table: pa.Table, name: str, column: str) -> np.ndarray:
+    if column not in table.column_names:
+        message = io.missing_column_message(table, column, name, "weight")
+        raise DataError(message + "; run vbsw weigh first, or train the "
+                        "baseline with --no-weights")
+    values = table.column(column)
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise DataError(f"{io.describe(name)}: weight column '{column}' holds "
+                        f"{values.type}, expected numbers")
+    if values.null_count:
+        raise DataError(f"{io.describe(name)}: weight column '{column}' has "
+                        f"{values.null_count} missing values")
+    weight = values.to_numpy().astype(np.float64)
+    io.check_finite(weight, name, column, "weight")
+    if (weight < 0).any():
+        raise DataError(f"{io.describe(name)}: weight column '{column}' has "
+                        f"negative values (first: row {int(np.argmax(weight < 0))})")
+    if weight.sum() <= 0:
+        raise DataError(f"{io.describe(name)}: every value of weight column "
+                        f"'{column}' is 0")
+    return weight
+
+
+def _write_models(model, destination, merged, merged_path, inputs) -> None:
+    """Both files, or neither: the merged model is written first, then removed
+    again if the head cannot be written."""
+    if merged is not None:
+        _save(merged, merged_path, inputs)
+    try:
+        _save(model, destination, inputs)
+    except BaseException:
+        if merged is not None and Path(merged_path).exists():
+            Path(merged_path).unlink()
+        raise
+
+
+def _save(model, path: str, inputs) -> None:
+    data = model.SerializeToString()
+    if path == io.STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    with io.atomic_output(path, inputs=inputs) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+
+
+def _summary(reporter, head, X, labels, weight, destination, merged_path):
+    if reporter.quiet:
+        return
+    n_samples, n_features = X.shape
+    shape = f"{n_features} -> {head.options.hidden} (ReLU) -> " \
+        if head.options.hidden else f"{n_features} -> "
+    outputs = len(head.classes) if head.classes else sum(head.n_outputs)
+    kind = "softmax" if head.task == "classification" and outputs > 2 else (
+        "sigmoid" if head.task == "classification" else "linear")
+    reporter.say(f"rows {n_samples}, head {shape}{outputs} ({kind}), "
+                 f"{'weighted' if weight is not None else 'unweighted'}, "
+                 f"{head.options.optimizer}")
+    reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
+                 f"training {_fit_text(head, X, labels)}")
+    if not head.converged:
+        reporter.notice(f"the loss was still falling after {head.epochs_run} "
+                        "epochs; raise --epochs or --learning-rate")
+    reporter.say(f"wrote {'stdout' if destination == '-' else destination}"
+                 + (f" and {merged_path}" if merged_path else ""))
+
+
+def _fit_text(head, X, labels) -> str:
+    if head.task == "classification":
+        accuracy = float(np.mean(head.predict(X) == labels[0].values))
+        return f"accuracy {accuracy:.4f}"
+    Y = np.column_stack([np.asarray(c.values).reshape(len(X), -1) for c in labels])
+    return f"MSE {float(np.mean((head.predict(X) - Y) ** 2)):.4g}"
