@@ -163,7 +163,8 @@ def against_reference(kind, make, n, sample, folder, rng, full):
     agree = float(np.isclose(ours, variance, atol=1e-9).mean())
     how = "measured" if full else f"from {len(rows)} timed queries"
     print(f"{kind:9s} N={n:>7,d}  vbsw weigh {command['s']:7.2f} s  "
-          f"recall@{K} {command['recall']:.4f}  peak {command['rss_kb'] / 1024:6.0f} MB")
+          f"recall@{K} {command['recall']:.4f}  "
+          f"peak {command['rss_kb'] / 1024:6.0f} MB")
     print(f"{'':9s}             search: {command['search']}")
     print(f"{'':9s}             k-d tree loop {baseline_s:9.1f} s ({how})  "
           f"speed-up {baseline_s / command['s']:7.1f}x  same local variance "

@@ -502,6 +502,8 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
                                          suffix=".tmp", dir=folder)
     os.close(handle)
+    # mkstemp makes the file private (0600); outputs follow the umask instead.
+    os.chmod(temporary, 0o666 & ~_umask())
     try:
         yield temporary
         os.replace(temporary, target)
@@ -509,6 +511,12 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:

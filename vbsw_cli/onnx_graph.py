@@ -63,7 +63,8 @@ def load_model(path: str) -> onnx.ModelProto:
         raise DataError(f"{path}: no such file")
     except Exception as error:  # onnx raises several unrelated types
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(f"{path}: not a valid ONNX model ({first or type(error).__name__})")
+        reason = first or type(error).__name__
+        raise DataError(f"{path}: not a valid ONNX model ({reason})")
     if len(model.graph.output) < 1:
         raise DataError(f"{path}: the model has no output")
     return model
@@ -184,6 +185,7 @@ def cut(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
             helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
     extractor = onnx.utils.Extractor(inferred)
     body = extractor.extract_model(_graph_inputs(model), [tensor])
+    body.metadata_props.extend(model.metadata_props)
     body.ir_version = model.ir_version
     return body
 

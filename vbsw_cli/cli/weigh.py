@@ -38,22 +38,25 @@ def weigh_cli(
         help="Labels from another file (.npy, or Parquet with the --label "
              "columns), row for row; needed for .npy features.")] = None,
     task: Annotated[str, typer.Option(
-        "--task", metavar="auto|classification|regression", help="auto: float labels are regression targets, integers, "
-        "strings and categories are classes; or classification, regression.")
+        "--task", metavar="auto|classification|regression",
+        help="auto: float labels are regression targets, integers, strings and "
+             "categories are classes; or force one reading.")
     ] = "auto",
     exclude_self: Annotated[bool, typer.Option(
         "--exclude-self", help="Leave the point out of its own neighbourhood.")
     ] = False,
     normalize: Annotated[str, typer.Option(
-        "--normalize", metavar="mean|sum", help="mean: weights average 1 (keeps the step size of a "
-        "mean loss); sum: weights sum to 1.")] = "mean",
+        "--normalize", metavar="mean|sum",
+        help="mean: weights average 1 (keeps the step size of a mean loss); "
+             "sum: weights sum to 1.")] = "mean",
     standardize: Annotated[bool, typer.Option(
         "--standardize", help="Scale each feature to zero mean and unit variance "
         "before the search (off by default: distances then use the features as "
         "given).")] = False,
     search: Annotated[str, typer.Option(
-        "--search", metavar="auto|hnsw|exact", help="auto: exact below 10,000 rows, else hnswlib with its "
-        "recall checked; hnsw; exact.")] = "auto",
+        "--search", metavar="auto|hnsw|exact",
+        help="auto: exact below 10,000 rows, else hnswlib with its recall "
+             "checked; hnsw; exact.")] = "auto",
     exact: Annotated[bool, typer.Option("--exact", help="Same as --search exact.")
                      ] = False,
     recall: Annotated[float, typer.Option(
