@@ -22,14 +22,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vbsw_cli import io, onnx_graph
+from vbsw_cli import io
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.progress import NullProgress
 
@@ -42,6 +41,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
 QUIET_LOG, DEFAULT_LOG = 4, 2
+
+if TYPE_CHECKING:  # onnx and onnxruntime load only when a model is (0.6 s)
+    import onnx
 
 ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64,
@@ -102,6 +104,8 @@ def load_backbone(path: str, *, layer: str = "auto", device: str = "auto",
     leaves open. ``quiet_runtime`` keeps onnxruntime's own log (for example
     its complaints when CUDA libraries are missing) off stderr.
     """
+    from vbsw_cli import onnx_graph
+
     check_device(device)
     model = onnx_graph.load_model(path)
     tensor = onnx_graph.find_cut(model, layer)
@@ -126,7 +130,7 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: choose one of " + ", ".join(DEVICES))
 
 
-def open_session(model: onnx.ModelProto, device: str, path: str,
+def open_session(model: "onnx.ModelProto", device: str, path: str,
                  quiet_runtime: bool = True):
     """``(session, provider, notices)`` on the device asked for.
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 
-from vbsw_cli import io, onnx_graph
+from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, OutputOpt, QuietOpt, Reporter,
                                   VerboseOpt, command, resolve_output, stderr)
 from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
@@ -108,10 +108,10 @@ def embed_cli(
 
     backbone = load_backbone(model, layer=layer, device=device, input_shape=shape,
                              quiet_runtime=not debug)
-    _report_model(reporter, backbone, layer)
     data = open_input(source, backbone, tensor_column=tensor_column,
                       id_column=id_column, label_column=label_column,
                       images=images)
+    _report_model(reporter, backbone, layer)
     reporter.say(f"input: {data.describe()}, {data.n_rows} rows")
 
     parameters = _parameters(model, source, layer, device, batch_size, backbone,
@@ -140,6 +140,8 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 
 def _list_layers(model_path: str, layer: str) -> None:
     """Print ``tensor  op  shape`` lines on stdout, marking the cut of --layer."""
+    from vbsw_cli import onnx_graph
+
     model = onnx_graph.load_model(model_path)
     try:
         chosen = onnx_graph.find_cut(model, layer)
