@@ -135,6 +135,12 @@ def run_here(capfdbinary, *args: str) -> Run:
     return Run(code, out, err.decode())
 
 
+@pytest.fixture
+def here(capfdbinary):
+    """Run ``vbsw ARGS`` in this process: ``here("embed", ...)``."""
+    return lambda *args: run_here(capfdbinary, *args)
+
+
 def assert_failed(run, code: int, *words: str) -> None:
     """One error line on stderr, the last, naming the problem; empty stdout.
 
@@ -217,9 +223,9 @@ def test_layer_by_name_and_output(tmp_path):
     np.testing.assert_allclose(output, full_model(X), atol=1e-5)
 
 
-def test_layer_by_name_from_the_command_line(tmp_path, capfdbinary):
+def test_layer_by_name_from_the_command_line(tmp_path, here):
     out = tmp_path / "f.parquet"
-    run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--layer", "/pool/MaxPool_output_0",
+    run = here("embed", BACKBONE, TEST, "--layer", "/pool/MaxPool_output_0",
                    "-o", out)
     features = features_of(read_output(out))
 
@@ -258,6 +264,15 @@ def test_npy_of_any_row_shape_and_dtype(tmp_path, shape):
     assert source.kind == "npy"
     np.testing.assert_allclose(features, embed_all()[0][:40], atol=1e-6)
     assert carried["id"] == list(range(40))
+
+
+def test_fortran_ordered_npy_file(tmp_path):
+    _, X, _ = digits(30)
+    np.save(tmp_path / "x.npy", np.asfortranarray(X))
+
+    features, _, _ = embed_all(path=tmp_path / "x.npy", batch_size=8)
+
+    np.testing.assert_allclose(features, embed_all()[0][:30], atol=1e-6)
 
 
 def test_parquet_variable_lists_and_named_columns(tmp_path):
@@ -360,12 +375,24 @@ def test_integer_model_input_gets_integral_values(tmp_path):
 
 
 @settings(max_examples=12, deadline=None)
-@given(batch_size=st.integers(1, 40))
-def test_features_do_not_depend_on_the_batch_size(batch_size):
-    features, carried, _ = embed_all(batch_size=batch_size)
+@given(batch_size=st.integers(1, 40), kind=st.sampled_from(["parquet", "npy"]))
+def test_features_do_not_depend_on_the_batch_size(batch_size, kind):
+    path = TEST if kind == "parquet" else digits_npy()
+    features, carried, _ = embed_all(path=path, batch_size=batch_size)
 
+    ids = digits()[0].tolist() if kind == "parquet" else list(range(360))
     np.testing.assert_allclose(features, REFERENCE_FEATURES(), atol=1e-5)
-    assert carried["id"] == digits()[0].tolist()
+    assert carried["id"] == ids
+
+
+def digits_npy(cache={}) -> Path:  # noqa: B006 - one file for every example
+    if "path" not in cache:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="vbsw-embed-test-"))
+        cache["path"] = folder / "digits.npy"
+        np.save(cache["path"], digits()[1].reshape(-1, 1, 8, 8))
+    return cache["path"]
 
 
 def REFERENCE_FEATURES(cache={}):  # noqa: B006 - a cache across examples
@@ -424,9 +451,9 @@ def test_stdin_npy_streams(tmp_path):
                                atol=1e-5)
 
 
-def test_provenance_records_the_cut_and_the_device(tmp_path, capfdbinary):
+def test_provenance_records_the_cut_and_the_device(tmp_path, here):
     out = tmp_path / "f.parquet"
-    run_here(capfdbinary, "embed", BACKBONE, TEST, "-o", out, "--device", "cpu")
+    here("embed", BACKBONE, TEST, "-o", out, "--device", "cpu")
     record = json.loads(pq.read_schema(out).metadata[b"vbsw"])
 
     assert record["command"] == "embed"
@@ -459,7 +486,8 @@ def test_device_auto_falls_back_with_one_notice_and_clean_stderr(tmp_path):
 
 
 def _working_providers() -> list[str]:
-    session = ort.InferenceSession(str(BACKBONE), providers=ort.get_available_providers())
+    session = ort.InferenceSession(str(BACKBONE),
+                                   providers=ort.get_available_providers())
     return session.get_providers()
 
 
@@ -467,22 +495,22 @@ def _working_providers() -> list[str]:
 # Errors: one line, exit code, no output file
 
 
-def test_shape_that_cannot_match(tmp_path, capfdbinary):
+def test_shape_that_cannot_match(tmp_path, here):
     np.save(tmp_path / "x.npy", np.zeros((4, 10), np.float32))
-    run = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
 
     assert_failed(run, 1, "x.npy", "rows have 10 values", "1,8,8 = 64")
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_dtype_that_cannot_match(tmp_path, capfdbinary):
+def test_dtype_that_cannot_match(tmp_path, here):
     pq.write_table(pa.table({"image": pa.array([["a"] * 64] * 3)}),
                    tmp_path / "t.parquet")
     np.save(tmp_path / "c.npy", np.zeros((3, 64), np.complex64))
 
-    strings = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "t.parquet", "-o",
+    strings = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
                        tmp_path / "f.parquet")
-    complex_ = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "c.npy", "-o",
+    complex_ = here("embed", BACKBONE, tmp_path / "c.npy", "-o",
                         tmp_path / "f.parquet")
 
     assert_failed(strings, 1, "t.parquet", "'image'", "expected numbers")
@@ -495,16 +523,16 @@ def test_dtype_that_cannot_match(tmp_path, capfdbinary):
     (["--label-column", "digit"], ["no label column 'digit'", "--label-column"]),
     (["--id-column", "key"], ["no id column 'key'", "--id-column"]),
 ])
-def test_missing_named_column(tmp_path, option, words, capfdbinary):
-    run = run_here(capfdbinary, "embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+def test_missing_named_column(tmp_path, option, words, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
 
     assert_failed(run, 1, "digits_test.parquet", *words)
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_no_tensor_column_at_all(tmp_path, capfdbinary):
+def test_no_tensor_column_at_all(tmp_path, here):
     pq.write_table(pa.table({"x0": [1.0], "label": [0]}), tmp_path / "t.parquet")
-    run = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "t.parquet", "-o",
+    run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
                    tmp_path / "f.parquet")
 
     assert_failed(run, 1, "no tensor column 'image'", "nor 'features'",
@@ -517,64 +545,75 @@ def test_no_tensor_column_at_all(tmp_path, capfdbinary):
     ("t.parquet", b"", ["t.parquet", "empty"]),
     ("t.csv", b"a,b\n1,2\n", ["t.csv", "neither"]),
 ])
-def test_corrupt_input_file(tmp_path, name, content, words, capfdbinary):
+def test_corrupt_input_file(tmp_path, name, content, words, here):
     (tmp_path / name).write_bytes(content)
-    run = run_here(capfdbinary, "embed", BACKBONE, tmp_path / name, "-o", tmp_path / "f.parquet")
+    run = here("embed", BACKBONE, tmp_path / name, "-o", tmp_path / "f.parquet")
 
     assert_failed(run, 1, *words)
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_corrupt_model(tmp_path, capfdbinary):
+def test_truncated_npy(tmp_path, here):
+    np.save(tmp_path / "x.npy", np.zeros((100, 64), np.float32))
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[:-1000])
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o",
+                   tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "x.npy", "shorter than the array", "truncated")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_corrupt_model(tmp_path, here):
     (tmp_path / "m.onnx").write_bytes(b"not a model")
-    run = run_here(capfdbinary, "embed", tmp_path / "m.onnx", TEST, "-o", tmp_path / "f.parquet")
+    run = here("embed", tmp_path / "m.onnx", TEST, "-o", tmp_path / "f.parquet")
 
     assert_failed(run, 1, "m.onnx", "not a valid ONNX model")
 
 
-def test_nan_in_input(tmp_path, capfdbinary):
+def test_nan_in_input(tmp_path, here):
     _, X, _ = digits(20)
     X[13, 5] = np.nan
     np.save(tmp_path / "x.npy", X)
-    run = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet",
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet",
                    "--batch-size", "8")
 
     assert_failed(run, 1, "x.npy", "NaN", "row 13")
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_empty_folder_and_loose_images(tmp_path, capfdbinary):
+def test_empty_folder_and_loose_images(tmp_path, here):
     (tmp_path / "empty" / "class_a").mkdir(parents=True)
     loose = tmp_path / "loose"
     loose.mkdir()
     Image.new("L", (8, 8)).save(loose / "a.png")
 
-    empty = run_here(capfdbinary, "embed", BACKBONE, tmp_path / "empty", "-o",
+    empty = here("embed", BACKBONE, tmp_path / "empty", "-o",
                      tmp_path / "f.parquet")
-    flat = run_here(capfdbinary, "embed", BACKBONE, loose, "-o", tmp_path / "f.parquet")
+    flat = here("embed", BACKBONE, loose, "-o", tmp_path / "f.parquet")
 
     assert_failed(empty, 1, "empty", "no PNG or JPEG images")
     assert_failed(flat, 1, "loose", "one sub-folder per class")
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_undecodable_image_is_named_and_nothing_is_left(tmp_path, capfdbinary):
+def test_undecodable_image_is_named_and_nothing_is_left(tmp_path, here):
     root = image_folder(tmp_path / "images")
     bad = root / "digit7" / "9.png"  # sorted last: earlier batches were written
     bad.write_bytes(b"\x89PNG broken")
-    run = run_here(capfdbinary, "embed", BACKBONE, root, "-o", tmp_path / "f.parquet",
+    run = here("embed", BACKBONE, root, "-o", tmp_path / "f.parquet",
                    "--batch-size", "2")
 
     assert_failed(run, 1, str(bad), "cannot decode", "--skip-bad-images")
     no_files_left(tmp_path, "f.parquet")
 
 
-def test_skip_bad_images_counts_them(tmp_path, capfdbinary):
+def test_skip_bad_images_counts_them(tmp_path, here):
     root = image_folder(tmp_path / "images")
     (root / "digit3" / "0.png").write_bytes(b"broken")
     (root / "digit7" / "x.jpg").write_bytes(b"broken too")
     out = tmp_path / "f.parquet"
-    run = run_here(capfdbinary, "embed", BACKBONE, root, "-o", out, "--skip-bad-images",
+    run = here("embed", BACKBONE, root, "-o", out, "--skip-bad-images",
                    "--batch-size", "3")
     table = read_output(out)
 
@@ -593,17 +632,17 @@ def test_skip_bad_images_counts_them(tmp_path, capfdbinary):
     (["-o", "f.npy"], ["-o f.npy", "Parquet"]),
     (["--layer", "nope"], ["--layer nope", "--list-layers"]),
 ])
-def test_usage_errors_exit_2(tmp_path, option, words, capfdbinary, monkeypatch):
+def test_usage_errors_exit_2(tmp_path, option, words, here, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["-o", tmp_path / "f.parquet"] if "-o" not in option else []
-    run = run_here(capfdbinary, "embed", BACKBONE, TEST, *args, *option)
+    run = here("embed", BACKBONE, TEST, *args, *option)
 
     assert_failed(run, 2, *words)
     assert not (tmp_path / "f.parquet").exists()
 
 
-def test_help_shows_a_working_example(capfdbinary):
-    run = run_here(capfdbinary, "embed", "--help")
+def test_help_shows_a_working_example(here):
+    run = here("embed", "--help")
 
     assert run.code == 0
     assert cli.EXAMPLE in " ".join(run.stdout.decode().split())

@@ -18,6 +18,7 @@ carried columns (id, label, and for images the file path).
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import sys
 from dataclasses import dataclass, field
@@ -271,20 +272,29 @@ def _row_ids(start: int, stop: int) -> dict[str, pa.Array]:
 
 
 class NpySource(Source):
-    """A ``.npy`` array, memory-mapped from a file or streamed from stdin."""
+    """A ``.npy`` array, memory-mapped from a file or streamed from stdin.
+
+    Pages of the map that have been embedded are released from the resident
+    set as the batches go (they stay in the page cache), so the process's
+    memory does not grow with the file.
+    """
 
     kind = "npy"
 
     def __init__(self, name: str, handle=None):
         self.name, self.handle = name, handle
         self.fields = [pa.field(io.ID_COLUMN, pa.int64())]
+        self.mapped = self.array = None
         if handle is None:
-            self.array = _memory_map(name)
+            self.mapped, self.array, self.offset = _map_npy(name)
             shape, dtype = self.array.shape, self.array.dtype
         else:
-            self.array = None
-            shape, dtype = _npy_header(handle, name)
-        _check_npy(shape, dtype, name)
+            shape, dtype, fortran = _npy_header(handle, name)
+            if fortran and len(shape) > 1:
+                raise DataError(f"{io.describe(name)}: a Fortran-ordered .npy "
+                                "cannot be streamed; save it C-ordered or pass "
+                                "a file")
+            _check_npy(shape, dtype, name)
         self.shape, self.dtype = shape, dtype
         self.n_rows = shape[0]
 
@@ -296,6 +306,7 @@ class NpySource(Source):
             else:
                 values = self._read_rows(stop - start)
             yield RawBatch(values, _row_ids(start, stop), start)
+            self._release(stop)
 
     def _read_rows(self, n_rows: int) -> np.ndarray:
         row_shape = self.shape[1:]
@@ -306,16 +317,38 @@ class NpySource(Source):
                             "before the rows its header announces")
         return np.frombuffer(data, self.dtype).reshape(n_rows, *row_shape)
 
+    def _release(self, stop: int) -> None:
+        """Drop the mapped pages of rows before ``stop`` from the resident set."""
+        if self.mapped is None or not self.array.flags.c_contiguous:
+            return
+        if not hasattr(self.mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        end = self.offset + stop * self.array[0].nbytes
+        end -= end % mmap.PAGESIZE
+        if end > 0:
+            self.mapped.madvise(mmap.MADV_DONTNEED, 0, end)
 
-def _memory_map(path: str) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npy file ({_short(error)})")
+
+def _map_npy(path: str):
+    """``(mmap, array view, data offset)`` of a .npy file, read-only."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != io.NPY_MAGIC:
+            raise DataError(f"{path}: not a .npy file")
+        shape, dtype, fortran = _npy_header(handle, path)
+        _check_npy(shape, dtype, path)
+        offset = handle.tell()
+        needed = offset + math.prod(shape) * dtype.itemsize
+        if os.fstat(handle.fileno()).st_size < needed:
+            raise DataError(f"{path}: the file is shorter than the array its "
+                            "header announces (truncated?)")
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.ndarray(shape, dtype, buffer=mapped, offset=offset,
+                       order="F" if fortran else "C")
+    return mapped, array, offset
 
 
 def _npy_header(handle, name: str):
-    """Read a .npy header whose 6 magic bytes were already consumed."""
+    """``(shape, dtype, fortran)`` of a .npy whose 6 magic bytes were read."""
     from numpy.lib import format as npy
 
     try:
@@ -327,12 +360,9 @@ def _npy_header(handle, name: str):
         else:
             raise ValueError(f"unsupported .npy version {major}.{minor}")
     except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{io.describe(name)}: not a readable .npy stream "
+        raise DataError(f"{io.describe(name)}: not a readable .npy file "
                         f"({_short(error)})")
-    if fortran and len(shape) > 1:
-        raise DataError(f"{io.describe(name)}: a Fortran-ordered .npy cannot be "
-                        "streamed; save it C-ordered or pass a file")
-    return shape, dtype
+    return shape, dtype, fortran
 
 
 def _check_npy(shape, dtype: np.dtype, name: str) -> None:
