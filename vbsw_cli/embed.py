@@ -42,6 +42,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
 QUIET_LOG, DEFAULT_LOG = 4, 2
+# Memory-mapped input already embedded is dropped from the resident set in
+# steps of this size.
+RELEASE_BYTES = 16 * 2**20
 
 if TYPE_CHECKING:  # onnx and onnxruntime load only when a model is (0.6 s)
     import onnx
@@ -285,6 +288,7 @@ class NpySource(Source):
         self.name, self.handle = name, handle
         self.fields = [pa.field(io.ID_COLUMN, pa.int64())]
         self.mapped = self.array = None
+        self.released = 0
         if handle is None:
             self.mapped, self.array, self.offset = _map_npy(name)
             shape, dtype = self.array.shape, self.array.dtype
@@ -325,8 +329,13 @@ class NpySource(Source):
             return
         end = self.offset + stop * self.array[0].nbytes
         end -= end % mmap.PAGESIZE
-        if end > 0:
-            self.mapped.madvise(mmap.MADV_DONTNEED, 0, end)
+        # In steps of RELEASE_BYTES (and at the end): each madvise call makes
+        # the kernel flush the TLBs of onnxruntime's threads.
+        due = end - self.released >= RELEASE_BYTES or stop == self.n_rows
+        if due and end > self.released:
+            self.mapped.madvise(mmap.MADV_DONTNEED, self.released,
+                                end - self.released)
+            self.released = end
 
 
 def _map_npy(path: str):
