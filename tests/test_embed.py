@@ -361,6 +361,23 @@ def test_open_input_shape_is_filled_by_the_option(tmp_path, rng):
         embed_all(model, tmp_path / "x.npy", input_shape=(3, 2))
 
 
+def test_fixed_batch_dimension(tmp_path, rng):
+    one, weights = mlp_model(tmp_path / "one.onnx")
+    model = onnx.load(str(one))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(one))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(model, str(tmp_path / "four.onnx"))
+    X = rng.standard_normal((6, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+
+    features, _, _ = embed_all(one, tmp_path / "x.npy", batch_size=4)
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-5)
+    with pytest.raises(DataError, match="fixed at 4, which does not divide"):
+        embed_all(tmp_path / "four.onnx", tmp_path / "x.npy")
+
+
 def test_integer_model_input_gets_integral_values(tmp_path):
     model, weights = mlp_model(tmp_path / "m.onnx", dtype=TensorProto.INT64)
     X = np.arange(24, dtype=np.float64).reshape(4, 6)

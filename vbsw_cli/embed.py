@@ -680,8 +680,13 @@ def embed(backbone: Backbone, source: Source, *, batch_size: int = DEFAULT_BATCH
     number of values, a non-integral value for an integer input, NaN).
     """
     check_batch_size(batch_size)
-    if backbone.fixed_batch is not None:
-        batch_size = backbone.fixed_batch
+    fixed = backbone.fixed_batch
+    if fixed is not None and fixed > 1 and (source.n_rows or 0) % fixed:
+        raise DataError(f"{backbone.path}: the model's batch dimension is fixed "
+                        f"at {fixed}, which does not divide the {source.n_rows} "
+                        "rows; export it with a dynamic batch dimension")
+    if fixed is not None:
+        batch_size = fixed
     task = (progress or NullProgress()).task("embed", source.n_rows)
     try:
         for raw in source.batches(batch_size):
@@ -704,7 +709,7 @@ def _fixed_batches(X: np.ndarray, fixed: int | None):
     if fixed is None or len(X) == fixed:
         yield X, None
         return
-    if fixed != 1:
+    if fixed != 1:  # a skipped image left a short batch
         raise DataError(f"the model's batch dimension is fixed at {fixed}; "
                         "export it with a dynamic batch dimension")
     for row in range(len(X)):
