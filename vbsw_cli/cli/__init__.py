@@ -17,10 +17,7 @@ except ImportError:  # older typer runs on click itself
 
 from vbsw_cli import __version__
 from vbsw_cli.cli._common import app, stderr
-from vbsw_cli.cli import weigh  # noqa: F401  (registers the command)
-from vbsw_cli.cli import tbs  # noqa: F401  (registers the command)
-from vbsw_cli.cli import head  # noqa: F401
-from vbsw_cli.cli import evaluate  # noqa: F401
+from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
 
 def _version(value: bool):

@@ -1,0 +1,665 @@
+"""vbsw embed: the cut, each input kind, devices, streaming output, errors."""
+
+from __future__ import annotations
+
+import io as bytes_io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from conftest import SAMPLE, Run, run_vbsw
+from vbsw_cli import embed as core
+from vbsw_cli import onnx_graph
+from vbsw_cli.cli import embed as cli
+from vbsw_cli.cli import main
+from vbsw_cli.errors import DataError, UsageError
+
+BACKBONE = SAMPLE / "digits_backbone.onnx"
+TEST = SAMPLE / "digits_test.parquet"
+AUTO_TENSOR = "/act3/Relu_output_0"
+
+
+# ---------------------------------------------------------------------------
+# Helpers: an independent reference run, small generated models and inputs
+
+
+def digits(n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, images (n, 64) float32, labels) of the digits test split."""
+    table = pq.read_table(TEST)
+    images = np.stack(table.column("image").to_numpy(zero_copy_only=False))
+    ids, labels = table.column("id").to_numpy(), table.column("label").to_numpy()
+    return ids[:n], images[:n].astype(np.float32), labels[:n]
+
+
+def full_model(X: np.ndarray, tensor: str | None = None) -> np.ndarray:
+    """The uncut sample backbone run directly with onnxruntime."""
+    session = ort.InferenceSession(str(BACKBONE), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": X.reshape(-1, 1, 8, 8)})[0]
+
+
+def embed_all(model=BACKBONE, path=TEST, batch_size=64, **options):
+    """Features and carried columns from the core, concatenated."""
+    layer = options.pop("layer", "auto")
+    shape = options.pop("input_shape", None)
+    backbone = core.load_backbone(str(model), layer=layer, device="cpu",
+                                  input_shape=shape)
+    source = core.open_input(str(path), backbone, **options)
+    batches = list(core.embed(backbone, source, batch_size=batch_size))
+    features = np.concatenate([b.features for b in batches])
+    carried = {name: pa.concat_arrays([b.carried[name] for b in batches])
+               .to_pylist() for name in batches[0].carried}
+    return features, carried, source
+
+
+def mlp_model(path: Path, *, softmax=False, matmul=False, input_shape=(2, 3),
+              dtype=TensorProto.FLOAT, seed=0) -> tuple[Path, dict]:
+    """x (N, *input_shape) -> flatten -> linear to 5 + ReLU -> linear 5->3.
+
+    Returns the path and its weights, so tests compute the reference in numpy.
+    An open size in ``input_shape`` counts as 2.
+    """
+    rng = np.random.default_rng(seed)
+    n_in = int(np.prod([d if isinstance(d, int) else 2 for d in input_shape]))
+    w1, b1 = rng.standard_normal((n_in, 5)), rng.standard_normal(5)
+    w2, b2 = rng.standard_normal((5, 3)), rng.standard_normal(3)
+    weights = {k: v.astype(np.float32) for k, v in
+               dict(w1=w1, b1=b1, w2=w2, b2=b2).items()}
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Flatten", ["xf"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "w1", "b1"], ["hidden"]),
+             helper.make_node("Relu", ["hidden"], ["features"])]
+    if matmul:
+        nodes += [helper.make_node("MatMul", ["features", "w2"], ["product"]),
+                  helper.make_node("Add", ["product", "b2"], ["logits"])]
+    else:
+        nodes.append(helper.make_node("Gemm", ["features", "w2", "b2"],
+                                      ["logits"]))
+    last = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+        last = "probs"
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", dtype,
+                                                     ["N", *input_shape])],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    onnx.save(onnx_graph.make_model(graph), str(path))
+    return path, weights
+
+
+def mlp_features(X: np.ndarray, weights: dict) -> np.ndarray:
+    hidden = X.reshape(len(X), -1).astype(np.float64) @ weights["w1"] + weights["b1"]
+    return np.maximum(hidden, 0)
+
+
+def image_folder(root: Path, n_per_class: int = 4, mode: str = "L") -> Path:
+    """PNG digits in sub-folders named after their class."""
+    _, images, labels = digits()
+    for label in (3, 7):
+        folder = root / f"digit{label}"
+        folder.mkdir(parents=True)
+        for i, row in enumerate(images[labels == label][:n_per_class]):
+            pixels = np.round(row.reshape(8, 8) * 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").convert(mode).save(folder / f"{i}.png")
+    return root
+
+
+def read_output(path_or_bytes) -> pa.Table:
+    if isinstance(path_or_bytes, bytes):
+        return pq.read_table(pa.BufferReader(path_or_bytes))
+    return pq.read_table(path_or_bytes)
+
+
+def features_of(table: pa.Table) -> np.ndarray:
+    return np.stack(table.column("features").to_numpy(zero_copy_only=False))
+
+
+def run_here(capfdbinary, *args: str) -> Run:
+    """``vbsw ARGS`` in this process (no start-up cost); fd-level capture."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as error:
+        code = error.code
+    out, err = capfdbinary.readouterr()
+    return Run(code, out, err.decode())
+
+
+@pytest.fixture
+def here(capfdbinary):
+    """Run ``vbsw ARGS`` in this process: ``here("embed", ...)``."""
+    return lambda *args: run_here(capfdbinary, *args)
+
+
+def assert_failed(run, code: int, *words: str) -> None:
+    """One error line on stderr, the last, naming the problem; empty stdout.
+
+    Lines before it can only be the report of the model and the input.
+    """
+    assert run.code == code, run.stderr
+    lines = run.stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert errors == lines[-1:], run.stderr
+    assert all(line.split(":")[0] in ("model", "features", "device", "note",
+                                      "input") for line in lines[:-1]), run.stderr
+    assert run.stdout == b""
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def no_files_left(folder: Path, name: str) -> None:
+    assert not any(p.name.startswith(name) or p.name.startswith(f".{name}")
+                   for p in folder.iterdir()), list(folder.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# The cut, checked without trusting it
+
+
+def test_auto_cut_times_removed_layer_gives_the_logits():
+    _, X, _ = digits()
+    features, _, _ = embed_all()
+    removed = onnx_graph.last_linear(onnx_graph.load_model(str(BACKBONE)))
+
+    logits = features.astype(np.float64) @ removed.weight + removed.bias
+
+    assert features.shape == (len(X), 64)
+    assert removed.weight.shape == (64, 10)
+    np.testing.assert_allclose(logits, full_model(X), atol=1e-4)
+
+
+def test_cli_output_features_reproduce_the_logits(tmp_path):
+    out = tmp_path / "features.parquet"
+    run = run_vbsw("embed", BACKBONE, TEST, "-o", out)
+    table = read_output(out)
+    removed = onnx_graph.last_linear(onnx_graph.load_model(str(BACKBONE)))
+    _, X, labels = digits()
+
+    logits = features_of(table).astype(np.float64) @ removed.weight + removed.bias
+
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert table.column_names == ["id", "label", "features"]
+    assert table.schema.field("features").type == pa.list_(pa.float32(), 64)
+    assert table.column("label").to_pylist() == labels.tolist()
+    np.testing.assert_allclose(logits, full_model(X), atol=1e-4)
+    assert f"tensor '{AUTO_TENSOR}'" in run.stderr
+
+
+@pytest.mark.parametrize("softmax, matmul", [(False, False), (True, False),
+                                             (True, True), (False, True)])
+def test_auto_cut_of_gemm_or_matmul_add_with_or_without_softmax(tmp_path, rng,
+                                                                softmax, matmul):
+    model, weights = mlp_model(tmp_path / "m.onnx", softmax=softmax, matmul=matmul)
+    X = rng.standard_normal((7, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+
+    features, carried, _ = embed_all(model, tmp_path / "x.npy", batch_size=3)
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-5)
+    assert carried["id"] == list(range(7))
+
+
+def test_layer_by_name_and_output(tmp_path):
+    _, X, _ = digits(50)
+    np.save(tmp_path / "x.npy", X)
+    auto, _, _ = embed_all(path=tmp_path / "x.npy")
+
+    before_relu, _, _ = embed_all(path=tmp_path / "x.npy", layer="/fc1/Gemm_output_0")
+    output, _, _ = embed_all(path=tmp_path / "x.npy", layer="output")
+
+    assert (before_relu < 0).any()
+    np.testing.assert_allclose(np.maximum(before_relu, 0), auto, atol=1e-6)
+    np.testing.assert_allclose(output, full_model(X), atol=1e-5)
+
+
+def test_layer_by_name_from_the_command_line(tmp_path, here):
+    out = tmp_path / "f.parquet"
+    run = here("embed", BACKBONE, TEST, "--layer", "/pool/MaxPool_output_0",
+                   "-o", out)
+    features = features_of(read_output(out))
+
+    assert run.code == 0, run.stderr
+    assert features.shape == (360, 32 * 4 * 4)
+    assert json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"][
+        "tensor"] == "/pool/MaxPool_output_0"
+
+
+def test_list_layers_prints_tensors_and_shapes_on_stdout():
+    run = run_vbsw("embed", BACKBONE, "--list-layers")
+    lines = run.stdout.decode().splitlines()
+    by_name = {line.split()[0]: line for line in lines}
+    ops = [op.op_type for op in onnx.load(str(BACKBONE)).graph.node]
+
+    assert run.code == 0, run.stderr
+    assert run.stderr == ""
+    assert len(lines) == len(ops)
+    assert "[batch, 64]" in by_name[AUTO_TENSOR]
+    assert "<- --layer auto" in by_name[AUTO_TENSOR]
+    assert sum("<-" in line for line in lines) == 1
+    assert "[batch, 32, 4, 4]" in by_name["/pool/MaxPool_output_0"]
+
+
+# ---------------------------------------------------------------------------
+# Input kinds
+
+
+@pytest.mark.parametrize("shape", [(64,), (1, 8, 8), (8, 8)])
+def test_npy_of_any_row_shape_and_dtype(tmp_path, shape):
+    _, X, _ = digits(40)
+    np.save(tmp_path / "x.npy", X.astype(np.float64).reshape(40, *shape))
+
+    features, carried, source = embed_all(path=tmp_path / "x.npy", batch_size=16)
+
+    assert source.kind == "npy"
+    np.testing.assert_allclose(features, embed_all()[0][:40], atol=1e-6)
+    assert carried["id"] == list(range(40))
+
+
+def test_fortran_ordered_npy_file(tmp_path):
+    _, X, _ = digits(30)
+    np.save(tmp_path / "x.npy", np.asfortranarray(X))
+
+    features, _, _ = embed_all(path=tmp_path / "x.npy", batch_size=8)
+
+    np.testing.assert_allclose(features, embed_all()[0][:30], atol=1e-6)
+
+
+def test_parquet_variable_lists_and_named_columns(tmp_path):
+    ids, X, labels = digits(30)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({
+        "key": pa.array([f"r{i}" for i in ids]),
+        "pixels": pa.array([row.tolist() for row in X], pa.list_(pa.float64())),
+        "digit": pa.array(labels.astype(str)),
+        "image": pa.array(np.zeros((30, 3)).tolist()),  # not the tensor here
+    }), path)
+
+    features, carried, _ = embed_all(path=path, tensor_column="pixels",
+                                     id_column="key", label_column="digit")
+
+    np.testing.assert_allclose(features, embed_all()[0][:30], atol=1e-6)
+    assert carried["key"] == [f"r{i}" for i in ids]
+    assert carried["digit"] == labels.astype(str).tolist()
+    assert "id" in carried and carried["id"] == list(range(30))
+
+
+def test_parquet_falls_back_to_a_features_column(tmp_path):
+    _, X, _ = digits(10)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"features": cli.io.fixed_size_list(X)}), path)
+
+    features, carried, source = embed_all(path=path)
+
+    assert source.tensor == "features"
+    assert set(carried) == {"id"}
+    np.testing.assert_allclose(features, embed_all()[0][:10], atol=1e-6)
+
+
+def test_image_folder_labels_from_folder_names(tmp_path):
+    root = image_folder(tmp_path / "images")
+    files = sorted(root.glob("*/*.png"))
+    pixels = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
+
+    features, carried, source = embed_all(path=root, batch_size=3)
+
+    assert source.kind == "image folder"
+    np.testing.assert_allclose(features, embed_all(path=_npy(tmp_path, pixels))[0],
+                               atol=1e-6)
+    assert carried["label"] == [f.parent.name for f in files]
+    assert carried["path"] == [f"{f.parent.name}/{f.name}" for f in files]
+    assert carried["id"] == list(range(len(files)))
+
+
+def _npy(folder: Path, X: np.ndarray) -> Path:
+    path = folder / "reference.npy"
+    np.save(path, X)
+    return path
+
+
+@pytest.mark.parametrize("input_shape, channels_first", [((2, 3, 3), False),
+                                                         ((3, 2, 3), True)])
+def test_image_mean_std_resize_rgb(tmp_path, input_shape, channels_first):
+    model, weights = mlp_model(tmp_path / "m.onnx", input_shape=input_shape)
+    height, width = input_shape[:2] if not channels_first else input_shape[1:]
+    root = image_folder(tmp_path / "images", n_per_class=2, mode="RGB")
+    files = sorted(root.glob("*/*.png"))
+    resized = np.stack([np.asarray(Image.open(f).convert("RGB").resize(
+        (width, height), Image.Resampling.BILINEAR), np.float32) for f in files])
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.25, 0.5, 1.0])
+    X = (resized / 255 - mean) / std  # (n, H, W, C)
+    if channels_first:
+        X = np.moveaxis(X, -1, 1)
+
+    features, _, _ = embed_all(model, root, images=core.ImageOptions(
+        mean=tuple(mean), std=tuple(std)))
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-4)
+
+
+def test_open_input_shape_is_filled_by_the_option(tmp_path, rng):
+    model, weights = mlp_model(tmp_path / "m.onnx", input_shape=("a", 3))
+    X = rng.standard_normal((5, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+
+    features, _, _ = embed_all(model, tmp_path / "x.npy", input_shape=(2, 3))
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-5)
+    with pytest.raises(DataError, match="--input-shape"):
+        embed_all(model, tmp_path / "x.npy")
+    with pytest.raises(UsageError, match="dimension 2 of 'x' is 3"):
+        embed_all(model, tmp_path / "x.npy", input_shape=(3, 2))
+
+
+def test_fixed_batch_dimension(tmp_path, rng):
+    one, weights = mlp_model(tmp_path / "one.onnx")
+    model = onnx.load(str(one))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(one))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(model, str(tmp_path / "four.onnx"))
+    X = rng.standard_normal((6, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+
+    features, _, _ = embed_all(one, tmp_path / "x.npy", batch_size=4)
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-5)
+    with pytest.raises(DataError, match="fixed at 4, which does not divide"):
+        embed_all(tmp_path / "four.onnx", tmp_path / "x.npy")
+
+
+def test_integer_model_input_gets_integral_values(tmp_path):
+    model, weights = mlp_model(tmp_path / "m.onnx", dtype=TensorProto.INT64)
+    X = np.arange(24, dtype=np.float64).reshape(4, 6)
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "bad.npy", X + 0.5)
+
+    features, _, _ = embed_all(model, tmp_path / "x.npy")
+
+    np.testing.assert_allclose(features, mlp_features(X, weights), rtol=1e-5)
+    with pytest.raises(DataError, match="int64.*fractional"):
+        embed_all(model, tmp_path / "bad.npy")
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch_size=st.integers(1, 40), kind=st.sampled_from(["parquet", "npy"]))
+def test_features_do_not_depend_on_the_batch_size(batch_size, kind):
+    path = TEST if kind == "parquet" else digits_npy()
+    features, carried, _ = embed_all(path=path, batch_size=batch_size)
+
+    ids = digits()[0].tolist() if kind == "parquet" else list(range(360))
+    np.testing.assert_allclose(features, REFERENCE_FEATURES(), atol=1e-5)
+    assert carried["id"] == ids
+
+
+def digits_npy(cache={}) -> Path:  # noqa: B006 - one file for every example
+    if "path" not in cache:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="vbsw-embed-test-"))
+        cache["path"] = folder / "digits.npy"
+        np.save(cache["path"], digits()[1].reshape(-1, 1, 8, 8))
+    return cache["path"]
+
+
+def REFERENCE_FEATURES(cache={}):  # noqa: B006 - a cache across examples
+    if "x" not in cache:
+        cache["x"] = embed_all(batch_size=360)[0]
+    return cache["x"]
+
+
+def test_many_row_groups_are_written_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 100)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    backbone = core.load_backbone(str(BACKBONE), device="cpu")
+    source = core.open_input(str(TEST), backbone)
+    out = tmp_path / "f.parquet"
+
+    n_rows, n_features = cli.write_features(
+        core.embed(backbone, source, batch_size=30), source, str(out), {},
+        inputs=[str(TEST)])
+
+    assert (n_rows, n_features) == (360, 64)
+    assert pq.read_metadata(out).num_row_groups == 12
+    np.testing.assert_allclose(features_of(read_output(out)), REFERENCE_FEATURES(),
+                               atol=1e-5)
+    assert read_output(out).column("id").to_pylist() == digits()[0].tolist()
+
+
+# ---------------------------------------------------------------------------
+# Pipes, provenance, devices
+
+
+def test_stdin_parquet_to_stdout_into_weigh():
+    embedded = run_vbsw("embed", BACKBONE, "-", "-o", "-", stdin=TEST.read_bytes())
+    weighed = run_vbsw("weigh", "-", "--k", "10", "-o", "-", stdin=embedded.stdout)
+    table = read_output(weighed.stdout)
+
+    assert embedded.code == 0, embedded.stderr
+    assert weighed.code == 0, weighed.stderr
+    assert table.num_rows == 360
+    assert table.column("id").to_pylist() == digits()[0].tolist()
+    assert {"features", "weight", "local_variance"} <= set(table.column_names)
+    np.testing.assert_allclose(features_of(table), REFERENCE_FEATURES(), atol=1e-5)
+
+
+def test_stdin_npy_streams(tmp_path):
+    _, X, _ = digits(25)
+    buffer = bytes_io.BytesIO()
+    np.save(buffer, X.reshape(25, 1, 8, 8))
+
+    run = run_vbsw("embed", BACKBONE, "-", "-o", "-", "--batch-size", "7",
+                   stdin=buffer.getvalue())
+    table = read_output(run.stdout)
+
+    assert run.code == 0, run.stderr
+    assert table.column_names == ["id", "features"]
+    np.testing.assert_allclose(features_of(table), REFERENCE_FEATURES()[:25],
+                               atol=1e-5)
+
+
+def test_provenance_records_the_cut_and_the_device(tmp_path, here):
+    out = tmp_path / "f.parquet"
+    here("embed", BACKBONE, TEST, "-o", out, "--device", "cpu")
+    record = json.loads(pq.read_schema(out).metadata[b"vbsw"])
+
+    assert record["command"] == "embed"
+    assert record["parameters"]["tensor"] == AUTO_TENSOR
+    assert record["parameters"]["provider"] == "CPUExecutionProvider"
+    assert record["parameters"]["tensor_column"] == "image"
+    assert record["parameters"]["n_features"] == 64
+
+
+def test_device_cuda_fails_cleanly_without_a_gpu(tmp_path):
+    if "CUDAExecutionProvider" in _working_providers():
+        pytest.skip("a CUDA GPU is usable here; this checks the failure path")
+    out = tmp_path / "f.parquet"
+    run = run_vbsw("embed", BACKBONE, TEST, "-o", out, "--device", "cuda")
+
+    assert_failed(run, 1, "--device cuda", "CUDA is not usable")
+    assert not out.exists()
+
+
+def test_device_auto_falls_back_with_one_notice_and_clean_stderr(tmp_path):
+    if "CUDAExecutionProvider" in _working_providers():
+        pytest.skip("a CUDA GPU is usable here; this checks the fallback")
+    run = run_vbsw("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet")
+    notices = [line for line in run.stderr.splitlines() if line.startswith("note:")]
+
+    assert run.code == 0
+    assert len(notices) == 1 and "running on the CPU" in notices[0]
+    assert "onnxruntime:" not in run.stderr and "[W:" not in run.stderr
+    assert "device: CPU" in run.stderr
+
+
+def _working_providers() -> list[str]:
+    session = ort.InferenceSession(str(BACKBONE),
+                                   providers=ort.get_available_providers())
+    return session.get_providers()
+
+
+# ---------------------------------------------------------------------------
+# Errors: one line, exit code, no output file
+
+
+def test_shape_that_cannot_match(tmp_path, here):
+    np.save(tmp_path / "x.npy", np.zeros((4, 10), np.float32))
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "x.npy", "rows have 10 values", "1,8,8 = 64")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_dtype_that_cannot_match(tmp_path, here):
+    pq.write_table(pa.table({"image": pa.array([["a"] * 64] * 3)}),
+                   tmp_path / "t.parquet")
+    np.save(tmp_path / "c.npy", np.zeros((3, 64), np.complex64))
+
+    strings = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
+                       tmp_path / "f.parquet")
+    complex_ = here("embed", BACKBONE, tmp_path / "c.npy", "-o",
+                        tmp_path / "f.parquet")
+
+    assert_failed(strings, 1, "t.parquet", "'image'", "expected numbers")
+    assert_failed(complex_, 1, "c.npy", "complex64", "expected numbers")
+    no_files_left(tmp_path, "f.parquet")
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--tensor-column", "imag"], ["no tensor column 'imag'", "did you mean 'image'"]),
+    (["--label-column", "digit"], ["no label column 'digit'", "--label-column"]),
+    (["--id-column", "key"], ["no id column 'key'", "--id-column"]),
+])
+def test_missing_named_column(tmp_path, option, words, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+
+    assert_failed(run, 1, "digits_test.parquet", *words)
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_no_tensor_column_at_all(tmp_path, here):
+    pq.write_table(pa.table({"x0": [1.0], "label": [0]}), tmp_path / "t.parquet")
+    run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
+                   tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "no tensor column 'image'", "nor 'features'",
+                  "--tensor-column")
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("t.parquet", b"PAR1 this is not parquet", ["t.parquet", "Parquet"]),
+    ("t.npy", b"\x93NUMPY\x01\x00garbage", ["t.npy", ".npy"]),
+    ("t.parquet", b"", ["t.parquet", "empty"]),
+    ("t.csv", b"a,b\n1,2\n", ["t.csv", "neither"]),
+])
+def test_corrupt_input_file(tmp_path, name, content, words, here):
+    (tmp_path / name).write_bytes(content)
+    run = here("embed", BACKBONE, tmp_path / name, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, *words)
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_truncated_npy(tmp_path, here):
+    np.save(tmp_path / "x.npy", np.zeros((100, 64), np.float32))
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[:-1000])
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o",
+                   tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "x.npy", "shorter than the array", "truncated")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_corrupt_model(tmp_path, here):
+    (tmp_path / "m.onnx").write_bytes(b"not a model")
+    run = here("embed", tmp_path / "m.onnx", TEST, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "m.onnx", "not a valid ONNX model")
+
+
+def test_nan_in_input(tmp_path, here):
+    _, X, _ = digits(20)
+    X[13, 5] = np.nan
+    np.save(tmp_path / "x.npy", X)
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet",
+                   "--batch-size", "8")
+
+    assert_failed(run, 1, "x.npy", "NaN", "row 13")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_empty_folder_and_loose_images(tmp_path, here):
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("L", (8, 8)).save(loose / "a.png")
+
+    empty = here("embed", BACKBONE, tmp_path / "empty", "-o",
+                     tmp_path / "f.parquet")
+    flat = here("embed", BACKBONE, loose, "-o", tmp_path / "f.parquet")
+
+    assert_failed(empty, 1, "empty", "no PNG or JPEG images")
+    assert_failed(flat, 1, "loose", "one sub-folder per class")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_undecodable_image_is_named_and_nothing_is_left(tmp_path, here):
+    root = image_folder(tmp_path / "images")
+    bad = root / "digit7" / "9.png"  # sorted last: earlier batches were written
+    bad.write_bytes(b"\x89PNG broken")
+    run = here("embed", BACKBONE, root, "-o", tmp_path / "f.parquet",
+                   "--batch-size", "2")
+
+    assert_failed(run, 1, str(bad), "cannot decode", "--skip-bad-images")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_skip_bad_images_counts_them(tmp_path, here):
+    root = image_folder(tmp_path / "images")
+    (root / "digit3" / "0.png").write_bytes(b"broken")
+    (root / "digit7" / "x.jpg").write_bytes(b"broken too")
+    out = tmp_path / "f.parquet"
+    run = here("embed", BACKBONE, root, "-o", out, "--skip-bad-images",
+                   "--batch-size", "3")
+    table = read_output(out)
+
+    assert run.code == 0, run.stderr
+    assert "skipped 2 images" in run.stderr
+    assert table.num_rows == 8 - 1
+    assert "digit3/0.png" not in table.column("path").to_pylist()
+    assert table.column("id").to_pylist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--device", "gpu"], ["--device gpu", "auto, cuda, cpu"]),
+    (["--input-shape", "1,x"], ["--input-shape 1,x"]),
+    (["--std", "0"], ["--std 0", "above 0"]),
+    (["-o", "f.npy"], ["-o f.npy", "Parquet"]),
+    (["--layer", "nope"], ["--layer nope", "--list-layers"]),
+])
+def test_usage_errors_exit_2(tmp_path, option, words, here, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["-o", tmp_path / "f.parquet"] if "-o" not in option else []
+    run = here("embed", BACKBONE, TEST, *args, *option)
+
+    assert_failed(run, 2, *words)
+    assert not (tmp_path / "f.parquet").exists()
+
+
+def test_help_shows_a_working_example(here):
+    run = here("embed", "--help")
+
+    assert run.code == 0
+    assert cli.EXAMPLE in " ".join(run.stdout.decode().split())

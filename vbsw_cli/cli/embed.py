@@ -1,0 +1,374 @@
+"""``vbsw embed``: feature vectors of every input row from an ONNX backbone."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from typing import Annotated, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+
+from vbsw_cli import io
+from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
+                                  command, resolve_output, stderr)
+from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
+                            check_device, embed, load_backbone, open_input,
+                            parse_floats, parse_shape)
+from vbsw_cli.errors import DataError, UsageError
+
+EXAMPLE = ("vbsw embed sample_data/digits_backbone.onnx "
+           "sample_data/digits_train.parquet -o features.parquet")
+FEATURES = io.DEFAULT_FEATURES
+# Rows are written in row groups of about this many bytes of features (at least
+# one batch), so memory stays flat and readers do not meet tiny row groups.
+GROUP_BYTES = 8 * 2**20
+MAX_GROUP_ROWS = 65536
+
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", "-o", metavar="PATH",
+    help="Output Parquet file, or - for stdout. Default: stdout when it is a "
+         "pipe, else <input name>.features.parquet.")]
+
+
+@command("embed", EXAMPLE)
+def embed_cli(
+    model: Annotated[str, typer.Argument(
+        metavar="MODEL.onnx", help="The trained network, exported to ONNX.")],
+    source: Annotated[Optional[str], typer.Argument(
+        metavar="INPUT", help=".npy array, Parquet file with a tensor column, "
+        "folder of images (one sub-folder per class), or - for stdin.")] = None,
+    output: OutputOpt = None,
+    layer: Annotated[str, typer.Option(
+        "--layer", metavar="auto|output|NAME", help="auto: the input of the last "
+        "linear layer (the paper's M*); output: the model's output as it is; or "
+        "any tensor name from --list-layers.")] = "auto",
+    list_layers: Annotated[bool, typer.Option(
+        "--list-layers", help="Print the tensors one can cut at, with their "
+        "shapes, on stdout, and stop.")] = False,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="auto|cuda|cpu", help="auto: CUDA when onnxruntime "
+        "really gets it, else the CPU; cuda: fail when CUDA is unusable.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Rows per onnxruntime call.")] = DEFAULT_BATCH,
+    tensor_column: Annotated[Optional[str], typer.Option(
+        "--tensor-column", metavar="COLUMN", help="Parquet column of the input "
+        "tensors (a list of numbers per row). Default: image, else features.")
+    ] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        "--id-column", metavar="COLUMN", help="Column carried as the row id "
+        "(default: id when present, else the row number).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(
+        "--label-column", "--label", metavar="COLUMN", help="Column carried as "
+        "the label (default: label when present).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", metavar="D1,D2,...", help="The input sizes after the "
+        "batch dimension, for a model that leaves some open (e.g. 3,224,224).")
+    ] = None,
+    image_size: Annotated[Optional[str], typer.Option(
+        "--image-size", metavar="HxW", help="Images are resized to the model's "
+        "input size; this only checks it (use --input-shape for open sizes).")
+    ] = None,
+    mean: Annotated[Optional[str], typer.Option(
+        "--mean", metavar="M[,M,M]", help="Per-channel mean subtracted from "
+        "pixels scaled to [0, 1].")] = None,
+    std: Annotated[Optional[str], typer.Option(
+        "--std", metavar="S[,S,S]", help="Per-channel std the pixels are "
+        "divided by, after the mean.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="Skip images that fail to decode (and count "
+        "them) instead of stopping.")] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+):
+    """Turn every input row into the backbone's feature vector.
+
+    Cuts the network before its last linear layer (--layer auto) and writes
+    Parquet with the id and label columns and a features column (float32
+    list), ready for vbsw weigh.
+    """
+    reporter = Reporter(verbose=verbose, quiet=quiet)
+    check_device(device)
+    check_batch_size(batch_size)
+    shape = parse_shape(input_shape, "--input-shape")
+    images = ImageOptions(size=_image_size(image_size),
+                          mean=parse_floats(mean, "--mean", (0.0,)),
+                          std=parse_floats(std, "--std", (1.0,), positive=True),
+                          skip_bad=skip_bad_images)
+    if list_layers:
+        _list_layers(model, layer)
+        return
+    if source is None:
+        raise UsageError("missing INPUT: give a .npy, Parquet file, image "
+                         "folder or - (or use --list-layers)")
+    destination = resolve_output(output, source, ".features.parquet")
+    if io.output_kind(destination) != "parquet":
+        raise UsageError(f"-o {destination}: vbsw embed writes Parquet "
+                         "(.parquet, or - for stdout)")
+
+    backbone = load_backbone(model, layer=layer, device=device, input_shape=shape,
+                             quiet_runtime=not debug)
+    data = open_input(source, backbone, tensor_column=tensor_column,
+                      id_column=id_column, label_column=label_column,
+                      images=images)
+    _report_model(reporter, backbone, layer)
+    reporter.say(f"input: {data.describe()}, {data.n_rows} rows")
+
+    parameters = _parameters(model, source, layer, device, batch_size, backbone,
+                             data, images)
+    started = time.perf_counter()
+    batches = embed(backbone, data, batch_size=batch_size,
+                    progress=_RateProgress(reporter))
+    n_rows, n_features = write_features(batches, data, destination, parameters,
+                                        inputs=[model, source])
+    _summary(reporter, n_rows, n_features, time.perf_counter() - started, data,
+             destination)
+
+
+# ---------------------------------------------------------------------------
+# Options and messages
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    size = parse_shape(text, "--image-size")
+    if size is None:
+        return None
+    if len(size) > 2:
+        raise UsageError(f"--image-size {text}: give HxW or one size")
+    return (size[0], size[-1])
+
+
+def _list_layers(model_path: str, layer: str) -> None:
+    """Print ``tensor  op  shape`` lines on stdout, marking the cut of --layer."""
+    from vbsw_cli import onnx_graph
+
+    model = onnx_graph.load_model(model_path)
+    try:
+        chosen = onnx_graph.find_cut(model, layer)
+    except DataError:
+        chosen = None
+    rows = [(name, op, _shape_text(shape))
+            for name, op, shape in onnx_graph.list_layers(model)]
+    width = max(len(name) for name, _, _ in rows)
+    op_width = max(len(op) for _, op, _ in rows)
+    lines = [f"{name:<{width}}  {op:<{op_width}}  {dims}"
+             + (f"  <- --layer {layer}" if name == chosen else "")
+             for name, op, dims in rows]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _shape_text(shape) -> str:
+    if shape is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _report_model(reporter: Reporter, backbone, layer: str) -> None:
+    shape = "x".join(str(d) for d in backbone.row_shape)
+    reporter.say(f"model: {backbone.path}, input '{backbone.input_name}' "
+                 f"{backbone.dtype} Nx{shape}")
+    how = {"auto": "the input of the last linear layer",
+           "output": "the model's output"}.get(layer, "named with --layer")
+    reporter.say(f"features: tensor '{backbone.tensor}' ({how})")
+    reporter.say(f"device: {backbone.provider.replace('ExecutionProvider', '')}")
+    for notice in backbone.notices:
+        reporter.notice(notice)
+
+
+def _parameters(model, source, layer, device, batch_size, backbone, data,
+                images) -> dict:
+    parameters = {
+        "model": model, "model_sha256": _sha256(model), "input": source,
+        "input_kind": data.kind, "layer": layer, "tensor": backbone.tensor,
+        "model_input": backbone.input_name,
+        "input_shape": list(backbone.row_shape), "dtype": str(backbone.dtype),
+        "device": device, "provider": backbone.provider,
+        "batch_size": batch_size,
+        "columns": [f.name for f in data.fields],
+    }
+    if getattr(data, "tensor", None):
+        parameters["tensor_column"] = data.tensor
+    if data.kind == "image folder":
+        parameters["images"] = {"size": [data.layout.height, data.layout.width],
+                                "channels": data.layout.channels,
+                                "mean": list(images.mean), "std": list(images.std),
+                                "skip_bad_images": images.skip_bad}
+    return parameters
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _summary(reporter, n_rows, n_features, seconds, data, destination) -> None:
+    rate = n_rows / seconds if seconds > 0 else float("inf")
+    reporter.say(f"embedded {n_rows} rows into {n_features} features in "
+                 f"{seconds:.2f} s ({rate:,.0f} rows/s)")
+    if data.skipped:
+        shown = ", ".join(data.skipped[:3]) + (", ..." if len(data.skipped) > 3
+                                               else "")
+        reporter.notice(f"skipped {len(data.skipped)} images that failed to "
+                        f"decode: {shown}")
+    reporter.say(f"wrote {'stdout' if destination == io.STDIO else destination}")
+
+
+# ---------------------------------------------------------------------------
+# Writing row groups as the batches come
+
+
+def write_features(batches, data, destination: str, parameters: dict, *,
+                   inputs) -> tuple[int, int]:
+    """Write the feature batches as Parquet row groups; ``(rows, features)``.
+
+    A file goes to a temporary path renamed on success, so a failed or
+    interrupted run leaves nothing. stdout is written as the rows come.
+    """
+    if destination == io.STDIO:
+        sink = pa.PythonFile(sys.stdout.buffer, mode="w")
+        counts = _write_groups(batches, data, sink, parameters)
+        sys.stdout.buffer.flush()
+        return counts
+    with io.atomic_output(destination, inputs=inputs) as temporary:
+        return _write_groups(batches, data, temporary, parameters)
+
+
+def _write_groups(batches, data, sink, parameters) -> tuple[int, int]:
+    writer, pending, n_pending, n_rows, n_features = None, [], 0, 0, 0
+    try:
+        for batch in batches:
+            if writer is None:
+                n_features = batch.features.shape[1]
+                writer = _BackgroundWriter(sink, _schema(data, n_features,
+                                                         parameters))
+                group_rows = _group_rows(n_features, len(batch.features))
+            pending.append(batch)
+            n_pending += len(batch.features)
+            if n_pending >= group_rows:
+                n_rows += writer.put(_table(writer.schema, pending))
+                n_pending = 0
+        if writer is None:
+            raise DataError(f"{io.describe(data.name)}: no rows could be "
+                            "embedded (every image was skipped)")
+        if pending:
+            n_rows += writer.put(_table(writer.schema, pending))
+    finally:
+        if writer is not None:
+            writer.close()
+    return n_rows, n_features
+
+
+class _BackgroundWriter:
+    """Writes row groups in a thread while the next batches are embedded.
+
+    Encoding and compressing Parquet costs about a third of the inference time
+    of a small backbone; pyarrow releases the GIL, so the two overlap. At most
+    two row groups wait in the queue, so memory stays bounded.
+    """
+
+    def __init__(self, sink, schema: pa.Schema):
+        import queue
+        import threading
+
+        carried = [f.name for f in schema][:-1]
+        # Dictionary encoding and statistics of float features cost time and
+        # help nobody; the carried columns keep them.
+        self.writer = pq.ParquetWriter(sink, schema, use_dictionary=carried,
+                                       write_statistics=carried)
+        self.schema, self.error = schema, None
+        self.queue = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (table := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_table(table, row_group_size=len(table))
+                except BaseException as error:  # re-raised in the caller
+                    self.error = error
+
+    def put(self, table: pa.Table) -> int:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(table)
+        return table.num_rows
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.writer.close()
+        if self.error is not None:
+            raise self.error
+
+
+def _schema(data, n_features: int, parameters: dict) -> pa.Schema:
+    fields = list(data.fields)
+    fields.append(pa.field(FEATURES, pa.list_(pa.float32(), n_features)))
+    record = io.provenance("embed", {**parameters, "n_features": n_features})
+    empty = pa.schema(fields).empty_table()
+    return io.with_provenance(empty, record, data.metadata).schema
+
+
+def _group_rows(n_features: int, batch_rows: int) -> int:
+    rows = GROUP_BYTES // (4 * max(n_features, 1))
+    return max(batch_rows, min(rows, MAX_GROUP_ROWS))
+
+
+def _table(schema: pa.Schema, pending: list) -> pa.Table:
+    """One row group from the pending batches (which it empties)."""
+    names = [f.name for f in schema][:-1]
+    columns = [pa.concat_arrays([b.carried[n] for b in pending]) for n in names]
+    features = np.concatenate([b.features for b in pending])
+    columns.append(io.fixed_size_list(features))
+    pending.clear()
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ---------------------------------------------------------------------------
+# A progress bar with rows/s
+
+
+class _RateProgress:
+    """The reporter's progress, with a rows/s column on a terminal."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+
+    def task(self, description: str, total: int | None):
+        if self.reporter.bars:
+            return _RateBar(description, total)
+        return self.reporter.task(description, total)
+
+
+class _RateBar:
+    def __init__(self, description: str, total: int | None):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
+                                   ProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.0f} rows/s" if speed else "")
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                                 console=stderr, transient=True)
+        self.progress.start()
+        self.id = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        self.progress.advance(self.id, amount)
+
+    def close(self) -> None:
+        self.progress.stop()
