@@ -32,6 +32,23 @@ def run_vbsw(*args: str, stdin: bytes | None = None, cwd: Path | None = None,
     return Run(done.returncode, done.stdout, done.stderr.decode())
 
 
+def run_here(capture, *args) -> Run:
+    """``vbsw ARGS`` in this process, so the imports are paid once.
+
+    ``capture`` is pytest's capfd or capfdbinary fixture: stdout and stderr
+    are captured at the file descriptors, apart. stderr comes back as text.
+    """
+    from vbsw_cli.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capture.readouterr()
+    return Run(code, out, err.decode() if isinstance(err, bytes) else err)
+
+
 def vectors(X: np.ndarray) -> pa.FixedSizeListArray:
     X = np.ascontiguousarray(X)
     return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])

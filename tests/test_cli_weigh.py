@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io as stdio
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.sparse import load_npz
 
-from conftest import SAMPLE, run_vbsw, vectors, write_features
+from conftest import SAMPLE, run_vbsw, write_features
 from test_weigh import reference_neighbours, reference_variance, reference_weights
 
 BREAST_CANCER = SAMPLE / "breast_cancer.parquet"

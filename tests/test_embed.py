@@ -17,11 +17,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from conftest import SAMPLE, Run, run_vbsw
+from conftest import SAMPLE, run_here, run_vbsw
 from vbsw_cli import embed as core
 from vbsw_cli import onnx_graph
 from vbsw_cli.cli import embed as cli
-from vbsw_cli.cli import main
 from vbsw_cli.errors import DataError, UsageError
 
 BACKBONE = SAMPLE / "digits_backbone.onnx"
@@ -124,15 +123,6 @@ def features_of(table: pa.Table) -> np.ndarray:
     return np.stack(table.column("features").to_numpy(zero_copy_only=False))
 
 
-def run_here(capfdbinary, *args: str) -> Run:
-    """``vbsw ARGS`` in this process (no start-up cost); fd-level capture."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as error:
-        code = error.code
-    out, err = capfdbinary.readouterr()
-    return Run(code, out, err.decode())
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import stats
 from sklearn import metrics as skm
 
-from conftest import Run, run_vbsw, write_features
+from conftest import Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError
 from vbsw_cli.evaluate import (as_probabilities, classification_metrics,
                                compare, macro_f1, regression_metrics,
@@ -25,18 +25,8 @@ from vbsw_cli.head import HeadOptions, head_to_onnx, train_head
 from vbsw_cli.io import Labels
 from vbsw_cli.onnx_graph import make_model
 
-def vbsw(capfd, *args) -> Run:
-    """Run the command line in this process (the imports are paid once);
-    stdout and stderr are captured at the file descriptors, apart."""
-    from vbsw_cli.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capfd.readouterr()
-    return Run(code, out, err.decode())
+def vbsw(capture, *args) -> Run:
+    return run_here(capture, *args)
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import Run, run_vbsw, write_features
+from conftest import Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
                            read_metadata, train_head)
@@ -49,18 +48,8 @@ def blobs(rng, n=150, n_features=4, n_classes=3):
     return (X * 5 + 2).astype(np.float32), y
 
 
-def vbsw(capfd, *args) -> Run:
-    """Run the command line in this process (the imports are paid once);
-    stdout and stderr are captured at the file descriptors, apart."""
-    from vbsw_cli.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capfd.readouterr()
-    return Run(code, out, err.decode())
+def vbsw(capture, *args) -> Run:
+    return run_here(capture, *args)
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.errors import UsageError
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")

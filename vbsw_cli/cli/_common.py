@@ -173,10 +173,17 @@ class _LineTask:
 class _BarTask:
     def __init__(self, description: str, total: int | None):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
-                                   TextColumn, TimeElapsedColumn)
+                                   ProgressColumn, TextColumn,
+                                   TimeElapsedColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):
+            def render(self, task):
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:,.0f} rows/s" if speed else "")
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
                                  console=stderr, transient=True)
         self.progress.start()
         self.id = self.progress.add_task(description, total=total)

@@ -14,7 +14,7 @@ import typer
 
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
-                                  command, resolve_output, stderr)
+                                  command, resolve_output)
 from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
                             check_device, embed, load_backbone, open_input,
                             parse_floats, parse_shape)
@@ -123,7 +123,7 @@ def embed_cli(
                              data, images)
     started = time.perf_counter()
     batches = embed(backbone, data, batch_size=batch_size,
-                    progress=_RateProgress(reporter))
+                    progress=reporter)
     n_rows, n_features = write_features(batches, data, destination, parameters,
                                         inputs=[model, source])
     _summary(reporter, n_rows, n_features, time.perf_counter() - started, data,
@@ -331,44 +331,3 @@ def _table(schema: pa.Schema, pending: list) -> pa.Table:
     columns.append(io.fixed_size_list(features))
     pending.clear()
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-# ---------------------------------------------------------------------------
-# A progress bar with rows/s
-
-
-class _RateProgress:
-    """The reporter's progress, with a rows/s column on a terminal."""
-
-    def __init__(self, reporter: Reporter):
-        self.reporter = reporter
-
-    def task(self, description: str, total: int | None):
-        if self.reporter.bars:
-            return _RateBar(description, total)
-        return self.reporter.task(description, total)
-
-
-class _RateBar:
-    def __init__(self, description: str, total: int | None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress,
-                                   ProgressColumn, TextColumn,
-                                   TimeElapsedColumn)
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task):
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:,.0f} rows/s" if speed else "")
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                                 console=stderr, transient=True)
-        self.progress.start()
-        self.id = self.progress.add_task(description, total=total)
-
-    def advance(self, amount: int = 1) -> None:
-        self.progress.advance(self.id, amount)
-
-    def close(self) -> None:
-        self.progress.stop()
