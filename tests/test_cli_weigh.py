@@ -212,11 +212,6 @@ def test_debug_shows_the_traceback(tmp_path, small):
     assert "Traceback" in run.stderr
 
 
-@pytest.mark.parametrize("name", ["weigh"])
-def test_help_shows_a_working_example(name):
-    run = run_vbsw(name, "--help")
-    assert run.code == 0
-    assert "Example:" in run.stdout.decode()
 
 
 def test_several_label_columns_make_one_multi_output_target(tmp_path, rng):
@@ -232,3 +227,72 @@ def test_several_label_columns_make_one_multi_output_target(tmp_path, rng):
                                .to_numpy(), expected, rtol=1e-9)
     record = json.loads(read(run.stdout).schema.metadata[b"vbsw"])
     assert record["parameters"]["labels"] == ["label", "other"]
+
+
+def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
+    _fails(tmp_path, [small, "--feature-columns", "id"], 2,
+           "'id' cannot be both a feature")
+    _fails(tmp_path, [small, "--features", "label"], 2, "'label'")
+    _fails(tmp_path, [small, "--label", ""], 2, "--label", "column name")
+    _fails(tmp_path, [small, "--exact", "--search", "hnsw"], 2, "--exact")
+    _fails(tmp_path, [small, "--seed", "-1"], 2, "--seed")
+    _fails(tmp_path, [small, "--m", "inf"], 2, "--m inf", "finite")
+    _fails(tmp_path, [small, "--graph", tmp_path / "nodir" / "g.npz"], 1,
+           "--graph", "does not exist")
+
+
+def test_patterns_never_take_the_label_or_the_id(tmp_path, rng):
+    table = pa.table({"id": np.arange(30), "x0": rng.normal(size=30),
+                      "x1": rng.normal(size=30), "label": rng.integers(2, size=30)})
+    pq.write_table(table, tmp_path / "cols.parquet")
+    run = run_vbsw("weigh", tmp_path / "cols.parquet", "--feature-columns", "*",
+                   "--k", "4", "-o", "-", "-q")
+    assert run.code == 0, run.stderr
+    record = json.loads(read(run.stdout).schema.metadata[b"vbsw"])
+    assert record["parameters"]["features"] == ["x0", "x1"]
+
+
+def test_output_path_problems_are_named_before_any_work(tmp_path, small):
+    (tmp_path / "folder.parquet").mkdir()
+    run = run_vbsw("weigh", small, "-o", tmp_path / "folder.parquet")
+    assert run.code == 2 and "is a folder" in one_line(run)
+    run = run_vbsw("weigh", small, "-o", tmp_path / "missing" / "w.parquet")
+    assert run.code == 1 and "does not exist" in one_line(run)
+
+
+def test_huge_m_keeps_finite_weights(tmp_path, rng):
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(40, 2)),
+                          rng.integers(2, size=40))
+    run = run_vbsw("weigh", path, "--k", "5", "--m", "1e308", "-o", "-")
+    assert run.code == 0, run.stderr
+    assert "Warning" not in run.stderr
+    weight = read(run.stdout).column("weight").to_numpy()
+    assert np.isfinite(weight).all() and weight.mean() == pytest.approx(1.0)
+    assert weight.max() / weight.min() == pytest.approx(1e308, rel=1e-6)
+
+
+def test_npy_features_need_labels_and_labels_are_written_back(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.normal(size=(20, 3)))
+    run = run_vbsw("weigh", tmp_path / "x.npy", "-o", "-")
+    assert run.code == 1 and "--labels FILE" in one_line(run)
+    np.save(tmp_path / "y.npy", rng.integers(2, size=20))
+    run = run_vbsw("weigh", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                   "--k", "4", "-o", "-", "-q")
+    assert run.code == 0, run.stderr
+    table = read(run.stdout)
+    assert table.column_names == ["features", "label", "local_variance", "weight"]
+    np.testing.assert_array_equal(table.column("label").to_numpy(),
+                                  np.load(tmp_path / "y.npy"))
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, rng):
+    import subprocess
+    import sys
+
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(30000, 8)),
+                          rng.integers(3, size=30000))
+    command = (f"{sys.executable} -m vbsw_cli weigh {path} --exact --k 3 -q "
+               "-o - | head -c 10 > /dev/null")
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"],
+                          capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr and "error" not in done.stderr

@@ -60,8 +60,8 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None
                ) -> pa.Table:
     """Read a Parquet or ``.npy`` file (or stdin) into an Arrow table.
 
-    A 2-D ``.npy`` array becomes one fixed-size list column named ``features``;
-    a 1-D array becomes a column named ``values``.
+    A ``.npy`` array becomes one column named ``features``: a fixed-size list
+    for a 2-D array (higher dimensions flattened per row), numbers for 1-D.
     """
     path = str(path)
     if path == STDIO:
@@ -77,13 +77,13 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None
 
     suffix = Path(path).suffix.lower()
     if suffix == ".npy":
-        return _npy_table(_load_npy(path, path))
+        return _npy_table(_load_npy(path, path), path)
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path, path, columns)
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(NPY_MAGIC):
-        return _npy_table(_load_npy(path, path))
+        return _npy_table(_load_npy(path, path), path)
     if head.startswith(PARQUET_MAGIC):
         return _read_parquet(path, path, columns)
     raise DataError(f"{path}: unknown file type; expected .parquet or .npy")
@@ -93,7 +93,7 @@ def _read_bytes(data: bytes, name: str, columns) -> pa.Table:
     if not data:
         raise DataError(f"{name}: no data on standard input")
     if data.startswith(NPY_MAGIC):
-        return _npy_table(_load_npy(io.BytesIO(data), name))
+        return _npy_table(_load_npy(io.BytesIO(data), name), name)
     if data.startswith(PARQUET_MAGIC):
         return _read_parquet(pa.BufferReader(data), name, columns)
     raise DataError(f"{name}: neither Parquet nor .npy data on standard input")
@@ -138,11 +138,15 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
     return _load_npy(path, path)
 
 
-def _npy_table(array: np.ndarray) -> pa.Table:
+def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
     if array.dtype.names is not None:
-        raise DataError("structured .npy arrays are not supported; use Parquet")
+        raise DataError(f"{name}: structured arrays are not supported; use "
+                        "Parquet")
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{name}: holds {array.dtype} values; expected numbers "
+                        "(integers or floats)")
     if array.ndim == 1:
-        return pa.table({"values": array})
+        return pa.table({DEFAULT_FEATURES: array})
     flat = np.ascontiguousarray(array.reshape(len(array), -1))
     return pa.table({DEFAULT_FEATURES: fixed_size_list(flat)})
 
@@ -181,13 +185,16 @@ def missing_column_message(table: pa.Table, column: str, name: str, role: str
 
 
 def expand_columns(table: pa.Table, patterns: Sequence[str], name: str,
-                   role: str) -> list[str]:
-    """Resolve column names and shell-style patterns (``pixel_*``) in order."""
+                   role: str, skip: Sequence[str] = ()) -> list[str]:
+    """Resolve column names and shell-style patterns (``pixel_*``) in order.
+
+    Patterns never match the columns in ``skip``.
+    """
     chosen: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
             matches = [c for c in table.column_names
-                       if fnmatch.fnmatchcase(c, pattern)]
+                       if fnmatch.fnmatchcase(c, pattern) and c not in skip]
             if not matches:
                 raise DataError(f"{describe(name)}: no {role} column matches "
                                 f"'{pattern}'")
@@ -198,15 +205,22 @@ def expand_columns(table: pa.Table, patterns: Sequence[str], name: str,
     return chosen
 
 
-def split_names(text: str | None) -> list[str]:
-    """Split a comma-separated option value into names."""
+def split_names(text: str | None, option: str | None = None) -> list[str]:
+    """Split a comma-separated option value into names.
+
+    With ``option``, an empty value (``--label ''``) is a usage error.
+    """
     if text is None:
         return []
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if option and not names:
+        raise UsageError(f"{option} '{text}': give at least one column name")
+    return names
 
 
 def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
-                   columns: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
+                   columns: Sequence[str] = (), exclude: Sequence[str] = ()
+                   ) -> tuple[np.ndarray, list[str]]:
     """Features as a 2-D float array, with the columns they came from.
 
     Parameters
@@ -215,6 +229,8 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     name : the file name used in messages.
     column : one list column (default ``features``).
     columns : several numeric columns (names or patterns); wins over ``column``.
+    exclude : columns that cannot be features (the labels, ``id``): patterns
+        skip them, and naming one is an error.
 
     Returns
     -------
@@ -222,11 +238,13 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     used : the source column names.
     """
     if columns:
-        used = expand_columns(table, columns, name, "feature")
+        used = expand_columns(table, columns, name, "feature", skip=exclude)
+        _refuse_overlap(used, exclude, name)
         parts = [_numeric_column(table.column(c), name, c) for c in used]
         X = np.column_stack(parts)
     else:
         column = column or DEFAULT_FEATURES
+        _refuse_overlap([column], exclude, name)
         if column not in table.column_names:
             message = missing_column_message(table, column, name, "feature")
             raise DataError(message + "; name numeric columns with "
@@ -237,6 +255,14 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     X = _as_float(X)
     check_finite(X, name, ", ".join(used), "feature")
     return X, used
+
+
+def _refuse_overlap(features: Sequence[str], exclude: Sequence[str], name: str
+                    ) -> None:
+    both = [c for c in features if c in exclude]
+    if both:
+        raise UsageError(f"{describe(name)}: column '{both[0]}' cannot be both a "
+                         "feature and a label (or the id)")
 
 
 def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
@@ -499,18 +525,40 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"{target}: the folder {folder} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
-                                         suffix=".tmp", dir=folder)
+    if target.is_dir():
+        raise DataError(f"{target}: is a folder; give a file name")
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
+                                             suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise DataError(f"{target}: cannot write in {folder} "
+                        f"({error.strerror or error})")
     os.close(handle)
     # mkstemp makes the file private (0600); outputs follow the umask instead.
     os.chmod(temporary, 0o666 & ~_umask())
     try:
         yield temporary
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and not isinstance(error, BrokenPipeError):
+            raise DataError(f"{target}: cannot write ({error.strerror or error})")
         raise
+
+
+def check_output_path(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output that cannot be written."""
+    if path is None or path == STDIO:
+        return
+    if path == "":
+        raise UsageError(f"{option} '': give a file name, or - for stdout")
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise DataError(f"{option} {path}: the folder {folder} does not exist")
 
 
 def _umask() -> int:
@@ -538,6 +586,58 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
             or pa.types.is_dictionary(f.type) or pa.types.is_boolean(f.type)]
 
 
+# ---------------------------------------------------------------------------
+# stdout carries data only
+
+_data_stdout = None
+
+
+def data_stdout():
+    """The binary stream data goes to when the output is ``-``."""
+    return _data_stdout if _data_stdout is not None else sys.stdout.buffer
+
+
+def write_stdout(data: bytes) -> None:
+    """Write data (bytes) to stdout and flush."""
+    stream = data_stdout()
+    stream.write(data)
+    stream.flush()
+
+
+@contextmanager
+def stdout_for_data() -> Iterator[None]:
+    """Keep file descriptor 1 for data while a command runs.
+
+    Anything else written to stdout meanwhile (a user's function that prints,
+    a library's message) goes to stderr instead, so a pipe never receives
+    text mixed into Parquet.
+    """
+    global _data_stdout
+    sys.stdout.flush()
+    try:
+        original = os.dup(1)
+    except OSError:  # no stdout at all
+        yield
+        return
+    _data_stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+            _data_stdout.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        os.dup2(original, 1)
+        os.close(original)
+        try:
+            _data_stdout.close()
+        except (BrokenPipeError, OSError):
+            pass
+        _data_stdout = None
+
+
 def write_table(table: pa.Table, path: str | os.PathLike, *,
                 inputs: Sequence[str] = ()) -> None:
     """Write a table as Parquet to a path (atomically) or to stdout (``-``)."""
@@ -546,8 +646,7 @@ def write_table(table: pa.Table, path: str | os.PathLike, *,
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, row_group_size=WRITE_ROW_GROUP,
                        use_dictionary=dictionary_columns(table.schema))
-        sys.stdout.buffer.write(sink.getvalue().to_pybytes())
-        sys.stdout.buffer.flush()
+        write_stdout(sink.getvalue().to_pybytes())
         return
     with atomic_output(path, inputs=inputs) as temporary:
         pq.write_table(table, temporary, row_group_size=WRITE_ROW_GROUP,
@@ -561,8 +660,7 @@ def write_array(array: np.ndarray, path: str | os.PathLike, *,
     if path == STDIO:
         buffer = io.BytesIO()
         np.save(buffer, array)
-        sys.stdout.buffer.write(buffer.getvalue())
-        sys.stdout.buffer.flush()
+        write_stdout(buffer.getvalue())
         return
     with atomic_output(path, inputs=inputs) as temporary:
         with open(temporary, "wb") as handle:

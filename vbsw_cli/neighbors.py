@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vbsw_cli.errors import UsageError
+from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")
@@ -110,6 +110,9 @@ def check_k(k: int, n_samples: int, include_self: bool) -> None:
     if k < 2:
         raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
     available = n_samples if include_self else n_samples - 1
+    if available < 2:
+        raise DataError(f"a neighbourhood needs at least 2 points, and the data "
+                        f"has {n_samples} row(s)")
     if k > available:
         who = "rows" if include_self else "other rows (--exclude-self)"
         raise UsageError(f"--k {k} is larger than the {available} {who} in the "

@@ -48,7 +48,8 @@ class WeighResult:
 
 def check_m(m: float) -> None:
     if not np.isfinite(m) or m < 1:
-        raise UsageError(f"--m {m}: the largest weight ratio must be at least 1")
+        raise UsageError(f"--m {m}: the largest weight ratio must be a finite "
+                         "number, at least 1")
 
 
 def check_normalization(normalization: str) -> None:
@@ -182,6 +183,8 @@ def weights_from_variance(variance: np.ndarray, m: float,
 
 def normalise(raw: np.ndarray, normalization: str) -> np.ndarray:
     """Weights averaging 1 (``"mean"``) or summing to 1 (``"sum"``)."""
+    # Scaled to at most 1 first, so that a huge m cannot overflow the sum.
+    raw = raw / raw.max()
     if normalization == "sum":
         return raw / raw.sum()
     return raw / raw.mean()

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from vbsw_cli import io
 from vbsw_cli.errors import UsageError, VbswError
 
 app = typer.Typer(
@@ -32,8 +33,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH",
-    help="Output file, or - for stdout. Default: stdout when "
-         "it is a pipe, else a file named after the input.")]
+    help="Output file, or - for stdout. Default: stdout unless it is a "
+         "terminal, else a file named after the input.")]
 FeaturesOpt = Annotated[str, typer.Option(
     "--features", metavar="COLUMN",
     help="The list column that holds the feature vectors.")]
@@ -44,7 +45,8 @@ FeatureColumnsOpt = Annotated[Optional[str], typer.Option(
 LabelOpt = Annotated[str, typer.Option(
     "--label", metavar="A[,B...]",
     help="Label column(s); several columns make a multi-output target.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0,
+                                      help="Seed of every random choice (>= 0).")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Report progress even when stderr is not a terminal.")]
 QuietOpt = Annotated[bool, typer.Option(
@@ -67,7 +69,11 @@ def command(name: str, example: str, **settings):
         def wrapper(*args, **kwargs):
             debug = kwargs.get("debug", False)
             try:
-                return function(*args, **kwargs)
+                with io.stdout_for_data():
+                    return function(*args, **kwargs)
+            except BrokenPipeError:
+                # The reader went away (`| head`): stop quietly, as shell tools do.
+                raise typer.Exit(141)
             except VbswError as error:
                 if debug:
                     raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from typing import Annotated, Optional
 
@@ -159,7 +158,7 @@ def _list_layers(model_path: str, layer: str) -> None:
     lines = [f"{name:<{width}}  {op:<{op_width}}  {dims}"
              + (f"  <- --layer {layer}" if name == chosen else "")
              for name, op, dims in rows]
-    sys.stdout.write("\n".join(lines) + "\n")
+    io.write_stdout(("\n".join(lines) + "\n").encode())
 
 
 def _shape_text(shape) -> str:
@@ -233,9 +232,9 @@ def write_features(batches, data, destination: str, parameters: dict, *,
     interrupted run leaves nothing. stdout is written as the rows come.
     """
     if destination == io.STDIO:
-        sink = pa.PythonFile(sys.stdout.buffer, mode="w")
+        sink = pa.PythonFile(io.data_stdout(), mode="w")
         counts = _write_groups(batches, data, sink, parameters)
-        sys.stdout.buffer.flush()
+        io.data_stdout().flush()
         return counts
     with io.atomic_output(destination, inputs=inputs) as temporary:
         return _write_groups(batches, data, temporary, parameters)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -376,8 +375,7 @@ def _write_json(data: dict, path: str | None, inputs) -> None:
         return
     text = json.dumps(data, indent=2, default=_plain) + "\n"
     if path == io.STDIO:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        io.write_stdout(text.encode())
         return
     with io.atomic_output(path, inputs=inputs) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:

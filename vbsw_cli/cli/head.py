@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -191,8 +190,7 @@ def _write_models(model, destination, merged, merged_path, inputs) -> None:
 def _save(model, path: str, inputs) -> None:
     data = model.SerializeToString()
     if path == io.STDIO:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        io.write_stdout(data)
         return
     with io.atomic_output(path, inputs=inputs) as temporary:
         with open(temporary, "wb") as handle:

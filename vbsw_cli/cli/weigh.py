@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Annotated, Optional
 
 import numpy as np
@@ -97,23 +98,33 @@ def weigh_cli(
     timings = {}
     started = time.perf_counter()
     _validate(k, m, normalize, task, threads, check_recall, graph)
+    if exact and search not in ("auto", "exact"):
+        raise UsageError(f"--exact contradicts --search {search}; give one")
+    if features == io.STDIO and labels_file == io.STDIO:
+        raise UsageError("FEATURES and --labels cannot both be - (stdin)")
     options = SearchOptions(method="exact" if exact else search, recall=recall,
                             M=hnsw_m, ef_construction=ef_construction, ef=ef,
                             threads=threads, seed=seed)
+    io.check_output_path(output, "-o")
+    io.check_output_path(graph, "--graph")
     destination = resolve_output(output, features, ".weighted.parquet")
     kind = io.output_kind(destination)
+    label_names = io.split_names(label, "--label")
+    feature_patterns = io.split_names(feature_columns, "--feature-columns")
 
     table = io.read_table(features)
     io.require_rows(table, features)
+    label_table, label_source = _label_table(table, features, labels_file,
+                                             label_names)
+    label_columns = io.expand_columns(label_table, label_names, label_source,
+                                      "label")
+    own = label_columns if labels_file is None else []
     X, feature_names = io.feature_matrix(
-        table, features, column=features_column,
-        columns=io.split_names(feature_columns))
-    label_table, label_source = _label_table(table, features, labels_file)
-    labels = io.read_labels(label_table, label_source, io.split_names(label),
-                            task=task)
-    if weights_only or kind == "npy":
-        # Only id goes out: free the other columns before the search.
-        table = table.select([c for c in table.column_names if c == io.ID_COLUMN])
+        table, features, column=features_column, columns=feature_patterns,
+        exclude=[io.ID_COLUMN, *own])
+    labels = io.read_labels(label_table, label_source, label_columns, task=task)
+    table = _output_rows(table, label_table, label_columns, weights_only or
+                         kind == "npy")
     timings["read_s"] = time.perf_counter() - started
 
     result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
@@ -123,18 +134,23 @@ def weigh_cli(
 
     started = time.perf_counter()
     parameters = {
-        "input": features, "k": k, "m": m, "include_self": not exclude_self,
-        "normalization": normalize, "standardize": standardize,
-        "features": feature_names, "labels": [c.column for c in labels],
-        "tasks": {c.column: c.kind for c in labels}, "seed": seed,
+        "input": features, "labels_file": labels_file, "k": k, "m": m,
+        "include_self": not exclude_self, "normalization": normalize,
+        "standardize": standardize, "features": feature_names,
+        "labels": label_columns, "tasks": {c.column: c.kind for c in labels},
+        "weights_only": weights_only, "graph": graph, "seed": seed,
         "search": {"requested": options.method, "used": result.neighbours.method,
                    **_jsonable(result.neighbours.details)},
     }
     inputs = [features] + ([labels_file] if labels_file else [])
-    _write(result, table, destination, kind, weights_only, parameters, inputs,
-           normalize, m)
-    if graph:
-        _write_graph(result, graph, not exclude_self, inputs)
+    with ExitStack() as stack:
+        # Both files or neither: the graph is renamed into place only after
+        # the main output was written.
+        if graph:
+            _write_graph(result, stack.enter_context(
+                io.atomic_output(graph, inputs=inputs)), not exclude_self)
+        _write(result, table, destination, kind, weights_only, parameters,
+               inputs, normalize, m)
     timings["write_s"] = time.perf_counter() - started
     timings["total_s"] = sum(timings.values())
 
@@ -158,14 +174,31 @@ def _validate(k, m, normalize, task, threads, check_recall, graph):
         raise UsageError(f"--graph {graph}: the graph is written as .npz")
 
 
-def _label_table(table: pa.Table, features: str, labels_file: str | None):
+def _output_rows(table, label_table, label_columns, only_id):
+    """The columns that go out: id only, or every input column plus the
+    labels read from another file."""
+    if only_id:
+        # Free the other columns before the search.
+        return table.select([c for c in table.column_names if c == io.ID_COLUMN])
+    for column in label_columns:
+        if label_table is not table and column not in table.column_names:
+            table = table.append_column(column, label_table.column(column))
+    return table
+
+
+def _label_table(table: pa.Table, features: str, labels_file: str | None,
+                 label_names: list[str]):
     """The table the labels come from: the features file, or --labels."""
+    bare = [io.DEFAULT_FEATURES]
     if labels_file is None:
+        if table.column_names == bare and label_names != bare:
+            raise DataError(f"{io.describe(features)}: an array holds no labels; "
+                            "give them with --labels FILE")
         return table, features
     other = io.read_table(labels_file)
-    if other.column_names == ["values"] or other.column_names == ["features"]:
-        # A bare .npy array: its column is the label.
-        other = other.rename_columns([io.DEFAULT_LABEL])
+    if other.column_names == bare and len(label_names) == 1:
+        # A bare array (.npy): its one column is the label.
+        other = other.rename_columns(label_names)
     if other.num_rows != table.num_rows:
         raise DataError(f"{labels_file}: {other.num_rows} label rows for "
                         f"{table.num_rows} feature rows in {io.describe(features)}")
@@ -197,13 +230,12 @@ def _write(result, table, destination, kind, weights_only, parameters, inputs,
     io.write_table(out, destination, inputs=inputs)
 
 
-def _write_graph(result, path, include_self, inputs):
+def _write_graph(result, temporary, include_self):
     from scipy.sparse import save_npz
 
     matrix = csr_graph(result.neighbours, include_self)
-    with io.atomic_output(path, inputs=inputs) as temporary:
-        with open(temporary, "wb") as handle:
-            save_npz(handle, matrix)
+    with open(temporary, "wb") as handle:
+        save_npz(handle, matrix)
 
 
 def _jsonable(details: dict) -> dict:

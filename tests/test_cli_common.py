@@ -1,0 +1,33 @@
+"""Promises every command keeps: help with an example, data alone on stdout."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_vbsw
+
+COMMANDS = ["embed", "weigh", "retrain-head", "evaluate", "tbs-sample"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_with_an_example(name):
+    run = run_vbsw(name, "--help")
+    assert run.code == 0, run.stderr
+    text = run.stdout.decode()
+    assert "Example:" in text and f"vbsw {name}" in text.split("Example:")[1]
+
+
+def test_a_user_function_that_prints_cannot_corrupt_stdout(tmp_path):
+    (tmp_path / "noisy.py").write_text(
+        "import numpy as np\n"
+        "def f(x):\n"
+        "    print('hello from the simulator')\n"
+        "    return np.sin(3 * x[:, 0])\n")
+    run = run_vbsw("tbs-sample", "--function", "noisy:f", "--bounds", "0:1",
+                   "--initial", "16", "--new", "8", "-o", "-", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    table = pq.read_table(pa.BufferReader(run.stdout))
+    assert table.num_rows == 8
+    assert "hello from the simulator" in run.stderr
