@@ -31,3 +31,32 @@ def test_a_user_function_that_prints_cannot_corrupt_stdout(tmp_path):
     table = pq.read_table(pa.BufferReader(run.stdout))
     assert table.num_rows == 8
     assert "hello from the simulator" in run.stderr
+
+
+def test_sigterm_mid_write_leaves_no_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from conftest import SAMPLE
+
+    rows = np.random.default_rng(0).random((60_000, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vbsw_cli", "embed",
+         str(SAMPLE / "digits_backbone.onnx"), str(tmp_path / "x.npy"),
+         "--batch-size", "4", "-q", "-o", str(out / "f.parquet")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not any(out.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(out.iterdir()), "the temporary output never appeared"
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert list(out.iterdir()) == []

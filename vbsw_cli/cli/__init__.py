@@ -6,6 +6,7 @@ Each command lives in its own module and registers itself on the shared app.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -32,8 +33,23 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version,
     """Variance based sample weighting and Taylor based sampling, from files."""
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM and SIGHUP end a run like Ctrl-C: temporary files are removed."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), _interrupt)
+            except ValueError:  # not the main thread (an embedding program)
+                return
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vbsw`` console script."""
+    _stop_cleanly_on_signals()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv if argv is not None else sys.argv[1:],
