@@ -39,10 +39,10 @@ DEFAULT_M = 12
 DEFAULT_EF_CONSTRUCTION = 40
 
 # Rows on which the recall of the graph is measured, and the largest ef tried.
-# The sample estimate must beat the target by RECALL_MARGIN (about twice its
-# standard error on 400 rows of k = 20), so that the whole set reaches it too.
-RECALL_SAMPLE = 400
-RECALL_MARGIN = 0.005
+# The graph's recall is measured on RECALL_SAMPLE rows; ef grows until the
+# lower end of that estimate (mean minus two standard errors over the rows)
+# reaches the target, so that the whole set reaches it too.
+RECALL_SAMPLE = 500
 EF_LIMIT = 1024
 EF_GROWTH = 1.5
 
@@ -234,21 +234,20 @@ def _approximate_or_exact(X, n_query, options, progress):
                "predicted_exact_s": predicted_exact}
 
     ceiling = predicted_exact if options.method == "auto" else None
-    ef, recall, per_row = _choose_ef(index, X, sample, reference, n_query,
-                                     options, ceiling)
+    ef, recall, low, per_row = _choose_ef(index, X, sample, reference, n_query,
+                                          options, ceiling)
     predicted_hnsw = per_row * len(X)
-    details.update(ef=ef, sample_recall=recall, predicted_query_s=predicted_hnsw)
+    details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
+                   predicted_query_s=predicted_hnsw)
 
     fallback = None
-    target = min(1.0, options.recall + RECALL_MARGIN)
     if ceiling is not None and predicted_hnsw > ceiling:
         fallback = (f"hnswlib at ef={ef} (recall {recall:.3f}, predicted "
                     f"{predicted_hnsw:.1f} s) is slower than exact search "
                     f"(predicted {ceiling:.1f} s)")
-    elif recall < target and options.ef is None:
-        fallback = (f"hnswlib reached recall {recall:.3f} with ef up to {ef}, "
-                    f"short of {target:.3f} (--recall {options.recall} plus a "
-                    f"{RECALL_MARGIN} margin for the sample)")
+    elif low < options.recall and options.ef is None:
+        fallback = (f"hnswlib reached recall {recall:.3f} (at least {low:.3f}) "
+                    f"with ef up to {ef}, short of --recall {options.recall}")
     if fallback:
         del index
         indices, distances = exact_search(X, n_query, options, progress)
@@ -296,7 +295,6 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
     (the predicted time of the exact search): a larger ef would only cost more.
     """
     threads = thread_count(options.threads)
-    target = min(1.0, options.recall + RECALL_MARGIN)
     ef = options.ef or max(n_query, 16)
     queries = np.ascontiguousarray(X[sample], dtype=np.float32)
     while True:
@@ -304,12 +302,12 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         started = time.perf_counter()
         found = _knn_query(index, queries, n_query, threads)
         per_row = (time.perf_counter() - started) / len(sample)
-        recall = 0.0 if found is None else recall_at_k(np.sqrt(found[1]),
-                                                       reference)
+        recall, low = (0.0, 0.0) if found is None else recall_bounds(
+            np.sqrt(found[1]), reference)
         too_slow = ceiling is not None and per_row * len(X) > ceiling
-        if options.ef is not None or recall >= target or ef >= EF_LIMIT \
+        if options.ef is not None or low >= options.recall or ef >= EF_LIMIT \
                 or too_slow:
-            return max(ef, n_query), recall, per_row
+            return max(ef, n_query), recall, low, per_row
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
 
@@ -387,6 +385,12 @@ def _own_neighbourhood(indices: np.ndarray, distances: np.ndarray,
     return out_indices, out_distances
 
 
+def _hits(found: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    radius = reference.max(axis=1, keepdims=True)
+    tolerance = 1e-5 * np.maximum(radius, 1e-12)
+    return found <= radius + tolerance
+
+
 def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
     """Share of found neighbours that are true k nearest neighbours.
 
@@ -395,10 +399,14 @@ def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:
 
     found, reference : ndarrays of shape (n_rows, k) of Euclidean distances.
     """
-    radius = reference.max(axis=1, keepdims=True)
-    tolerance = 1e-5 * np.maximum(radius, 1e-12)
-    hits = found <= radius + tolerance
-    return float(hits.mean())
+    return float(_hits(found, reference).mean())
+
+
+def recall_bounds(found: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """recall@k and its lower end: the mean minus two standard errors over rows."""
+    per_row = _hits(found, reference).mean(axis=1)
+    spread = per_row.std(ddof=1) / np.sqrt(len(per_row)) if len(per_row) > 1 else 0
+    return float(per_row.mean()), float(per_row.mean() - 2 * spread)
 
 
 def measure_recall(X: np.ndarray, neighbours: Neighbours, n_rows: int, *,

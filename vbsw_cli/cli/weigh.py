@@ -255,7 +255,8 @@ def _summary(reporter, X, k, labels, result, timings, destination,
     if search == "hnsw":
         search += (f" (M={details['M']}, ef_construction="
                    f"{details['ef_construction']}, ef={details['ef']}, "
-                   f"sample recall {details['sample_recall']:.3f})")
+                   f"sample recall {details['sample_recall']:.3f}, at least "
+                   f"{details['sample_recall_low']:.3f})")
     else:
         search += f" ({details.get('reason', '')})"
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
