@@ -14,7 +14,7 @@ import typer
 from vbsw_cli import __version__, io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
                                   Reporter, VerboseOpt, command, stderr)
-from vbsw_cli.cli.head import refuse_overwrite, unique_names
+from vbsw_cli.cli.head import refuse_overwrite, same_path, unique_names
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
@@ -141,8 +141,7 @@ def _check_outputs(json_path, save_predictions, inputs) -> None:
     refuse_overwrite(json_path, "--json", inputs)
     refuse_overwrite(save_predictions, "--save-predictions", inputs)
     if json_path and save_predictions and json_path != io.STDIO:
-        refuse_overwrite(json_path, "--json", [save_predictions])
-        if Path(json_path).resolve() == Path(save_predictions).resolve():
+        if same_path(json_path, save_predictions):
             raise UsageError(f"--json {json_path} and --save-predictions "
                              f"{save_predictions}: the same file; give two names")
 
@@ -186,11 +185,11 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
     return record
 
 
-def _input_column(table: pa.Table, name: str, label: str) -> str:
+def _input_column(table: pa.Table, name: str, labels: list[str]) -> str:
     """'features' if present, else the only list column that is not a label."""
     if io.DEFAULT_FEATURES in table.column_names:
         return io.DEFAULT_FEATURES
-    labels = set(io.split_names(label))
+    labels = set(labels)
     listy = [f.name for f in table.schema if f.name not in labels and (
         pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
         or pa.types.is_large_list(f.type))]

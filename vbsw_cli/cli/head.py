@@ -160,7 +160,7 @@ def _output_paths(output, merged_output, source, backbone):
     refuse_overwrite(destination, "-o", inputs)
     if merged_path is not None:
         refuse_overwrite(merged_path, "--merged-output", inputs)
-        if destination != io.STDIO and _same_path(destination, merged_path):
+        if destination != io.STDIO and same_path(destination, merged_path):
             raise UsageError(f"-o {destination} and --merged-output "
                              f"{merged_path}: the same file; give two names")
     return destination, merged_path
@@ -173,7 +173,7 @@ def _head_path(output: str | None, source: str) -> str:
     return destination
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return Path(a).resolve() == Path(b).resolve()
@@ -184,7 +184,7 @@ def refuse_overwrite(path: str | None, option: str, inputs) -> None:
     if path is None or path == io.STDIO:
         return
     for source in inputs:
-        if source and source != io.STDIO and _same_path(path, source):
+        if source and source != io.STDIO and same_path(path, source):
             raise UsageError(f"{option} {path}: refusing to overwrite the input "
                              "file")
 
