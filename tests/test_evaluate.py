@@ -324,3 +324,170 @@ def test_cli_errors(capfdbinary, tmp_path, rng, trained, make_args, code, text):
     assert len(run.stderr.strip().splitlines()) == 1
     assert run.stdout == b""
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# A new user's trial
+
+
+def log_model(n_features: int) -> onnx.ModelProto:
+    """y = log(x): NaN for negative inputs."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"])], "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n_features])])
+    return make_model(graph)
+
+
+def test_nan_outputs_are_refused(capfdbinary, tmp_path, rng):
+    X = np.abs(rng.normal(size=(20, 2))) + 0.1
+    X[[3, 9], 1] = -1.0
+    with pytest.raises(DataError, match="NaN or infinite outputs for 2 of 20 "
+                       r"rows \(first: row 3\)"):
+        run_model(log_model(2), X, name="log.onnx")
+    onnx.save(log_model(2), str(tmp_path / "log.onnx"))
+    write_features(tmp_path / "d.parquet", X, rng.integers(0, 2, 20))
+    run = vbsw(capfdbinary, "evaluate", tmp_path / "log.onnx",
+               tmp_path / "d.parquet", "--json", tmp_path / "r.json")
+    assert run.code == 1
+    assert str(tmp_path / "log.onnx") in run.stderr and "2 of 20 rows" in run.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_undefined_metrics_are_null_in_strict_json(capfdbinary, tmp_path, rng):
+    onnx.save(linear_model(np.zeros((3, 1)), np.ones(1), ["N", 3]),
+              str(tmp_path / "flat.onnx"))
+    write_features(tmp_path / "d.parquet", rng.normal(size=(30, 3)),
+                   rng.normal(size=30))
+    run = vbsw(capfdbinary, "evaluate", tmp_path / "flat.onnx",
+               tmp_path / "d.parquet", "--json", "-")
+    assert run.code == 0, run.stderr
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    metrics = json.loads(run.stdout, parse_constant=refuse)["metrics"]
+    assert metrics["pearson"] is None and metrics["spearman"] is None
+    assert metrics["mse"] > 0
+    assert "pearson, spearman undefined" in run.stderr
+
+
+@pytest.mark.parametrize("fixed", [1, 7, 8])
+def test_a_fixed_batch_dimension_is_padded(rng, fixed):
+    W, b = rng.normal(size=(6, 2)), rng.normal(size=2)
+    X = rng.normal(size=(25, 6))
+    result = run_model(linear_model(W, b, [fixed, 6]), X, batch_size=10)
+    np.testing.assert_allclose(result.outputs, X @ W + b, rtol=1e-5, atol=1e-5)
+    assert any("exactly" in note for note in result.notes) == bool(25 % fixed)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--label", "kind,kind"], "column 'kind' is named twice"),
+    (["--features", "features", "--feature-columns", "kind"], "give one of them"),
+])
+def test_cli_usage_errors(capfdbinary, tmp_path, trained, args, text):
+    model, data, _, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, *args,
+               "--json", tmp_path / "r.json")
+    assert run.code == 2
+    assert text in run.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_output_paths_are_checked_first(capfdbinary, tmp_path, trained):
+    model, data, _, _ = trained
+    same = tmp_path / "same.parquet"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--save-predictions", same,
+               "--json", same)
+    assert run.code == 2 and "the same file" in run.stderr
+    assert not same.exists()
+    before = data.read_bytes()
+    run = vbsw(capfdbinary, "evaluate", model, data, "--save-predictions", data)
+    assert run.code == 2
+    assert f"--save-predictions {data}: refusing to overwrite" in run.stderr
+    assert "-o " not in run.stderr
+    assert data.read_bytes() == before
+    run = vbsw(capfdbinary, "evaluate", model, data, "--json", model)
+    assert run.code == 2 and f"--json {model}: refusing" in run.stderr
+
+
+def test_cli_notes_labels_matched_by_position(capfdbinary, tmp_path, rng):
+    W, b = rng.normal(size=(3, 2)), rng.normal(size=2)
+    onnx.save(linear_model(W, b, ["N", 3], softmax_out=True),
+              str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", rng.normal(size=(12, 3)).astype(np.float32))
+    pq.write_table(pa.table({"id": np.arange(12)[::-1],
+                             "label": rng.integers(0, 2, 12)}),
+                   tmp_path / "labels.parquet")
+    run = vbsw(capfdbinary, "evaluate", tmp_path / "m.onnx", tmp_path / "x.npy",
+               "--labels", tmp_path / "labels.parquet")
+    assert run.code == 0, run.stderr
+    assert "has an 'id' column" in run.stderr
+    assert "labels matched by row position" in run.stderr
+
+
+@pytest.fixture
+def regression_head(tmp_path, rng):
+    X = rng.normal(size=(40, 3)).astype(np.float32)
+    Y = X @ rng.normal(size=(3, 2))
+    head = train_head(X, [Labels("a", "regression", Y[:, :1]),
+                          Labels("b", "regression", Y[:, 1:])],
+                      options=HeadOptions(optimizer="lbfgs", epochs=50))
+    record = {"trained_on": {"features": ["x0", "x1", "x2"]}}
+    onnx.save(head_to_onnx(head, extra_metadata=record),
+              str(tmp_path / "reg.onnx"))
+    table = pa.table({"x0": X[:, 0], "x1": X[:, 1], "x2": X[:, 2],
+                      "a": Y[:, 0], "b": Y[:, 1], "label": np.zeros(40),
+                      "features": io_vectors(X[:, ::-1])})
+    pq.write_table(table, tmp_path / "reg.parquet")
+    return tmp_path / "reg.onnx", tmp_path / "reg.parquet", head.predict(X), Y
+
+
+def io_vectors(X):
+    X = np.ascontiguousarray(X)
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+
+
+def test_cli_uses_the_heads_recorded_columns(capfdbinary, tmp_path,
+                                            regression_head):
+    model, data, predicted, Y = regression_head
+    saved = tmp_path / "pred.parquet"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--json", "-",
+               "--save-predictions", saved)
+    assert run.code == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["labels"] == ["a", "b"]
+    assert result["features"] == ["x0", "x1", "x2"]
+    assert result["metrics"]["mse"] == pytest.approx(
+        float(np.mean((predicted - Y) ** 2)), rel=1e-4)
+    assert "model input 'features' <- 3 columns (x0, x1, x2)" in run.stderr
+    field = pq.read_schema(saved).field("prediction")
+    assert json.loads(field.metadata[b"labels"]) == ["a", "b"]
+    again = vbsw(capfdbinary, "evaluate", "--predictions", saved, "--json", "-")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_cli_refuses_permuted_or_missing_feature_columns(capfdbinary, tmp_path,
+                                                         regression_head):
+    model, data, _, _ = regression_head
+    run = vbsw(capfdbinary, "evaluate", model, data,
+               "--feature-columns", "x2,x1,x0")
+    assert run.code == 2 and "in the order x0,x1,x2" in run.stderr
+    other = vbsw(capfdbinary, "evaluate", model, data, "--features", "features")
+    assert other.code == 0, other.stderr
+    assert "note: the head was trained on 3 columns" in other.stderr
+    pq.write_table(pq.read_table(data).drop_columns(["x1"]), tmp_path / "no.parquet")
+    run = vbsw(capfdbinary, "evaluate", model, tmp_path / "no.parquet")
+    assert run.code == 1
+    assert "trained on 3 columns" in run.stderr and "no column 'x1'" in run.stderr
+
+
+def test_compare_refuses_mixed_tasks_under_one_name():
+    records = [{**record("vbsw", 0, 0.9), "task": "classification"},
+               {"run": "vbsw", "seed": 1, "task": "regression",
+                "metrics": {"mse": 0.1}}]
+    with pytest.raises(DataError, match="runs named 'vbsw' mix tasks"):
+        compare(records)

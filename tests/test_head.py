@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 import numpy as np
 import onnx
@@ -383,3 +385,137 @@ def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
     assert (tmp_path / "h.onnx").read_bytes() == b"old"
     assert not (tmp_path / "h.merged.onnx").exists()
     assert "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------------
+# A new user's trial: outputs, seeds, conflicting options, metadata
+
+
+@pytest.fixture
+def with_backbone(tmp_path, rng):
+    backbone = small_backbone(rng)
+    backbone.metadata_props.add(key="test_accuracy", value="0.97")
+    backbone.metadata_props.add(key="seed", value="0")
+    onnx.save(backbone, str(tmp_path / "bb.onnx"))
+    images = rng.normal(size=(40, 3, 4)).astype(np.float32)
+    features = run_onnx(cut(backbone, "embedding"), images)
+    write_features(tmp_path / "f.parquet", features, rng.integers(0, 2, 40),
+                   weight=np.ones(40))
+    return tmp_path / "f.parquet", tmp_path / "bb.onnx"
+
+
+@pytest.mark.parametrize("option", ["-o", "--merged-output"])
+def test_cli_refuses_to_overwrite_the_backbone(capfdbinary, tmp_path,
+                                               with_backbone, option):
+    features, backbone = with_backbone
+    before = backbone.read_bytes()
+    other = "--merged-output" if option == "-o" else "-o"
+    run = vbsw(capfdbinary, "retrain-head", features, "--backbone", backbone,
+               option, backbone, other, tmp_path / "other.onnx", "--epochs", "3")
+    assert run.code == 2, run.stderr
+    assert f"{option} {backbone}: refusing to overwrite the input file" \
+        in run.stderr
+    assert backbone.read_bytes() == before
+    assert not (tmp_path / "other.onnx").exists()
+
+
+def test_cli_refuses_one_path_for_head_and_merged_model(capfdbinary, tmp_path,
+                                                        with_backbone):
+    features, backbone = with_backbone
+    out = tmp_path / "both.onnx"
+    run = vbsw(capfdbinary, "retrain-head", features, "--backbone", backbone,
+               "-o", out, "--merged-output", out, "--epochs", "3")
+    assert run.code == 2
+    assert "the same file" in run.stderr
+    assert not out.exists()
+
+
+def test_cli_refuses_a_missing_output_folder_before_training(capfdbinary,
+                                                             tmp_path, weighted):
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-v",
+               "-o", tmp_path / "nowhere" / "h.onnx")
+    assert run.code == 1
+    assert "does not exist" in run.stderr and "training head" not in run.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999"])
+def test_cli_seed_out_of_range_is_a_usage_error(capfdbinary, tmp_path, weighted,
+                                                seed):
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-o", tmp_path / "h.onnx",
+               "--seed", seed)
+    assert run.code == 2
+    assert "--seed" in run.stderr and "unexpected" not in run.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--feature-columns", "x0", "--features", "features"], "give one of them"),
+    (["--label", "name,name"], "column 'name' is named twice"),
+])
+def test_cli_conflicting_options_are_refused(capfdbinary, tmp_path, weighted,
+                                             args, text):
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-o", tmp_path / "h.onnx",
+               *args)
+    assert run.code == 2
+    assert text in run.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_cli_notes_real_values_read_as_classes(capfdbinary, tmp_path, rng):
+    X = rng.normal(size=(60, 3))
+    write_features(tmp_path / "reg.parquet", X, X @ [1.0, 2.0, 3.0],
+                   weight=np.ones(60))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "reg.parquet", "-o",
+               tmp_path / "h.onnx", "--task", "classification", "--epochs", "2")
+    assert run.code == 0, run.stderr
+    assert "note: label column 'label' has 60 classes for 60 rows" in run.stderr
+    plain = vbsw(capfdbinary, "retrain-head", tmp_path / "reg.parquet", "-o",
+                 tmp_path / "r.onnx", "--epochs", "2")
+    assert "classes for" not in plain.stderr
+
+
+def test_cli_without_o_writes_to_a_pipe(tmp_path, weighted):
+    run = run_vbsw("retrain-head", weighted.name, "--epochs", "3", "-q",
+                   cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert onnx.load_from_string(run.stdout).graph.output[0].name == \
+        "probabilities"
+    assert not (tmp_path / "w.head.onnx").exists()
+
+
+def test_merged_model_moves_the_backbone_metadata(capfdbinary, tmp_path,
+                                                  with_backbone):
+    features, backbone = with_backbone
+    run = vbsw(capfdbinary, "retrain-head", features, "--backbone", backbone,
+               "-o", tmp_path / "h.onnx", "--epochs", "3", "--seed", "5")
+    assert run.code == 0, run.stderr
+    merged = onnx.load(str(tmp_path / "h.merged.onnx"))
+    keys = {entry.key: entry.value for entry in merged.metadata_props}
+    assert "test_accuracy" not in keys and "seed" not in keys
+    assert keys["backbone.test_accuracy"] == "0.97"
+    metadata = read_metadata(merged)
+    assert metadata["training"]["seed"] == 5
+    assert metadata["merged"] == {"cut": "embedding"}
+    assert "merged" not in read_metadata(onnx.load(str(tmp_path / "h.onnx")))
+
+
+def test_cli_keeps_the_whole_provenance_history(capfdbinary, tmp_path, weighted):
+    table = pq.read_table(weighted)
+    embed = {"command": "embed", "parameters": {"model": "bb.onnx"}}
+    weigh = {"command": "weigh", "parameters": {"k": 7}}
+    table = table.replace_schema_metadata({
+        b"vbsw.history": json.dumps([embed]).encode(),
+        b"vbsw": json.dumps(weigh).encode()})
+    pq.write_table(table, tmp_path / "chain.parquet")
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "chain.parquet", "-o",
+               tmp_path / "h.onnx", "--epochs", "3")
+    assert run.code == 0, run.stderr
+    metadata = read_metadata(onnx.load(str(tmp_path / "h.onnx")))
+    assert metadata["trained_on"]["upstream"] == [embed, weigh]
+
+
+def test_cli_verbose_reports_the_epochs_run(capfdbinary, tmp_path, weighted):
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-o", tmp_path / "h.onnx",
+               "--epochs", "7", "--tol", "0", "-v")
+    assert run.code == 0, run.stderr
+    assert "training head, epochs: 7 in" in run.stderr
+    assert "trained 7 epochs" in run.stderr

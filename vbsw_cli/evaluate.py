@@ -10,7 +10,8 @@
   best, mean +- standard error, and the gain per base model (Table 4):
   ``g = max_i metric(M_f^i) - metric(M)`` over the runs of one base model M.
 
-Multi-output regression metrics average over the outputs, except the maximum
+Multi-output regression metrics average over the outputs (Pearson and
+Spearman are means of the per-output correlations), except the maximum
 absolute error, which is the largest over every row and output.
 """
 
@@ -79,6 +80,14 @@ def run_model(model, X: np.ndarray, *, name: str = "model",
     progress = progress or NullProgress()
     info = _data_input(model, name)
     X = _shaped(X, info, name)
+    notes = []
+    fixed = _fixed_batch(info)
+    if fixed is not None:
+        batch_size = fixed
+        if len(X) % fixed:
+            notes.append(f"the model takes batches of exactly {fixed} rows: the "
+                         f"last batch was padded with {fixed - len(X) % fixed} "
+                         "copies of its last row, their outputs dropped")
     try:
         session = ort.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
@@ -89,11 +98,39 @@ def run_model(model, X: np.ndarray, *, name: str = "model",
     task = progress.task("evaluating", len(X))
     parts = []
     for start, stop in chunks(len(X), batch_size):
-        parts.append(_run_batch(session, info.name, output, X[start:stop], name))
+        batch = _padded(X[start:stop], fixed)
+        result = _run_batch(session, info.name, output, batch, name)
+        parts.append(result[:stop - start])
         task.advance(stop - start)
     task.close()
     outputs = np.concatenate(parts).reshape(len(X), -1).astype(np.float64)
-    return ModelOutput(outputs, info.name, output)
+    _check_outputs(outputs, name)
+    return ModelOutput(outputs, info.name, output, notes)
+
+
+def _fixed_batch(info) -> int | None:
+    """The input's batch size when the model fixes it (e.g. 1 or 8), else None."""
+    dims = info.type.tensor_type.shape.dim
+    if len(dims) < 1 or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:
+        return None
+    return int(dims[0].dim_value)
+
+
+def _padded(batch: np.ndarray, size: int | None) -> np.ndarray:
+    """The batch filled up to ``size`` rows with copies of its last row."""
+    if size is None or len(batch) == size:
+        return batch
+    filler = np.repeat(batch[-1:], size - len(batch), axis=0)
+    return np.concatenate([batch, filler])
+
+
+def _check_outputs(outputs: np.ndarray, name: str) -> None:
+    """Refuse NaN or infinite outputs: no metric of them means anything."""
+    bad = ~np.isfinite(outputs).all(axis=1)
+    if bad.any():
+        raise DataError(f"{name}: the model gave NaN or infinite outputs for "
+                        f"{int(bad.sum())} of {len(outputs)} rows (first: row "
+                        f"{int(np.argmax(bad))})")
 
 
 def _data_input(model, name: str):
@@ -335,6 +372,8 @@ def compare(records: list[dict], *, reference: str = "baseline") -> dict:
     by_name: dict[str, list[dict]] = {}
     for record in records:
         by_name.setdefault(str(record.get("run") or "run"), []).append(record)
+    for name, group in by_name.items():
+        _one_task(name, group)
     runs = {name: _summaries(group) for name, group in by_name.items()}
     gains = {}
     if reference in by_name:
@@ -342,6 +381,16 @@ def compare(records: list[dict], *, reference: str = "baseline") -> dict:
             if name != reference:
                 gains[name] = _gains(group, by_name[reference])
     return {"reference": reference, "runs": runs, "gains": gains}
+
+
+def _one_task(name: str, records: list[dict]) -> None:
+    """Refuse a run name whose records mix classification and regression."""
+    tasks = sorted({str(r["task"]) for r in records if r.get("task")})
+    if len(tasks) > 1:
+        counts = ", ".join(f"{sum(r.get('task') == t for r in records)} {t}"
+                           for t in tasks)
+        raise DataError(f"--compare: the runs named '{name}' mix tasks ({counts}); "
+                        "give each task its own --run-name")
 
 
 def _metric_names(records: list[dict]) -> list[str]:

@@ -50,6 +50,13 @@ PREDICTION = "prediction"
 # (scikit-learn's default); ``tol = 0`` runs nearly every epoch asked for.
 PATIENCE = 10
 
+# scikit-learn's random_state accepts seeds in [0, 2**32 - 1].
+MAX_SEED = 2**32 - 1
+
+# Backbone metadata keys move under this prefix in the merged model: they
+# describe the backbone's own training (its accuracy, its seed), not M_f.
+BACKBONE_PREFIX = "backbone."
+
 
 @dataclass
 class HeadOptions:
@@ -82,6 +89,9 @@ class HeadOptions:
             raise UsageError(f"--momentum {self.momentum}: must be in [0, 1]")
         if not (np.isfinite(self.tol) and self.tol >= 0):
             raise UsageError(f"--tol {self.tol}: must be >= 0")
+        if not (0 <= self.seed <= MAX_SEED):
+            raise UsageError(f"--seed {self.seed}: must be in [0, {MAX_SEED}] "
+                             "(scikit-learn's range)")
 
 
 def _at_least(value: int, smallest: int, option: str) -> None:
@@ -202,10 +212,12 @@ def train_head(X: np.ndarray, labels: list[Labels],
             target = (target - head.target_scaler[0]) / head.target_scaler[1]
 
     head.estimator = _estimator(task, options)
-    task_bar = progress.task("training head", None)
+    # scikit-learn trains in one call: the epochs run are counted at its end.
+    task_bar = progress.task("training head, epochs", options.epochs)
     started = time.perf_counter()
     head.converged = _fit(head.estimator, head._inputs(X), target, weight)
     head.seconds = time.perf_counter() - started
+    task_bar.advance(head.epochs_run)
     task_bar.close()
     return head
 
@@ -356,6 +368,8 @@ def merge_with_backbone(backbone: onnx.ModelProto, head_model: onnx.ModelProto,
     """M_f: the backbone cut at ``layer`` (as in ``vbsw embed``), then the head.
 
     The cut tensor is flattened per row; its width must equal the head's input.
+    The merged model's ``vbsw`` metadata is the head's, with ``merged`` (the
+    cut tensor) added; the backbone's own keys move under ``backbone.``.
     """
     tensor = find_cut(backbone, layer)
     width = _flat_width(backbone, tensor)
@@ -364,7 +378,32 @@ def merge_with_backbone(backbone: onnx.ModelProto, head_model: onnx.ModelProto,
         raise DataError(f"the backbone's tensor '{tensor}' has {width} features "
                         f"per row, the head takes {expected}; cut with the "
                         "--layer used to embed the features")
-    return merge(backbone, tensor, head_model)
+    return merge(_prefixed(backbone), tensor, _marked_merged(head_model, tensor))
+
+
+def _prefixed(backbone: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose metadata keys start with ``backbone.``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(backbone)
+    entries = [(e.key, e.value) for e in copy.metadata_props]
+    del copy.metadata_props[:]
+    for key, value in entries:
+        if not key.startswith(BACKBONE_PREFIX):
+            key = BACKBONE_PREFIX + key
+        copy.metadata_props.add(key=key, value=value)
+    return copy
+
+
+def _marked_merged(head_model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """A copy of the head whose metadata says it follows a backbone cut."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(head_model)
+    metadata = read_metadata(copy) or {}
+    metadata["merged"] = {"cut": tensor}
+    for entry in copy.metadata_props:
+        if entry.key == METADATA_KEY:
+            entry.value = json.dumps(metadata)
+    return copy
 
 
 def _flat_width(model: onnx.ModelProto, tensor: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -11,17 +12,26 @@ import pyarrow as pa
 import typer
 
 from vbsw_cli import __version__, io
-from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, LabelOpt,
-                                  QuietOpt, Reporter, VerboseOpt, command,
-                                  stderr)
+from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
+                                  Reporter, VerboseOpt, command, stderr)
+from vbsw_cli.cli.head import refuse_overwrite, same_path, unique_names
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
                                class_positions, classification_metrics,
                                compare, regression_metrics, run_model)
 
-EXAMPLE = ("vbsw evaluate head.onnx w.parquet --run-name vbsw --json vbsw.json; "
-           "vbsw evaluate --compare base.json vbsw.json")
+# Each step makes the files the next one reads (a multi-line shell command).
+EXAMPLE = " && \\\n  ".join([
+    "vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet",
+    "vbsw retrain-head w.parquet --no-weights -o base.onnx",
+    "vbsw retrain-head w.parquet -o vbsw.onnx",
+    "vbsw evaluate base.onnx w.parquet --run-name baseline --json base.json",
+    "vbsw evaluate vbsw.onnx w.parquet --run-name vbsw --json vbsw.json",
+    "vbsw evaluate --compare base.json vbsw.json"])
+
+# scikit-learn's (and numpy's legacy) seeds are 32-bit.
+MAX_SEED = 2**32 - 1
 
 PREDICTION = "prediction"
 PROBABILITIES = "probabilities"
@@ -46,12 +56,17 @@ def evaluate_cli(
     ] = "baseline",
     features_column: Annotated[Optional[str], typer.Option(
         "--features", metavar="COLUMN", help="The model's input column. "
-        "Default: 'features', else the one list column.")] = None,
+        "Default: the column(s) a vbsw head was trained on, else 'features', "
+        "else the one list column.")] = None,
     feature_columns: FeatureColumnsOpt = None,
-    label: LabelOpt = io.DEFAULT_LABEL,
+    label: Annotated[Optional[str], typer.Option(
+        "--label", metavar="A[,B...]",
+        help="Label column(s). Default: those a vbsw head was trained on (or "
+        "a saved predictions file records), else 'label'.")] = None,
     labels_file: Annotated[Optional[str], typer.Option(
         "--labels", metavar="FILE", help="Labels from another file, joined on "
-        "'id' when both files have one, else row for row.")] = None,
+        "'id' when both files have one, else row for row (with a note when "
+        "only one has an 'id').")] = None,
     task: Annotated[str, typer.Option(
         "--task", metavar="auto|classification|regression",
         help="auto: the model's vbsw metadata, else the labels' type.")
@@ -65,7 +80,8 @@ def evaluate_cli(
         "--run-name", metavar="NAME", help="Name of the method, e.g. baseline "
         "or vbsw; runs with one name are aggregated by --compare.")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Seed the model was trained with (recorded).")] = None,
+        "--seed", min=0, max=MAX_SEED,
+        help="Seed the model was trained with (recorded).")] = None,
     group: Annotated[Optional[str], typer.Option(
         "--group", metavar="ID", help="The base model this run belongs to, "
         "for the gain per model (default: the seed).")] = None,
@@ -89,6 +105,8 @@ def evaluate_cli(
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    _check_outputs(json_path, save_predictions,
+                   paths + [predictions, labels_file])
     if compare_runs:
         _compare_mode(paths, predictions, reference, json_path, reporter)
         return
@@ -102,25 +120,34 @@ def evaluate_cli(
         if len(paths) != 2:
             raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
                              "or --compare RUN.json...)")
-        _check_output(save_predictions, paths)
         record = _model_mode(paths, features_column, feature_columns, label,
                              labels_file, task, batch_size, save_predictions,
                              reporter)
     record.update({"run": run_name, "seed": seed, "group": group,
                    "version": __version__})
+    record = strict_json(record)
     _write_json(record, json_path, paths)
     _print_record(reporter, record)
 
 
-# ---------------------------------------------------------------------------
-# A model on data
-
-
-def _check_output(save_predictions, paths) -> None:
+def _check_outputs(json_path, save_predictions, inputs) -> None:
+    """Every output path, before any work: writable, no input, not the same."""
+    io.check_output_path(json_path, "--json")
+    io.check_output_path(save_predictions, "--save-predictions")
     if save_predictions and Path(save_predictions).suffix.lower() not in (
             ".parquet", ".pq"):
         raise UsageError(f"--save-predictions {save_predictions}: predictions "
                          "are written as .parquet")
+    refuse_overwrite(json_path, "--json", inputs)
+    refuse_overwrite(save_predictions, "--save-predictions", inputs)
+    if json_path and save_predictions and json_path != io.STDIO:
+        if same_path(json_path, save_predictions):
+            raise UsageError(f"--json {json_path} and --save-predictions "
+                             f"{save_predictions}: the same file; give two names")
+
+
+# ---------------------------------------------------------------------------
+# A model on data
 
 
 def _model_mode(paths, features_column, feature_columns, label, labels_file,
@@ -136,29 +163,33 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
 
     table = io.read_table(data_path)
     io.require_rows(table, data_path)
-    column = features_column or _input_column(table, data_path, label)
-    X, used = io.feature_matrix(table, data_path, column=column,
-                                columns=io.split_names(feature_columns))
-    label_table, source = _label_table(table, data_path, labels_file)
-    labels = io.read_labels(label_table, source, io.split_names(label), task=task)
+    label_table, source, notes = _label_table(table, data_path, labels_file)
+    label_names = _label_names(label, metadata.get("labels"), label_table,
+                               source, notes)
+    choice = _feature_choice(table, data_path, features_column, feature_columns,
+                             metadata, label_names, notes)
+    X, used = io.feature_matrix(table, data_path, **choice)
+    labels = io.read_labels(label_table, source, label_names, task=task)
 
     result = run_model(model, X, name=model_path, batch_size=batch_size,
                        progress=reporter)
     record, frame = _score(result.outputs, labels, metadata, model_path)
-    record["notes"] = result.notes + record.get("notes", [])
+    record["notes"] = notes + result.notes + record.get("notes", [])
     record.update({"source": "model", "model": model_path, "data": data_path,
-                   "features": used})
+                   "features": used, "n_features": int(X.shape[1]),
+                   "model_input": result.input_name,
+                   "labels": [c.column for c in labels]})
     if save_predictions:
         _save_predictions(frame, table, labels, label_table, save_predictions,
                           [model_path, data_path], record)
     return record
 
 
-def _input_column(table: pa.Table, name: str, label: str) -> str:
+def _input_column(table: pa.Table, name: str, labels: list[str]) -> str:
     """'features' if present, else the only list column that is not a label."""
     if io.DEFAULT_FEATURES in table.column_names:
         return io.DEFAULT_FEATURES
-    labels = set(io.split_names(label))
+    labels = set(labels)
     listy = [f.name for f in table.schema if f.name not in labels and (
         pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
         or pa.types.is_large_list(f.type))]
@@ -167,18 +198,103 @@ def _input_column(table: pa.Table, name: str, label: str) -> str:
     return io.DEFAULT_FEATURES  # feature_matrix names the problem
 
 
+def _feature_choice(table, name, features_column, feature_columns, metadata,
+                    labels, notes) -> dict:
+    """``column=`` or ``columns=`` for io.feature_matrix; notes when the
+    choice differs from the columns the head was trained on."""
+    columns = io.split_names(feature_columns, "--feature-columns")
+    if features_column is not None and feature_columns is not None:
+        raise UsageError(f"--features {features_column} and --feature-columns "
+                         f"{feature_columns}: give one of them")
+    recorded = _recorded_features(metadata)
+    given = columns or ([features_column] if features_column else [])
+    if given:
+        _check_given(given, recorded, feature_columns, notes)
+        return {"columns": columns} if columns else {"column": features_column}
+    if recorded is None:
+        return {"column": _input_column(table, name, labels)}
+    missing = [c for c in recorded if c not in table.column_names]
+    if missing:
+        raise DataError(f"{io.describe(name)}: the head was trained on "
+                        f"{_shown(recorded)}, and this file has no column "
+                        f"'{missing[0]}'; give the features the head takes "
+                        "(vbsw embed), or name them with --features or "
+                        "--feature-columns")
+    if len(recorded) == 1 and _is_list(table.schema.field(recorded[0]).type):
+        return {"column": recorded[0]}
+    return {"columns": recorded}
+
+
+def _recorded_features(metadata: dict) -> list[str] | None:
+    """The feature columns a head was trained on; None for other models and
+    merged ones (their input is the backbone's, not the head's)."""
+    if "merged" in metadata:
+        return None
+    used = (metadata.get("trained_on") or {}).get("features")
+    if isinstance(used, list) and used and all(isinstance(c, str) for c in used):
+        return used
+    return None
+
+
+def _check_given(given, recorded, feature_columns, notes) -> None:
+    if recorded is None or given == recorded:
+        return
+    if sorted(given) == sorted(recorded):
+        raise UsageError(f"--feature-columns {feature_columns}: the head was "
+                         f"trained on these columns in the order "
+                         f"{','.join(recorded)}; give them in that order")
+    notes.append(f"the head was trained on {_shown(recorded)}; fed "
+                 f"{_shown(given)} as asked")
+
+
+def _shown(columns: list[str]) -> str:
+    if len(columns) == 1:
+        return f"column '{columns[0]}'"
+    head = ", ".join(columns[:4]) + (", ..." if len(columns) > 4 else "")
+    return f"{len(columns)} columns ({head})"
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_large_list(kind))
+
+
+def _label_names(label, recorded, table, source, notes) -> list[str]:
+    """--label, else the head's (or saved predictions') labels, else 'label'."""
+    if label is not None:
+        return unique_names(label, "--label")
+    if not (isinstance(recorded, list) and recorded):
+        return [io.DEFAULT_LABEL]
+    missing = [c for c in recorded if c not in table.column_names]
+    if missing and io.DEFAULT_LABEL in table.column_names:
+        notes.append(f"the model was trained on label {_shown(recorded)}, which "
+                     f"{io.describe(source)} lacks: scored against "
+                     f"'{io.DEFAULT_LABEL}'")
+        return [io.DEFAULT_LABEL]
+    return list(recorded)
+
+
 def _label_table(table: pa.Table, name: str, labels_file: str | None):
+    """The table holding the labels, its name, and notes on how rows match."""
     if labels_file is None:
-        return table, name
+        return table, name, []
     other = io.read_table(labels_file)
     if other.column_names in (["values"], ["features"]):
         other = other.rename_columns([io.DEFAULT_LABEL])
-    if io.ID_COLUMN in table.column_names and io.ID_COLUMN in other.column_names:
-        return _joined(table, name, other, labels_file), labels_file
+    mine = io.ID_COLUMN in table.column_names
+    theirs = io.ID_COLUMN in other.column_names
+    if mine and theirs:
+        return _joined(table, name, other, labels_file), labels_file, []
     if other.num_rows != table.num_rows:
         raise DataError(f"{labels_file}: {other.num_rows} label rows for "
                         f"{table.num_rows} rows in {io.describe(name)}")
-    return other, labels_file
+    notes = []
+    if mine != theirs:
+        has, lacks = (labels_file, name) if theirs else (name, labels_file)
+        notes.append(f"{io.describe(has)} has an '{io.ID_COLUMN}' column and "
+                     f"{io.describe(lacks)} has none: labels matched by row "
+                     "position")
+    return other, labels_file, notes
 
 
 def _joined(table, name, other, labels_file) -> pa.Table:
@@ -249,9 +365,13 @@ def _save_predictions(frame, table, labels, label_table, path, inputs, record):
         values = frame[PREDICTION]
         array = pa.array(values[:, 0]) if values.shape[1] == 1 \
             else io.fixed_size_list(values)
-        out = out.append_column(PREDICTION, array)
-    provenance = io.provenance("evaluate", {"model": inputs[0], "data": inputs[1],
-                                            "metrics": record["metrics"]})
+        # Which label column each output predicts, in order.
+        labelled = pa.field(PREDICTION, array.type, metadata={
+            b"labels": json.dumps([c.column for c in labels]).encode()})
+        out = out.append_column(labelled, array)
+    provenance = io.provenance("evaluate", {
+        "model": inputs[0], "data": inputs[1], "metrics": record["metrics"],
+        "labels": [column.column for column in labels]})
     io.write_table(io.with_provenance(out, provenance, table.schema.metadata),
                    path, inputs=inputs)
 
@@ -263,13 +383,17 @@ def _save_predictions(frame, table, labels, label_table, path, inputs, record):
 def _predictions_mode(path, label, labels_file, task) -> dict:
     table = io.read_table(path)
     io.require_rows(table, path)
-    label_table, source = _label_table(table, path, labels_file)
-    labels = io.read_labels(label_table, source, io.split_names(label), task=task)
+    label_table, source, notes = _label_table(table, path, labels_file)
+    recorded = ((io.read_provenance(table) or {}).get("parameters") or {}
+                ).get("labels")
+    names = _label_names(label, recorded, label_table, source, notes)
+    labels = io.read_labels(label_table, source, names, task=task)
     kinds = {c.kind for c in labels}
     if kinds == {"classification"} and len(labels) == 1:
         record = _predicted_classes(table, path, labels[0])
     else:
         record = _predicted_values(table, path, labels)
+    record["notes"] = notes + record.get("notes", [])
     record.update({"source": "predictions", "predictions": path})
     return record
 
@@ -345,7 +469,7 @@ def _compare_mode(paths, predictions, reference, json_path, reporter) -> None:
     records = []
     for path in paths:
         records += _read_records(path)
-    result = compare(records, reference=reference)
+    result = strict_json(compare(records, reference=reference))
     _write_json(result, json_path, paths)
     _print_comparison(reporter, result)
 
@@ -373,13 +497,24 @@ def _read_records(path: str) -> list[dict]:
 def _write_json(data: dict, path: str | None, inputs) -> None:
     if path is None:
         return
-    text = json.dumps(data, indent=2, default=_plain) + "\n"
+    text = json.dumps(data, indent=2, default=_plain, allow_nan=False) + "\n"
     if path == io.STDIO:
         io.write_stdout(text.encode())
         return
     with io.atomic_output(path, inputs=inputs) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
+
+
+def strict_json(value):
+    """The value with NaN and infinities as None (null): strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _plain(value):
@@ -407,7 +542,17 @@ def _print_record(reporter, record) -> None:
             table.add_column(name, justify="right")
     table.add_row(*[_number(record["metrics"][n]) for n in names
                     if n in record["metrics"]])
+    if record.get("source") == "model":
+        reporter.say(f"model input '{record['model_input']}' <- "
+                     f"{_shown(record['features'])} of {record['data']} "
+                     f"({record['n_features']} values per row); labels "
+                     f"{', '.join(record['labels'])}")
     stderr.print(table)
+    undefined = [n for n in names if n in record["metrics"]
+                 and record["metrics"][n] is None]
+    if undefined:
+        reporter.notice(f"{', '.join(undefined)} undefined (a label or predicted "
+                        "column is constant): n/a here, null in the JSON")
     for note in record.get("notes", []):
         reporter.notice(note)
 

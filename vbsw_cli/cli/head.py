@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +14,7 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
-                                  VerboseOpt, command)
+                                  VerboseOpt, command, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
@@ -29,9 +31,9 @@ def retrain_head_cli(
         "(from vbsw weigh), or - for stdin.")],
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", metavar="PATH.onnx",
-        help="The head as ONNX, or - for stdout. Default: <input stem>.head.onnx."
-    )] = None,
-    features_column: FeaturesOpt = io.DEFAULT_FEATURES,
+        help="The head as ONNX, or - for stdout. Default: stdout unless it is a "
+        "terminal, else <input stem>.head.onnx.")] = None,
+    features_column: FeaturesOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     label: LabelOpt = io.DEFAULT_LABEL,
     task: Annotated[str, typer.Option(
@@ -75,8 +77,8 @@ def retrain_head_cli(
         help="Where to cut the backbone, as in vbsw embed.")] = "auto",
     merged_output: Annotated[Optional[str], typer.Option(
         "--merged-output", metavar="PATH.onnx",
-        help="The merged model. Default: <head stem>.merged.onnx beside the head."
-    )] = None,
+        help="The merged model. Default: <head stem>.merged.onnx beside the head "
+        "(with the head on stdout, give this).")] = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -87,7 +89,8 @@ def retrain_head_cli(
     The head is trained by scikit-learn (softmax or logistic regression, least
     squares, or one hidden ReLU layer with --hidden) with each row's loss
     multiplied by its weight. With --backbone, a second file holds one model:
-    the backbone cut before its last layer, then the new head.
+    the backbone cut before its last layer, then the new head. --features
+    (default 'features') and --feature-columns exclude each other.
     """
     from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
                                train_head)
@@ -101,38 +104,106 @@ def retrain_head_cli(
     options.check()
     if task not in io.TASKS:
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
-    destination = _head_path(output, features)
-    merged_path = _merged_path(merged_output, destination, backbone)
+    columns = _feature_choice(features_column, feature_columns)
+    label_names = unique_names(label, "--label")
+    destination, merged_path = _output_paths(output, merged_output, features,
+                                             backbone)
     backbone_model = load_model(backbone) if backbone else None
 
     table = io.read_table(features)
     io.require_rows(table, features)
     X, used = io.feature_matrix(table, features, column=features_column,
-                                columns=io.split_names(feature_columns))
-    labels = io.read_labels(table, features, io.split_names(label), task=task)
+                                columns=columns)
+    labels = io.read_labels(table, features, label_names, task=task)
+    _note_many_classes(reporter, labels, len(X))
     weight = None if no_weights else _weights(table, features, weight_column)
 
     head = train_head(X, labels, weight, options=options, progress=reporter)
     record = {"input": features, "features": used,
               "weight_column": None if no_weights else weight_column,
-              "upstream": io.read_provenance(table)}
+              "upstream": upstream_records(table)}
     model = head_to_onnx(head, extra_metadata={"trained_on": record})
     merged = None
     if backbone_model is not None:
         merged = merge_with_backbone(backbone_model, model, layer)
 
-    _write_models(model, destination, merged, merged_path, [features])
+    inputs = [features] + ([backbone] if backbone else [])
+    _write_models(model, destination, merged, merged_path, inputs)
     _summary(reporter, head, X, labels, weight, destination, merged_path)
 
 
+def _feature_choice(features_column, feature_columns) -> list[str]:
+    """The --feature-columns names; refused beside an explicit --features."""
+    columns = io.split_names(feature_columns, "--feature-columns")
+    if features_column is not None and feature_columns is not None:
+        raise UsageError(f"--features {features_column} and --feature-columns "
+                         f"{feature_columns}: give one of them")
+    return columns
+
+
+def unique_names(text: str, option: str) -> list[str]:
+    """Comma-separated column names, each at most once."""
+    names = io.split_names(text, option)
+    twice = [name for i, name in enumerate(names) if name in names[:i]]
+    if twice:
+        raise UsageError(f"{option} {text}: column '{twice[0]}' is named twice")
+    return names
+
+
+def _output_paths(output, merged_output, source, backbone):
+    """Both output paths, checked before any work (folders, inputs, clashes)."""
+    io.check_output_path(output, "-o")
+    io.check_output_path(merged_output, "--merged-output")
+    destination = _head_path(output, source)
+    merged_path = _merged_path(merged_output, destination, backbone)
+    inputs = [source] + ([backbone] if backbone else [])
+    refuse_overwrite(destination, "-o", inputs)
+    if merged_path is not None:
+        refuse_overwrite(merged_path, "--merged-output", inputs)
+        if destination != io.STDIO and same_path(destination, merged_path):
+            raise UsageError(f"-o {destination} and --merged-output "
+                             f"{merged_path}: the same file; give two names")
+    return destination, merged_path
+
+
 def _head_path(output: str | None, source: str) -> str:
-    if output is None:
-        if source == io.STDIO:
-            raise UsageError("give -o PATH.onnx when the features come from stdin")
-        return Path(source).stem + ".head.onnx"
-    if output != io.STDIO and Path(output).suffix.lower() != ".onnx":
-        raise UsageError(f"-o {output}: the head is written as .onnx")
-    return output
+    destination = resolve_output(output, source, ".head.onnx")
+    if destination != io.STDIO and Path(destination).suffix.lower() != ".onnx":
+        raise UsageError(f"-o {destination}: the head is written as .onnx")
+    return destination
+
+
+def same_path(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwrite(path: str | None, option: str, inputs) -> None:
+    """Refuse an output that is one of the inputs, naming the option."""
+    if path is None or path == io.STDIO:
+        return
+    for source in inputs:
+        if source and source != io.STDIO and same_path(path, source):
+            raise UsageError(f"{option} {path}: refusing to overwrite the input "
+                             "file")
+
+
+def upstream_records(table: pa.Table) -> list[dict]:
+    """Every provenance record of the input, oldest first (its whole history)."""
+    metadata = table.schema.metadata or {}
+    records = json.loads(metadata.get(io.HISTORY_KEY, b"[]"))
+    own = io.read_provenance(table)
+    return records + ([own] if own else [])
+
+
+def _note_many_classes(reporter, labels, n_samples: int) -> None:
+    """Classes for more than half the rows look like real values read as classes."""
+    for column in labels:
+        if column.kind == "classification" and len(column.classes) > n_samples / 2:
+            reporter.notice(f"label column '{column.column}' has "
+                            f"{len(column.classes)} classes for {n_samples} rows; "
+                            "if these are real values, use --task regression")
 
 
 def _merged_path(merged_output, destination, backbone) -> str | None:
@@ -142,8 +213,9 @@ def _merged_path(merged_output, destination, backbone) -> str | None:
         return None
     if merged_output is None:
         if destination == io.STDIO:
-            raise UsageError("with -o - and --backbone, name the merged model "
-                             "with --merged-output PATH.onnx")
+            raise UsageError("the head goes to stdout (-o - or a pipe): with "
+                             "--backbone, name the merged model with "
+                             "--merged-output PATH.onnx, or give -o PATH.onnx")
         head = Path(destination)
         return str(head.with_name(head.stem + ".merged.onnx"))
     if Path(merged_output).suffix.lower() != ".onnx":
