@@ -131,15 +131,19 @@ def here(capfdbinary):
     return lambda *args: run_here(capfdbinary, *args)
 
 
-def assert_failed(run, code: int, *words: str) -> None:
-    """One error line on stderr, the last, naming the problem; empty stdout.
+def assert_failed(run, code: int, *words: str, after_rows: bool = False
+                  ) -> None:
+    """One error line on stderr, and nothing else; empty stdout.
 
-    Lines before it can only be the report of the model and the input.
+    With ``after_rows`` (an error found after the first batch was embedded),
+    the report of the model and the input may come before it.
     """
     assert run.code == code, run.stderr
     lines = run.stderr.strip().splitlines()
     errors = [line for line in lines if "error:" in line]
     assert errors == lines[-1:], run.stderr
+    if not after_rows:
+        assert len(lines) == 1, run.stderr
     assert all(line.split(":")[0] in ("model", "features", "device", "note",
                                       "input") for line in lines[:-1]), run.stderr
     assert run.stdout == b""
@@ -377,8 +381,90 @@ def test_integer_model_input_gets_integral_values(tmp_path):
     features, _, _ = embed_all(model, tmp_path / "x.npy")
 
     np.testing.assert_allclose(features, mlp_features(X, weights), rtol=1e-5)
-    with pytest.raises(DataError, match="int64.*fractional"):
+    with pytest.raises(DataError, match=r"bad.npy: .*int64.*fractional.*"
+                       r"\(first: row 0, value 0.5\)"):
         embed_all(model, tmp_path / "bad.npy")
+
+
+@pytest.mark.parametrize("dtype, values, shown", [
+    (TensorProto.UINT8, [-1, 0, 1, 2, 3, 4], "(0 to 255)"),
+    (TensorProto.UINT8, [300, 0, 1, 2, 3, 4], "(0 to 255)"),
+    (TensorProto.INT8, [0, 1, 2, 3, 4, 200], "(-128 to 127)"),
+    (TensorProto.INT32, [0, 1, 2, 3, 4, 2.0**31], "(-2147483648 to 2147483647)"),
+])
+def test_integer_input_refuses_values_that_do_not_fit(tmp_path, here, dtype,
+                                                      values, shown):
+    model, _ = mlp_model(tmp_path / "m.onnx", dtype=dtype)
+    X = np.array([[0, 1, 2, 3, 4, 5]] * 3 + [values])
+    np.save(tmp_path / "x.npy", X)
+    run = here("embed", model, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+
+    name = onnx.TensorProto.DataType.Name(dtype).lower()
+    assert_failed(run, 1, "x.npy", f"'x' is {name} {shown}", "do not fit",
+                  "row 3")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_integer_input_takes_the_ends_of_its_range(tmp_path):
+    model, weights = mlp_model(tmp_path / "m.onnx", dtype=TensorProto.UINT8)
+    X = np.array([[0, 255, 0, 255, 1, 254], [255, 0, 7, 8, 9, 10]], np.int64)
+    np.save(tmp_path / "x.npy", X)
+
+    features, _, _ = embed_all(model, tmp_path / "x.npy")
+
+    # float32 sums of terms up to 255 * |w|: about 1e-5 absolute rounding.
+    np.testing.assert_allclose(features, mlp_features(X, weights), rtol=1e-5,
+                               atol=1e-3)
+
+
+def test_float16_input_refuses_values_that_overflow(tmp_path, here):
+    model, _ = mlp_model(tmp_path / "m.onnx", dtype=TensorProto.FLOAT16)
+    np.save(tmp_path / "x.npy", np.array([[1.0, 2, 3, 4, 5, 1e6]]))
+    run = here("embed", model, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "x.npy", "float16", "65504", "do not fit", "row 0")
+
+
+INTEGER_TARGETS = [np.uint8, np.int8, np.int16, np.int32, np.int64]
+SOURCES = [np.int64, np.uint64, np.int16, np.float16, np.float32, np.float64]
+
+
+def fits_by_hand(values: list, target) -> bool:
+    """Whether every value is a whole number in the target's range (Python)."""
+    info = np.iinfo(target)
+    return all(float(v).is_integer() and info.min <= int(v) <= info.max
+               for v in values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=st.sampled_from(INTEGER_TARGETS), source=st.sampled_from(SOURCES),
+       data=st.data())
+def test_integer_cast_is_exact_or_refused(target, source, data):
+    """model_input either gives exactly the values, or refuses: never wraps."""
+    if np.dtype(source).kind == "f":
+        limit = float(np.finfo(source).max)
+        element = st.floats(-limit, limit, width=np.finfo(source).bits) | \
+            st.integers(-300, 300).map(float)
+    else:
+        info = np.iinfo(source)
+        element = st.integers(int(info.min), int(info.max)) | st.integers(-300, 300)
+        element = element.filter(lambda v: info.min <= v <= info.max)
+    values = data.draw(st.lists(element, min_size=4, max_size=4))
+    X = np.array([values], dtype=source)
+    backbone = core.Backbone("m.onnx", "t", "x", (4,), np.dtype(target), "cpu",
+                             None)
+    source_ = core.Source()
+    source_.name = "x.npy"
+    raw = core.RawBatch(X, {}, 0)
+    hand = [v.item() for v in X.reshape(-1)]
+
+    if fits_by_hand(hand, target):
+        out = core.model_input(raw, backbone, source_)
+        assert out.dtype == target
+        assert [int(v) for v in out.reshape(-1)] == [int(v) for v in hand]
+    else:
+        with pytest.raises(DataError, match="x.npy: the model's input 'x' is"):
+            core.model_input(raw, backbone, source_)
 
 
 @settings(max_examples=12, deadline=None)
@@ -537,6 +623,30 @@ def test_missing_named_column(tmp_path, option, words, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+@pytest.mark.parametrize("option", [["--label", "image"],
+                                    ["--label-column", "image"],
+                                    ["--id-column", "image"]])
+def test_label_or_id_that_is_the_tensor_column(tmp_path, option, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+    role = "id" if option[0] == "--id-column" else "label"
+
+    assert_failed(run, 2, f"--{role}-column image", "'image' is the tensor "
+                  f"column of {TEST}", "--tensor-column")
+    assert "no label column" not in run.stderr
+    no_files_left(tmp_path, "f.parquet")
+
+
+@pytest.mark.parametrize("option", [
+    ["--tensor-column", "label", "--label", "label"],
+    ["--id-column", "label", "--label-column", "label"],
+])
+def test_two_roles_for_one_column(tmp_path, option, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+
+    assert_failed(run, 2, f"{option[0]} label and", "name the same column")
+    no_files_left(tmp_path, "f.parquet")
+
+
 def test_no_tensor_column_at_all(tmp_path, here):
     pq.write_table(pa.table({"x0": [1.0], "label": [0]}), tmp_path / "t.parquet")
     run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
@@ -571,6 +681,36 @@ def test_truncated_npy(tmp_path, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+def test_model_with_two_inputs(tmp_path, here):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["s"])], "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 6])
+         for n in ("a", "b")],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 6])])
+    onnx.save(onnx_graph.make_model(graph), str(tmp_path / "twoin.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((4, 6), np.float32))
+    run = here("embed", tmp_path / "twoin.onnx", tmp_path / "x.npy", "-o",
+               tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "twoin.onnx: the model takes 2 inputs (a, b)",
+                  "exactly one input")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_model_without_a_linear_layer_names_the_file(tmp_path, here):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["s"])], "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(np.ones(6, np.float32), "c")])
+    onnx.save(onnx_graph.make_model(graph), str(tmp_path / "add.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((4, 6), np.float32))
+    run = here("embed", tmp_path / "add.onnx", tmp_path / "x.npy", "-o",
+               tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "add.onnx: ", "--layer")
+
+
 def test_corrupt_model(tmp_path, here):
     (tmp_path / "m.onnx").write_bytes(b"not a model")
     run = here("embed", tmp_path / "m.onnx", TEST, "-o", tmp_path / "f.parquet")
@@ -578,15 +718,55 @@ def test_corrupt_model(tmp_path, here):
     assert_failed(run, 1, "m.onnx", "not a valid ONNX model")
 
 
-def test_nan_in_input(tmp_path, here):
+@pytest.mark.parametrize("row", [3, 13])
+def test_nan_in_input(tmp_path, here, row):
     _, X, _ = digits(20)
-    X[13, 5] = np.nan
+    X[row, 5] = np.nan
     np.save(tmp_path / "x.npy", X)
     run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet",
                    "--batch-size", "8")
 
-    assert_failed(run, 1, "x.npy", "NaN", "row 13")
+    # Row 3 is in the first batch: nothing but the error line is printed.
+    assert_failed(run, 1, "x.npy", "NaN", f"row {row}", after_rows=row >= 8)
     no_files_left(tmp_path, "f.parquet")
+
+
+def test_ragged_rows_and_missing_output_folder_print_one_line(tmp_path, here):
+    pq.write_table(pa.table({"image": pa.array([[0.5] * 64, [0.5] * 63])}),
+                   tmp_path / "t.parquet")
+    ragged = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
+                  tmp_path / "f.parquet")
+    no_folder = here("embed", BACKBONE, TEST, "-o", tmp_path / "no" / "f.parquet")
+
+    assert_failed(ragged, 1, "t.parquet", "'image'", "different widths")
+    assert_failed(no_folder, 1, "-o", "the folder", "does not exist")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_report_and_cuda_notice_follow_the_first_batch(tmp_path, here,
+                                                       monkeypatch):
+    """The report lines come once a batch has been embedded, notice included."""
+    seen = []
+    real = core.Backbone.run
+
+    def run(backbone, X):
+        seen.append(len(X))
+        return real(backbone, X)
+
+    monkeypatch.setattr(core.Backbone, "run", run)
+    said = []
+    monkeypatch.setattr(cli.Reporter, "say",
+                        lambda self, text: said.append((len(seen), text)))
+    monkeypatch.setattr(cli.Reporter, "notice",
+                        lambda self, text: said.append((len(seen), text)))
+    result = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet")
+
+    assert result.code == 0, result.stderr
+    reports = [text for n, text in said if not text.startswith(("embedded",
+                                                                 "wrote"))]
+    assert any(text.startswith("model:") for text in reports)
+    assert any(text.startswith("device:") for text in reports)
+    assert all(n >= 1 for n, _ in said), said
 
 
 def test_empty_folder_and_loose_images(tmp_path, here):
@@ -611,7 +791,8 @@ def test_undecodable_image_is_named_and_nothing_is_left(tmp_path, here):
     run = here("embed", BACKBONE, root, "-o", tmp_path / "f.parquet",
                    "--batch-size", "2")
 
-    assert_failed(run, 1, str(bad), "cannot decode", "--skip-bad-images")
+    assert_failed(run, 1, str(bad), "cannot decode", "--skip-bad-images",
+                  after_rows=True)
     no_files_left(tmp_path, "f.parquet")
 
 
@@ -646,6 +827,36 @@ def test_usage_errors_exit_2(tmp_path, option, words, here, monkeypatch):
 
     assert_failed(run, 2, *words)
     assert not (tmp_path / "f.parquet").exists()
+
+
+@pytest.mark.parametrize("kind, option", [
+    ("npy", ["--mean", "0.5"]), ("npy", ["--std", "2"]),
+    ("npy", ["--image-size", "8x8"]), ("npy", ["--skip-bad-images"]),
+    ("parquet", ["--mean", "0.5"]), ("parquet", ["--skip-bad-images"]),
+    ("npy", ["--label", "foo"]), ("npy", ["--tensor-column", "foo"]),
+    ("npy", ["--id-column", "foo"]), ("images", ["--label-column", "foo"]),
+    ("images", ["--tensor-column", "image"]),
+])
+def test_options_that_cannot_apply_exit_2(tmp_path, kind, option, here):
+    inputs = {"npy": lambda: _npy(tmp_path, digits(4)[1]), "parquet": lambda: TEST,
+              "images": lambda: image_folder(tmp_path / "images", 1)}
+    run = here("embed", BACKBONE, inputs[kind](), "-o", tmp_path / "f.parquet",
+               *option)
+    named = "--label-column" if option[0] == "--label" else option[0]
+
+    assert_failed(run, 2, named, "applies to")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_column_option_on_npy_from_stdin_exits_2(tmp_path):
+    data = bytes_io.BytesIO()
+    np.save(data, digits(4)[1])
+    run = run_vbsw("embed", BACKBONE, "-", "-o", tmp_path / "f.parquet",
+                   "--label", "foo", stdin=data.getvalue())
+
+    assert_failed(run, 2, "--label-column foo", "applies to Parquet input only",
+                  "a .npy array")
+    no_files_left(tmp_path, "f.parquet")
 
 
 def test_help_shows_a_working_example(here):

@@ -37,6 +37,15 @@ DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_BATCH = 256
 # The tensor column tried first, then the fallback, when none is named.
 TENSOR_COLUMNS = ("image", "features")
+STDIN = "stdin"
+# Options that only some kinds of input use (see check_options_apply).
+IMAGE_OPTIONS = ("--image-size", "--mean", "--std", "--skip-bad-images")
+COLUMN_OPTIONS = ("--tensor-column", "--id-column", "--label-column")
+COLUMNS_INSTEAD = {
+    "npy": "(its rows are the tensors, the row number becomes the id)",
+    "image folder": "(the sub-folder name becomes the label, the position in "
+                    "sorted order the id)",
+}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -112,21 +121,30 @@ def load_backbone(path: str, *, layer: str = "auto", device: str = "auto",
 
     check_device(device)
     model = onnx_graph.load_model(path)
-    tensor = onnx_graph.find_cut(model, layer)
+    check_one_input(model, path)
+    try:
+        tensor = onnx_graph.find_cut(model, layer)
+    except DataError as error:  # onnx_graph does not know the file's name
+        raise DataError(f"{path}: {error}") from error
     body = onnx_graph.cut(model, tensor)
 
     session, provider, notices = open_session(body, device, path, quiet_runtime)
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
-        raise DataError(f"{path}: the model has {len(inputs)} inputs ({names}); "
-                        "vbsw embed feeds exactly one")
-    spec = inputs[0]
+    spec = session.get_inputs()[0]
     dtype = _input_dtype(spec.type, path)
     fixed_batch, row_shape = resolve_shape(spec.shape, input_shape, path,
                                            spec.name)
     return Backbone(path, tensor, spec.name, row_shape, dtype, provider, session,
                     fixed_batch, notices)
+
+
+def check_one_input(model: "onnx.ModelProto", path: str) -> None:
+    """Refuse a model that takes more than one input (or none)."""
+    constants = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in constants]
+    if len(names) != 1:
+        shown = f" ({', '.join(names)})" if names else ""
+        raise DataError(f"{path}: the model takes {len(names)} inputs{shown}; "
+                        "vbsw embed supports models with exactly one input")
 
 
 def check_device(device: str) -> None:
@@ -432,6 +450,12 @@ class ParquetSource(Source):
         for column, default, role in ((id_column, io.ID_COLUMN, "id"),
                                       (label_column, io.DEFAULT_LABEL, "label")):
             wanted = column or default
+            if column is not None and column == self.tensor:
+                raise UsageError(f"--{role}-column {column}: '{column}' is the "
+                                 f"tensor column of {io.describe(self.name)}, "
+                                 "fed to the model; carry another column as "
+                                 f"the {role}, or pick the tensor column with "
+                                 "--tensor-column")
             if wanted in schema.names and wanted != self.tensor:
                 carry.append(wanted)
             elif column is not None:
@@ -625,24 +649,63 @@ def open_input(path: str, backbone: Backbone, *, tensor_column: str | None = Non
                id_column: str | None = None, label_column: str | None = None,
                images: ImageOptions | None = None) -> Source:
     """The right :class:`Source` for a ``.npy``, a Parquet file, a folder or ``-``."""
-    if path == io.STDIO:
+    kind = input_kind(path)
+    if kind == STDIN:
         return _stdin_source(tensor_column, id_column, label_column)
+    if kind == ImageFolderSource.kind:
+        layout = image_layout(backbone, (images or ImageOptions()).size)
+        return ImageFolderSource(path, layout, images or ImageOptions())
+    if kind == NpySource.kind:
+        return NpySource(path)
+    return ParquetSource(path, path, tensor_column=tensor_column,
+                         id_column=id_column, label_column=label_column)
+
+
+def input_kind(path: str) -> str:
+    """``"npy"``, ``"parquet"`` or ``"image folder"`` from the path and the
+    file's first bytes; ``"stdin"`` for ``-``, which is read only when opened.
+    """
+    if path == io.STDIO:
+        return STDIN
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isdir(path):
-        layout = image_layout(backbone, (images or ImageOptions()).size)
-        return ImageFolderSource(path, layout, images or ImageOptions())
+        return ImageFolderSource.kind
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
     with open(path, "rb") as handle:
         head = handle.read(6)
     if head.startswith(io.NPY_MAGIC):
-        return NpySource(path)
+        return NpySource.kind
     if head.startswith(io.PARQUET_MAGIC[:4]):
-        return ParquetSource(path, path, tensor_column=tensor_column,
-                             id_column=id_column, label_column=label_column)
+        return ParquetSource.kind
     raise DataError(f"{path}: neither a .npy nor a Parquet file (nor a folder "
                     "of images)")
+
+
+def check_options_apply(kind: str, given: dict[str, object]) -> None:
+    """Refuse options that would do nothing with this kind of input.
+
+    ``given`` maps option names (``--mean``) to their values, None when not
+    given. For stdin (``kind`` "stdin") only the image options can be judged.
+    """
+    for option, value in given.items():
+        if value is None or value is False:
+            continue
+        if option in IMAGE_OPTIONS and kind != ImageFolderSource.kind:
+            raise UsageError(f"{option}: applies to a folder of images only, "
+                             f"and the input is {_kind_text(kind)}")
+        if option in COLUMN_OPTIONS and kind in (NpySource.kind,
+                                                 ImageFolderSource.kind):
+            raise UsageError(f"{option} {value}: applies to Parquet input only;"
+                             f" {_kind_text(kind)} has no columns "
+                             + COLUMNS_INSTEAD[kind])
+
+
+def _kind_text(kind: str) -> str:
+    return {NpySource.kind: "a .npy array", ParquetSource.kind: "a Parquet file",
+            ImageFolderSource.kind: "a folder of images",
+            STDIN: "stdin"}[kind]
 
 
 def _stdin_source(tensor_column, id_column, label_column) -> Source:
@@ -734,12 +797,69 @@ def model_input(raw: RawBatch, backbone: Backbone, source: Source) -> np.ndarray
     X = values.reshape(len(values), *backbone.row_shape)
     if X.dtype.kind == "f":
         _check_finite(X, name, raw.first_row)
-    if np.issubdtype(backbone.dtype, np.integer) and X.dtype.kind == "f":
-        if not np.array_equal(X, np.round(X)):
-            raise DataError(f"{name}: the model's input '{backbone.input_name}' "
-                            f"is {backbone.dtype}, but the rows hold fractional "
-                            "values")
-    return np.ascontiguousarray(X, dtype=backbone.dtype)
+    target = backbone.dtype
+    if np.can_cast(X.dtype, target, casting="safe"):
+        return np.ascontiguousarray(X, dtype=target)
+
+    where = f"{name}: the model's input '{backbone.input_name}' is {target}"
+    if target.kind in "iu":
+        _check_integers(X, target, where, raw.first_row)
+    with np.errstate(over="ignore"):
+        cast = np.ascontiguousarray(X, dtype=target)
+    if target.kind == "f":  # a wider float or a large integer became inf
+        fits = np.isfinite(cast)
+        if not fits.all():
+            largest = np.finfo(target).max
+            raise DataError(f"{where} (magnitudes up to {largest:g}); the rows "
+                            "hold values that do not fit"
+                            + _first_bad(X, fits, raw.first_row))
+    return cast
+
+
+def _check_integers(X: np.ndarray, target: np.dtype, where: str,
+                    first_row: int) -> None:
+    """Refuse values an integer cast would wrap around or truncate.
+
+    Fractional values are refused rather than rounded: a float file fed to an
+    integer input is more likely the wrong file (or unscaled pixels) than
+    values meant to be rounded.
+    """
+    info = np.iinfo(target)
+    lo, hi = _bounds(X.dtype, target)
+    fits = (X >= lo) & (X <= hi)
+    if not fits.all():
+        raise DataError(f"{where} ({info.min} to {info.max}); the rows hold "
+                        "values that do not fit" + _first_bad(X, fits, first_row))
+    if X.dtype.kind == "f":
+        whole = X == np.round(X)
+        if not whole.all():
+            raise DataError(f"{where}; the rows hold fractional values, which "
+                            "it would truncate (round them first)"
+                            + _first_bad(X, whole, first_row))
+
+
+def _bounds(source: np.dtype, target: np.dtype):
+    """The target's integer range, as values of the source's dtype (exact)."""
+    info = np.iinfo(target)
+    if source.kind in "iu":
+        own = np.iinfo(source)
+        return (source.type(max(info.min, own.min)),
+                source.type(min(info.max, own.max)))
+    own = np.finfo(source)
+    with np.errstate(over="ignore"):
+        lo, hi = source.type(info.min), source.type(info.max)
+    lo, hi = max(lo, -own.max), min(hi, own.max)
+    if int(hi) > info.max:  # int64's maximum rounds up to 2**63 as a float
+        hi = np.nextafter(hi, source.type(0))
+    return lo, hi
+
+
+def _first_bad(X: np.ndarray, good: np.ndarray, first_row: int) -> str:
+    flat = good.reshape(-1)
+    position = int(np.argmin(flat))
+    row = first_row + position // max(1, flat.size // len(X))
+    value = X.reshape(-1)[position]
+    return f" (first: row {row}, value {value.item()!r})"
 
 
 def _check_finite(X: np.ndarray, name: str, first_row: int) -> None:
@@ -755,5 +875,6 @@ def _short(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
-__all__ = ["Backbone", "FeatureBatch", "ImageOptions", "Source", "embed",
-           "load_backbone", "open_input", "parse_floats", "parse_shape"]
+__all__ = ["Backbone", "FeatureBatch", "ImageOptions", "Source",
+           "check_options_apply", "embed", "input_kind", "load_backbone",
+           "open_input", "parse_floats", "parse_shape"]

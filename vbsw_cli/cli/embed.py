@@ -15,8 +15,9 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
                                   command, resolve_output)
 from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
-                            check_device, embed, load_backbone, open_input,
-                            parse_floats, parse_shape)
+                            check_device, check_options_apply, embed,
+                            input_kind, load_backbone, open_input, parse_floats,
+                            parse_shape)
 from vbsw_cli.errors import DataError, UsageError
 
 EXAMPLE = ("vbsw embed sample_data/digits_backbone.onnx "
@@ -105,24 +106,34 @@ def embed_cli(
     if source is None:
         raise UsageError("missing INPUT: give a .npy, Parquet file, image "
                          "folder or - (or use --list-layers)")
+    _check_columns_differ(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
     if io.output_kind(destination) != "parquet":
         raise UsageError(f"-o {destination}: vbsw embed writes Parquet "
                          "(.parquet, or - for stdout)")
+    io.check_output_path(destination, "-o")
+    given = {"--image-size": image_size, "--mean": mean, "--std": std,
+             "--skip-bad-images": skip_bad_images,
+             "--tensor-column": tensor_column, "--id-column": id_column,
+             "--label-column": label_column}
+    check_options_apply(input_kind(source), given)
 
     backbone = load_backbone(model, layer=layer, device=device, input_shape=shape,
                              quiet_runtime=not debug)
     data = open_input(source, backbone, tensor_column=tensor_column,
                       id_column=id_column, label_column=label_column,
                       images=images)
-    _report_model(reporter, backbone, layer)
-    reporter.say(f"input: {data.describe()}, {data.n_rows} rows")
+    check_options_apply(data.kind, given)  # stdin's kind is known only now
 
     parameters = _parameters(model, source, layer, device, batch_size, backbone,
                              data, images)
     started = time.perf_counter()
     batches = embed(backbone, data, batch_size=batch_size,
                     progress=reporter)
+    # The report waits for the first embedded batch, so that a run failing on
+    # its input (shape, dtype, NaN, ragged rows) prints its error line alone.
+    batches = _after_first(batches, lambda: _report(reporter, backbone, layer,
+                                                    data))
     n_rows, n_features = write_features(batches, data, destination, parameters,
                                         inputs=[model, source])
     _summary(reporter, n_rows, n_features, time.perf_counter() - started, data,
@@ -140,6 +151,16 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     if len(size) > 2:
         raise UsageError(f"--image-size {text}: give HxW or one size")
     return (size[0], size[-1])
+
+
+def _check_columns_differ(tensor_column, id_column, label_column) -> None:
+    named = [("--tensor-column", tensor_column), ("--id-column", id_column),
+             ("--label-column", label_column)]
+    for i, (option, column) in enumerate(named):
+        for other, same in named[i + 1:]:
+            if column is not None and column == same:
+                raise UsageError(f"{option} {column} and {other} {same} name "
+                                 "the same column; each role needs its own")
 
 
 def _list_layers(model_path: str, layer: str) -> None:
@@ -165,6 +186,21 @@ def _shape_text(shape) -> str:
     if shape is None:
         return "[?]"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _after_first(batches, announce):
+    """The batches, calling ``announce()`` once the first has been embedded."""
+    announced = False
+    for batch in batches:
+        if not announced:
+            announce()
+            announced = True
+        yield batch
+
+
+def _report(reporter: Reporter, backbone, layer: str, data) -> None:
+    _report_model(reporter, backbone, layer)
+    reporter.say(f"input: {data.describe()}, {data.n_rows} rows")
 
 
 def _report_model(reporter: Reporter, backbone, layer: str) -> None:
