@@ -273,3 +273,20 @@ def test_standardize_searches_in_unit_variance_space(rng):
     np.testing.assert_allclose(result.local_variance, expected, rtol=1e-9)
     raw = weigh(X, [regression(y)], k=6, m=5, search=EXACT)
     assert not np.allclose(raw.local_variance, result.local_variance)
+
+
+def test_a_sparse_graph_is_retried_denser_then_kept_with_a_warning(rng,
+                                                                   monkeypatch):
+    import vbsw_cli.neighbors as search
+
+    # Pretend exact search is unaffordable, so the graph path must cope alone.
+    monkeypatch.setattr(search, "HARD_EXACT_SECONDS", 0.0)
+    monkeypatch.setattr(search, "EXACT_PATIENCE", 0.0)
+    X = rng.normal(size=(3000, 32))
+    options = SearchOptions(method="hnsw", recall=0.9999, M=2, ef_construction=4,
+                            seed=0, threads=1)
+    found = nearest_neighbours(X, 10, options=options)
+    assert found.method == "hnsw"
+    assert found.details["M"] == 4 and found.details["ef_construction"] == 8
+    assert "short of --recall 0.9999" in found.details["warning"]
+    assert (found.indices[:, 0] == np.arange(len(X))).all()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -45,6 +45,7 @@ DEFAULT_EF_CONSTRUCTION = 40
 RECALL_SAMPLE = 500
 EF_LIMIT = 1024
 EF_GROWTH = 1.5
+PLATEAU = 0.002
 
 # Relative contrast: the mean distance between random points over the mean
 # distance to the k-th neighbour. Near 1, distances concentrate and a graph
@@ -54,6 +55,11 @@ EF_GROWTH = 1.5
 # HARD_EXACT_SECONDS, no graph is built at all.
 HARD_CONTRAST = 1.45
 HARD_EXACT_SECONDS = 60.0
+
+# When a graph misses the recall, exact search replaces it if it is predicted
+# to take under a minute or under EXACT_PATIENCE times what the graph cost;
+# otherwise a graph twice as dense is tried once.
+EXACT_PATIENCE = 3.0
 
 # Rows per call to the search libraries, so the progress bar moves, and rows
 # per block when neighbourhoods are rearranged.
@@ -226,40 +232,63 @@ def _approximate_or_exact(X, n_query, options, progress):
         return indices, distances, "exact", {"reason": reason,
                                              "relative_contrast": contrast}
 
-    started = time.perf_counter()
-    index = build_index(X, options, progress)
-    details = {"M": options.M, "ef_construction": options.ef_construction,
-               "build_s": time.perf_counter() - started,
-               "recall_sample": int(len(sample)), "relative_contrast": contrast,
+    details = {"recall_sample": int(len(sample)), "relative_contrast": contrast,
                "predicted_exact_s": predicted_exact}
-
-    ceiling = predicted_exact if options.method == "auto" else None
-    ef, recall, low, per_row = _choose_ef(index, X, sample, reference, n_query,
-                                          options, ceiling)
-    predicted_hnsw = per_row * len(X)
-    details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
-                   predicted_query_s=predicted_hnsw)
-
-    fallback = None
-    if ceiling is not None and predicted_hnsw > ceiling:
-        fallback = (f"hnswlib at ef={ef} (recall {recall:.3f}, predicted "
-                    f"{predicted_hnsw:.1f} s) is slower than exact search "
-                    f"(predicted {ceiling:.1f} s)")
-    elif low < options.recall and options.ef is None:
-        fallback = (f"hnswlib reached recall {recall:.3f} (at least {low:.3f}) "
-                    f"with ef up to {ef}, short of --recall {options.recall}")
-    if fallback:
-        del index
-        indices, distances = exact_search(X, n_query, options, progress)
-        return indices, distances, "exact", {**details, "reason": fallback}
+    spent = 0.0
+    attempts = _graph_attempts(options)
+    for graph in attempts:
+        started = time.perf_counter()
+        index = build_index(X, graph, progress)
+        details.update(M=graph.M, ef_construction=graph.ef_construction,
+                       build_s=time.perf_counter() - started)
+        ceiling = predicted_exact if options.method == "auto" else None
+        ef, recall, low, per_row = _choose_ef(index, X, sample, reference,
+                                              n_query, graph, ceiling)
+        predicted_hnsw = per_row * len(X)
+        details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
+                       predicted_query_s=predicted_hnsw)
+        spent += details["build_s"] + predicted_hnsw
+        if ceiling is not None and predicted_hnsw > ceiling:
+            reason = (f"hnswlib at ef={ef} (recall {recall:.3f}, predicted "
+                      f"{predicted_hnsw:.1f} s) is slower than exact search "
+                      f"(predicted {ceiling:.1f} s)")
+            return _exact_instead(X, n_query, options, progress, details, reason)
+        if low >= options.recall or options.ef is not None:
+            break
+        short = (f"hnswlib (M={graph.M}, ef_construction="
+                 f"{graph.ef_construction}) reached recall {recall:.3f} (at "
+                 f"least {low:.3f}) with ef up to {ef}, short of --recall "
+                 f"{options.recall}")
+        if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
+            return _exact_instead(X, n_query, options, progress, details, short)
+        if graph is not attempts[-1]:
+            del index  # free it before the denser one is built
+    else:
+        # Neither graph reached the recall and exact search would take far
+        # longer: keep the last graph, and say so.
+        details["warning"] = (f"{short}; exact search would take about "
+                              f"{predicted_exact:.0f} s (use --exact for it)")
 
     found = query_index(index, X, n_query, ef, options, progress)
     if found is None:
         del index
         reason = f"hnswlib could not return {n_query} neighbours for every row"
-        indices, distances = exact_search(X, n_query, options, progress)
-        return indices, distances, "exact", {**details, "reason": reason}
+        return _exact_instead(X, n_query, options, progress, details, reason)
     return (*found, "hnsw", details)
+
+
+def _graph_attempts(options: SearchOptions) -> list[SearchOptions]:
+    """The graph asked for, then (tuning ef only) one twice as dense."""
+    attempts = [options]
+    if options.ef is None:
+        attempts.append(replace(options, M=options.M * 2,
+                                ef_construction=options.ef_construction * 2))
+    return attempts
+
+
+def _exact_instead(X, n_query, options, progress, details, reason):
+    indices, distances = exact_search(X, n_query, options, progress)
+    return indices, distances, "exact", {**details, "reason": reason}
 
 
 def relative_contrast(X, sample, reference, rng) -> float:
@@ -297,6 +326,7 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
     threads = thread_count(options.threads)
     ef = options.ef or max(n_query, 16)
     queries = np.ascontiguousarray(X[sample], dtype=np.float32)
+    previous = 0.0
     while True:
         index.set_ef(max(ef, n_query))
         started = time.perf_counter()
@@ -305,9 +335,13 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         recall, low = (0.0, 0.0) if found is None else recall_bounds(
             np.sqrt(found[1]), reference)
         too_slow = ceiling is not None and per_row * len(X) > ceiling
+        # A sparse graph caps the recall: past 8 k, a step that gains under
+        # PLATEAU says a larger ef will not get there.
+        stalled = ef >= 8 * n_query and recall - previous < PLATEAU
         if options.ef is not None or low >= options.recall or ef >= EF_LIMIT \
-                or too_slow:
+                or too_slow or stalled:
             return max(ef, n_query), recall, low, per_row
+        previous = recall
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
 

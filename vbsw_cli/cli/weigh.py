@@ -266,6 +266,8 @@ def _summary(reporter, X, k, labels, result, timings, destination,
     if "reason" in details and result.neighbours.method == "exact" \
             and "ef" in details:
         reporter.notice(f"fell back to exact search: {details['reason']}")
+    if "warning" in details:
+        reporter.say(f"warning: {details['warning']}")
     if result.recall is not None:
         reporter.say(f"recall@{k} against exact search: {result.recall:.4f}")
     duplicates = duplicate_rows(result.neighbours)
