@@ -60,3 +60,29 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, stderr
     assert list(out.iterdir()) == []
+
+
+def test_tbs_takes_npy_points_and_reports_an_exiting_function(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "points.npy", np.linspace(-1, 1, 12)[:, None])
+    run = run_vbsw("tbs-sample", tmp_path / "points.npy", "--function", "runge",
+                   "--new", "6", "-o", "-")
+    assert run.code == 0, run.stderr
+    table = pq.read_table(pa.BufferReader(run.stdout))
+    assert table.column_names[0] == "x" and table.num_rows == 6  # runge's input
+    (tmp_path / "quits.py").write_text(
+        "import sys\ndef f(x):\n    sys.exit(3)\n")
+    run = run_vbsw("tbs-sample", "--function", "quits:f", "--bounds", "0:1",
+                   "--initial", "8", "--new", "4", "-o", tmp_path / "o.parquet",
+                   cwd=tmp_path)
+    assert run.code == 1
+    assert "called sys.exit(3)" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_builtin_with_the_wrong_number_of_bounds_says_so():
+    run = run_vbsw("tbs-sample", "--function", "runge", "--bounds", "0:1,0:1",
+                   "--initial", "10", "-o", "-")
+    assert run.code == 2
+    assert "runge takes 1 input" in run.stderr

@@ -152,6 +152,9 @@ def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
     """
     try:
         raw = function.call(X)
+    except SystemExit as error:  # a simulator wrapper that exits
+        raise DataError(f"function {function.name} called sys.exit({error.code}) "
+                        f"on an array of shape {X.shape}")
     except Exception as error:
         raise DataError(f"function {function.name} failed on an array of shape "
                         f"{X.shape}: {type(error).__name__}: {error}")

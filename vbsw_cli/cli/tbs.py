@@ -205,12 +205,17 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
         low, high, file_names = tbs.parse_bounds(bounds)
     elif fn is not None and fn.bounds is not None:
         low, high = fn.bounds[:, 0], fn.bounds[:, 1]
-    chosen = io.split_names(names) or file_names or (
-        fn.input_names if fn is not None and fn.input_names else None)
+    chosen = io.split_names(names) or file_names
+    if not chosen and fn is not None and fn.input_names:
+        chosen = fn.input_names
+        if low is not None and len(chosen) != len(low):
+            raise UsageError(f"--bounds: {len(low)} dimensions, but {fn.name} "
+                             f"takes {len(chosen)} input(s) "
+                             f"({', '.join(chosen)})")
 
     table = None
     if points:
-        table = io.read_table(points)
+        table, chosen = _named_points(io.read_table(points), points, chosen)
         io.require_rows(table, points)
         if chosen is None:
             if low is None:
@@ -229,6 +234,18 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
         X = tbs.initial_design(box, initial, design, rng)
     _check_inside(box, X, points)
     return box, table, X
+
+
+def _named_points(table, points, chosen):
+    """A bare array (.npy) of points as one named column per input."""
+    if table.column_names != [io.DEFAULT_FEATURES]:
+        return table, chosen
+    X, _ = io.feature_matrix(table, points)
+    names = chosen or [f"x{i}" for i in range(X.shape[1])]
+    if len(names) != X.shape[1]:
+        raise UsageError(f"--names: {len(names)} names for the {X.shape[1]} "
+                         f"columns of {io.describe(points)}")
+    return pa.table({name: X[:, i] for i, name in enumerate(names)}), names
 
 
 def _check_inside(box, X, points):
