@@ -42,9 +42,9 @@ DEFAULT_EF_CONSTRUCTION = 40
 # The graph's recall is measured on RECALL_SAMPLE rows; ef grows until the
 # lower end of that estimate (mean minus two standard errors over the rows)
 # reaches the target, so that the whole set reaches it too.
-RECALL_SAMPLE = 500
+RECALL_SAMPLE = 1000
 EF_LIMIT = 1024
-EF_GROWTH = 1.5
+EF_GROWTH = 1.25
 PLATEAU = 0.002
 
 # Relative contrast: the mean distance between random points over the mean
@@ -363,7 +363,7 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
 
 
 def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
-    """The smallest ef (growing by half) whose sample recall reaches the target.
+    """The smallest ef (growing by a quarter) whose sample recall reaches it.
 
     Stops early once the predicted time of the whole query passes ``ceiling``
     (the predicted time of the exact search): a larger ef would only cost more.
