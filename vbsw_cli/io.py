@@ -572,7 +572,7 @@ def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
         if source == STDIO or not os.path.exists(source):
             continue
         if target.exists() and os.path.samefile(source, target):
-            raise UsageError(f"-o {target}: refusing to overwrite the input file")
+            raise UsageError(f"{target}: refusing to overwrite the input file")
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
