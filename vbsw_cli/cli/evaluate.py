@@ -24,10 +24,11 @@ from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
 # Each step makes the files the next one reads (a multi-line shell command).
 EXAMPLE = " && \\\n  ".join([
     "vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet",
-    "vbsw retrain-head w.parquet --no-weights -o base.onnx",
-    "vbsw retrain-head w.parquet -o vbsw.onnx",
-    "vbsw evaluate base.onnx w.parquet --run-name baseline --json base.json",
-    "vbsw evaluate vbsw.onnx w.parquet --run-name vbsw --json vbsw.json",
+    "vbsw retrain-head w.parquet --no-weights --hidden 30 -o base.onnx",
+    "vbsw retrain-head w.parquet --hidden 30 -o vbsw.onnx",
+    "vbsw evaluate base.onnx w.parquet --run-name baseline --seed 0 "
+    "--json base.json",
+    "vbsw evaluate vbsw.onnx w.parquet --run-name vbsw --seed 0 --json vbsw.json",
     "vbsw evaluate --compare base.json vbsw.json"])
 
 # scikit-learn's (and numpy's legacy) seeds are 32-bit.
