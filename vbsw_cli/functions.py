@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.special import exprel
 
 from vbsw_cli.errors import DataError, UsageError
 
@@ -78,6 +77,8 @@ def bateman(X: np.ndarray, sigma: float = SIGMA, speed: float = SPEED
     u0, eta0, t = X[:, 0], X[:, 1], X[:, 2]
     a = speed * sigma
     c = u0 - eta0
+    from scipy.special import exprel  # imported here: scipy costs every start
+
     eta = eta0 / (1.0 - a * t * u0 * exprel(-a * c * t))
     u = u0 / (1.0 - a * t * eta0 * exprel(a * c * t))
     return np.column_stack([u, eta])

@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 
 from vbsw_cli.errors import DataError, UsageError
 
@@ -162,7 +161,7 @@ def _maximisation(X, w, resp, reg_covar) -> Mixture:
 def _expectation(X, w, mixture: Mixture):
     """Log responsibilities and the weighted mean log-likelihood."""
     joint = component_log_pdf(mixture, X) + np.log(mixture.weights + TINY)
-    log_norm = logsumexp(joint, axis=1)
+    log_norm = _logsumexp(joint)
     log_likelihood = float(w @ log_norm / w.sum())
     return joint - log_norm[:, None], log_likelihood
 
@@ -193,7 +192,7 @@ def _cholesky(covariance: np.ndarray) -> np.ndarray:
 def log_pdf(mixture: Mixture, X: np.ndarray) -> np.ndarray:
     """Log density of the mixture at the rows of X, shape (n_samples,)."""
     joint = component_log_pdf(mixture, X) + np.log(mixture.weights + TINY)
-    return logsumexp(joint, axis=1)
+    return _logsumexp(joint)
 
 
 def sample(mixture: Mixture, n_samples: int, rng: np.random.Generator
@@ -207,3 +206,10 @@ def sample(mixture: Mixture, n_samples: int, rng: np.random.Generator
                                              noise)
     # Shuffle so the order of the draws does not follow the components.
     return X[rng.permutation(n_samples)]
+
+
+def _logsumexp(joint: np.ndarray) -> np.ndarray:
+    """log(sum(exp(joint), axis=1)) without overflow, row by row."""
+    top = joint.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.log(np.exp(joint - top).sum(axis=1)) + top[:, 0]

@@ -315,8 +315,10 @@ class _BackgroundWriter:
 
         carried = [f.name for f in schema][:-1]
         # Dictionary encoding and statistics of float features cost time and
-        # help nobody; the carried columns keep them.
-        self.writer = pq.ParquetWriter(sink, schema, use_dictionary=carried,
+        # help nobody; the carried columns keep statistics, and text labels
+        # a dictionary (integer ids and labels are faster written plain).
+        self.writer = pq.ParquetWriter(sink, schema,
+                                       use_dictionary=io.dictionary_columns(schema),
                                        write_statistics=carried)
         self.schema, self.error = schema, None
         self.queue = queue.Queue(maxsize=2)
