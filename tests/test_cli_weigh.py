@@ -296,3 +296,10 @@ def test_a_closed_pipe_ends_quietly(tmp_path, rng):
     done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"],
                           capture_output=True, text=True, timeout=300)
     assert "Traceback" not in done.stderr and "error" not in done.stderr
+
+
+def test_refuses_to_overwrite_its_input_before_any_work(tmp_path, small):
+    before = small.read_bytes()
+    run = run_vbsw("weigh", small, "-o", small)
+    assert run.code == 2 and "refusing to overwrite the input" in one_line(run)
+    assert small.read_bytes() == before

@@ -215,6 +215,9 @@ def split_names(text: str | None, option: str | None = None) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if option and not names:
         raise UsageError(f"{option} '{text}': give at least one column name")
+    twice = [name for i, name in enumerate(names) if name in names[:i]]
+    if option and twice:
+        raise UsageError(f"{option} {text}: column '{twice[0]}' is named twice")
     return names
 
 
@@ -573,6 +576,23 @@ def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
             continue
         if target.exists() and os.path.samefile(source, target):
             raise UsageError(f"{target}: refusing to overwrite the input file")
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether two paths name one file (existing or not)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwrite(path: str | None, option: str, inputs) -> None:
+    """Refuse, before any work, an output that is one of the inputs."""
+    if path is None or path == STDIO:
+        return
+    for source in inputs:
+        if source and source != STDIO and same_path(path, source):
+            raise UsageError(f"{option} {path}: refusing to overwrite the input "
+                             "file")
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:

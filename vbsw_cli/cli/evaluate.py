@@ -14,7 +14,6 @@ import typer
 from vbsw_cli import __version__, io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
                                   Reporter, VerboseOpt, command, stderr)
-from vbsw_cli.cli.head import refuse_overwrite, same_path, unique_names
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
@@ -139,10 +138,10 @@ def _check_outputs(json_path, save_predictions, inputs) -> None:
             ".parquet", ".pq"):
         raise UsageError(f"--save-predictions {save_predictions}: predictions "
                          "are written as .parquet")
-    refuse_overwrite(json_path, "--json", inputs)
-    refuse_overwrite(save_predictions, "--save-predictions", inputs)
+    io.refuse_overwrite(json_path, "--json", inputs)
+    io.refuse_overwrite(save_predictions, "--save-predictions", inputs)
     if json_path and save_predictions and json_path != io.STDIO:
-        if same_path(json_path, save_predictions):
+        if io.same_path(json_path, save_predictions):
             raise UsageError(f"--json {json_path} and --save-predictions "
                              f"{save_predictions}: the same file; give two names")
 
@@ -263,7 +262,7 @@ def _is_list(kind: pa.DataType) -> bool:
 def _label_names(label, recorded, table, source, notes) -> list[str]:
     """--label, else the head's (or saved predictions') labels, else 'label'."""
     if label is not None:
-        return unique_names(label, "--label")
+        return io.split_names(label, "--label")
     if not (isinstance(recorded, list) and recorded):
         return [io.DEFAULT_LABEL]
     missing = [c for c in recorded if c not in table.column_names]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -105,7 +104,7 @@ def retrain_head_cli(
     if task not in io.TASKS:
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
     columns = _feature_choice(features_column, feature_columns)
-    label_names = unique_names(label, "--label")
+    label_names = io.split_names(label, "--label")
     destination, merged_path = _output_paths(output, merged_output, features,
                                              backbone)
     backbone_model = load_model(backbone) if backbone else None
@@ -141,15 +140,6 @@ def _feature_choice(features_column, feature_columns) -> list[str]:
     return columns
 
 
-def unique_names(text: str, option: str) -> list[str]:
-    """Comma-separated column names, each at most once."""
-    names = io.split_names(text, option)
-    twice = [name for i, name in enumerate(names) if name in names[:i]]
-    if twice:
-        raise UsageError(f"{option} {text}: column '{twice[0]}' is named twice")
-    return names
-
-
 def _output_paths(output, merged_output, source, backbone):
     """Both output paths, checked before any work (folders, inputs, clashes)."""
     io.check_output_path(output, "-o")
@@ -157,10 +147,10 @@ def _output_paths(output, merged_output, source, backbone):
     destination = _head_path(output, source)
     merged_path = _merged_path(merged_output, destination, backbone)
     inputs = [source] + ([backbone] if backbone else [])
-    refuse_overwrite(destination, "-o", inputs)
+    io.refuse_overwrite(destination, "-o", inputs)
     if merged_path is not None:
-        refuse_overwrite(merged_path, "--merged-output", inputs)
-        if destination != io.STDIO and same_path(destination, merged_path):
+        io.refuse_overwrite(merged_path, "--merged-output", inputs)
+        if destination != io.STDIO and io.same_path(destination, merged_path):
             raise UsageError(f"-o {destination} and --merged-output "
                              f"{merged_path}: the same file; give two names")
     return destination, merged_path
@@ -171,22 +161,6 @@ def _head_path(output: str | None, source: str) -> str:
     if destination != io.STDIO and Path(destination).suffix.lower() != ".onnx":
         raise UsageError(f"-o {destination}: the head is written as .onnx")
     return destination
-
-
-def same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def refuse_overwrite(path: str | None, option: str, inputs) -> None:
-    """Refuse an output that is one of the inputs, naming the option."""
-    if path is None or path == io.STDIO:
-        return
-    for source in inputs:
-        if source and source != io.STDIO and same_path(path, source):
-            raise UsageError(f"{option} {path}: refusing to overwrite the input "
-                             "file")
 
 
 def upstream_records(table: pa.Table) -> list[dict]:

@@ -107,6 +107,9 @@ def weigh_cli(
                             threads=threads, seed=seed)
     io.check_output_path(output, "-o")
     io.check_output_path(graph, "--graph")
+    sources = [features, labels_file]
+    io.refuse_overwrite(output, "-o", sources)
+    io.refuse_overwrite(graph, "--graph", sources)
     destination = resolve_output(output, features, ".weighted.parquet")
     kind = io.output_kind(destination)
     label_names = io.split_names(label, "--label")
