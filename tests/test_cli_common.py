@@ -86,3 +86,23 @@ def test_a_builtin_with_the_wrong_number_of_bounds_says_so():
                    "--initial", "10", "-o", "-")
     assert run.code == 2
     assert "runge takes 1 input" in run.stderr
+
+
+def test_verbose_task_line_says_when_the_work_stopped(capsys):
+    from vbsw_cli.cli._common import _LineTask
+
+    task = _LineTask("embed", 100)
+    task.advance(30)
+    task.close()
+    assert "embed: 30 in" in capsys.readouterr().err
+
+    task = _LineTask("embed", 100)
+    with pytest.raises(RuntimeError):
+        try:
+            task.advance(40)
+            raise RuntimeError("bad row")
+        finally:
+            task.close()
+    err = capsys.readouterr().err
+    assert "embed: stopped after 40 of 100" in err
+    assert "40 in" not in err

@@ -204,6 +204,19 @@ def test_auto_cut_of_gemm_or_matmul_add_with_or_without_softmax(tmp_path, rng,
     assert carried["id"] == list(range(7))
 
 
+def test_an_unnamed_last_layer_is_named_by_its_output(tmp_path):
+    model_path, _ = mlp_model(tmp_path / "m.onnx")
+    model = onnx_graph.load_model(str(model_path))
+    last = model.graph.node[-1]
+    last.name = ""
+    last.attribute.append(helper.make_attribute("transA", 1))
+
+    with pytest.raises(DataError) as failure:
+        onnx_graph.find_cut(model, "auto")
+
+    assert "the last Gemm (unnamed, output 'logits') transposes" in str(failure.value)
+
+
 def test_layer_by_name_and_output(tmp_path):
     _, X, _ = digits(50)
     np.save(tmp_path / "x.npy", X)
@@ -242,6 +255,15 @@ def test_list_layers_prints_tensors_and_shapes_on_stdout():
     assert "<- --layer auto" in by_name[AUTO_TENSOR]
     assert sum("<-" in line for line in lines) == 1
     assert "[batch, 32, 4, 4]" in by_name["/pool/MaxPool_output_0"]
+
+
+@pytest.mark.parametrize("extra, named", [([str(TEST)], "INPUT"),
+                                          (["-o", "f.parquet"], "-o")])
+def test_list_layers_refuses_what_it_would_ignore(tmp_path, here, extra, named):
+    run = here("embed", BACKBONE, "--list-layers", *extra)
+
+    assert_failed(run, 2, "--list-layers", f"drop {named}")
+    assert not (tmp_path / "f.parquet").exists()
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +392,26 @@ def test_fixed_batch_dimension(tmp_path, rng):
     np.testing.assert_allclose(features, mlp_features(X, weights), atol=1e-5)
     with pytest.raises(DataError, match="fixed at 4, which does not divide"):
         embed_all(tmp_path / "four.onnx", tmp_path / "x.npy")
+
+
+def test_fixed_batch_model_says_batch_size_is_not_used(tmp_path, here, rng):
+    path, weights = mlp_model(tmp_path / "one.onnx")
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(path))
+    X = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+
+    run = here("embed", path, tmp_path / "x.npy", "--batch-size", "64",
+               "-o", tmp_path / "f.parquet")
+    quiet = here("embed", path, tmp_path / "x.npy", "-o", tmp_path / "g.parquet")
+
+    assert run.code == 0, run.stderr
+    assert "note: the model's batch dimension is fixed at 1" in run.stderr
+    assert "--batch-size 64" in run.stderr
+    assert "fixed at" not in quiet.stderr
+    np.testing.assert_allclose(features_of(read_output(tmp_path / "f.parquet")),
+                               mlp_features(X, weights), atol=1e-5)
 
 
 def test_integer_model_input_gets_integral_values(tmp_path):

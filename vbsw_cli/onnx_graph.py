@@ -102,9 +102,16 @@ def last_linear(model: onnx.ModelProto) -> LinearLayer:
                     "--list-layers")
 
 
+def _node_text(node) -> str:
+    """A node as a message names it: its name, or its output when it has none."""
+    if node.name:
+        return f"'{node.name}'"
+    return f"(unnamed, output '{node.output[0]}')" if node.output else "(unnamed)"
+
+
 def _gemm_layer(node, weights) -> LinearLayer:
     if node.input[1] not in weights:
-        raise DataError(f"the last Gemm '{node.name}' has no constant weights")
+        raise DataError(f"the last Gemm {_node_text(node)} has no constant weights")
     weight = weights[node.input[1]].astype(np.float64)
     if _attribute(node, "transB", 0):
         weight = weight.T
@@ -114,7 +121,7 @@ def _gemm_layer(node, weights) -> LinearLayer:
         bias = np.broadcast_to(weights[node.input[2]].astype(np.float64)
                                * _attribute(node, "beta", 1.0), bias.shape).copy()
     if _attribute(node, "transA", 0):
-        raise DataError(f"the last Gemm '{node.name}' transposes its input; "
+        raise DataError(f"the last Gemm {_node_text(node)} transposes its input; "
                         "name the cut with --layer")
     return LinearLayer(node.input[0], weight, bias)
 
@@ -129,7 +136,7 @@ def _matmul_add_layer(node, producers, weights) -> LinearLayer:
             weight = weights[matmul.input[1]].astype(np.float64)
             bias = weights[bias_name].astype(np.float64).reshape(-1)
             return LinearLayer(matmul.input[0], weight, bias)
-    raise DataError(f"the last Add '{node.name}' does not follow a MatMul with "
+    raise DataError(f"the last Add {_node_text(node)} does not follow a MatMul with "
                     "constant weights; name the cut with --layer")
 
 

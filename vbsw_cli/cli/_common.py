@@ -172,6 +172,12 @@ class _LineTask:
 
     def close(self) -> None:
         seconds = time.perf_counter() - self.started
+        # Closed from a `finally` while an error propagates: the work stopped.
+        if sys.exc_info()[0] is not None:
+            of = f" of {self.total}" if self.total else ""
+            stderr.print(f"{self.description}: stopped after {self.done}{of} "
+                         f"({seconds:.2f} s)", markup=False)
+            return
         stderr.print(f"{self.description}: {self.done} in {seconds:.2f} s",
                      markup=False)
 

@@ -101,6 +101,7 @@ def embed_cli(
                           std=parse_floats(std, "--std", (1.0,), positive=True),
                           skip_bad=skip_bad_images)
     if list_layers:
+        _refuse_with_list_layers(source=source, output=output)
         _list_layers(model, layer)
         return
     if source is None:
@@ -124,6 +125,7 @@ def embed_cli(
                       id_column=id_column, label_column=label_column,
                       images=images)
     check_options_apply(data.kind, given)  # stdin's kind is known only now
+    _notice_fixed_batch(reporter, backbone, batch_size)
 
     parameters = _parameters(model, source, layer, device, batch_size, backbone,
                              data, images)
@@ -163,6 +165,15 @@ def _check_columns_differ(tensor_column, id_column, label_column) -> None:
                                  "the same column; each role needs its own")
 
 
+def _refuse_with_list_layers(**given) -> None:
+    """--list-layers only reads the model: an INPUT or -o would be ignored."""
+    names = {"source": "INPUT", "output": "-o"}
+    extra = [names[key] for key, value in given.items() if value is not None]
+    if extra:
+        raise UsageError(f"--list-layers reads only MODEL.onnx and prints on "
+                         f"stdout; drop {' and '.join(extra)}")
+
+
 def _list_layers(model_path: str, layer: str) -> None:
     """Print ``tensor  op  shape`` lines on stdout, marking the cut of --layer."""
     from vbsw_cli import onnx_graph
@@ -196,6 +207,14 @@ def _after_first(batches, announce):
             announce()
             announced = True
         yield batch
+
+
+def _notice_fixed_batch(reporter: Reporter, backbone, batch_size: int) -> None:
+    """A fixed batch dimension overrides --batch-size: say so when one was set."""
+    fixed = backbone.fixed_batch
+    if fixed is not None and batch_size not in (DEFAULT_BATCH, fixed):
+        reporter.notice(f"the model's batch dimension is fixed at {fixed}: "
+                        f"batches of {fixed} rows, not --batch-size {batch_size}")
 
 
 def _report(reporter: Reporter, backbone, layer: str, data) -> None:
