@@ -138,6 +138,42 @@ def core_loop(model_path: str, npy: Path, batch_size: int, device: str) -> float
     return n_rows / (time.perf_counter() - started)
 
 
+def writing_alone(model_path: str, npy: Path, out: Path, batch_size: int,
+                  device: str) -> float:
+    """rows/s of the command's Parquet writer alone, on features made beforehand.
+
+    What writing costs when nothing else runs: on a machine whose cores are all
+    busy with inference, this is time the command cannot hide.
+    """
+    from vbsw_cli.cli.embed import write_features
+
+    backbone = core.load_backbone(model_path, device=device)
+    source = core.open_input(str(npy), backbone)
+    batches = list(core.embed(backbone, source, batch_size=batch_size))
+    n_rows = sum(len(b.features) for b in batches)
+    started = time.perf_counter()
+    write_features(iter(batches), source, str(out), {}, inputs=[])
+    return n_rows / (time.perf_counter() - started)
+
+
+def thread_scaling(model_path: str, X: np.ndarray, batch_size: int) -> float:
+    """rows/s of the bare loop on one onnxruntime thread (CPU only)."""
+    import onnxruntime as ort
+
+    model = onnx_graph.load_model(model_path)
+    tensor = onnx_graph.find_cut(model, "auto")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_graph.cut(model, tensor).SerializeToString(),
+                                   options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run([tensor], {name: X[:batch_size]})
+    started = time.perf_counter()
+    for start in range(0, len(X), batch_size):
+        session.run([tensor], {name: X[start:start + batch_size]})
+    return len(X) / (time.perf_counter() - started)
+
+
 def command(model_path: str, npy: Path, out: Path, batch_size: int, device: str
             ) -> tuple[float, float, float]:
     """(rows/s from its own timing line, rows/s by wall clock, peak RSS MiB)."""
@@ -170,10 +206,14 @@ def benchmark(name: str, model_path: str, shape, n_rows: int, batch_size: int,
         fresh = bare_child(model_path, npy, batch_size, device, folder)
         own, wall, peak = command(model_path, npy, folder / f"{name}.parquet",
                                   batch_size, device)
-        runs.append((bare, in_core, fresh, own, wall, peak))
+        writing = writing_alone(model_path, npy, folder / "alone.parquet",
+                                batch_size, device)
+        one = thread_scaling(model_path, X, batch_size) if device == "cpu" \
+            else float("nan")
+        runs.append((bare, in_core, fresh, own, wall, peak, writing, one))
     best = [max(column) for column in zip(*runs)]
-    return dict(zip(("bare", "core", "fresh", "own", "wall", "peak"), best),
-                name=name, rows=n_rows)
+    return dict(zip(("bare", "core", "fresh", "own", "wall", "peak", "writing",
+                     "one_thread"), best), name=name, rows=n_rows)
 
 
 def memory(name: str, model_path: str, shape, counts, batch_size: int,
@@ -210,6 +250,17 @@ def report(results: list[dict], peaks: dict, batch_size: int, device: str) -> No
           "process; command: vbsw embed's own timing line (read, embed, write);\n"
           "wall: the command by the wall clock, with start-up and model loading;\n"
           "ovh = baseline rate / tool rate - 1 (extra time per row; target <= 10%)")
+    print("\nwhat the command adds to inference, measured apart:")
+    for r in results:
+        share = r["bare"] / r["writing"]
+        print(f"{r['name']:<8} writing Parquet alone {r['writing']:>10,.0f} rows/s "
+              f"({1e6 / r['writing']:.2f} us/row) = {share:+.0%} of the bare "
+              f"inference time; onnxruntime on 1 thread {r['one_thread']:,.0f} "
+              f"rows/s vs {r['bare']:,.0f} on {os.cpu_count()} (x"
+              f"{r['bare'] / r['one_thread']:.2f})")
+    print("when onnxruntime keeps every core busy (a ratio near the core count),"
+          " the writer\nthread has no idle core: the command's overhead cannot "
+          "fall much below the writing share")
     for name, rows in peaks.items():
         shown = ", ".join(f"{n:,} rows: {p:.0f} MiB" for n, p in rows)
         ratio = rows[-1][1] / rows[0][1]

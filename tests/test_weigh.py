@@ -198,6 +198,24 @@ def test_hard_data_falls_back_to_exact_when_recall_is_unreachable(rng):
     assert "recall" in found.details["reason"]
 
 
+def test_sample_recall_scores_the_neighbourhood_as_used():
+    from vbsw_cli.neighbors import _sample_recall, recall_bounds
+
+    # Points on a line; row 0 is point 0, which the graph did not return: its
+    # results are its three true neighbours and one far point.
+    X = np.arange(10.0)[:, None]
+    sample = np.array([0, 5])
+    reference = np.array([[0.0, 1, 2, 3], [0.0, 1, 1, 2]])
+    labels = np.array([[1, 2, 3, 9], [5, 4, 6, 3]])
+    squared = ((X[labels, 0] - X[sample])**2).astype(np.float32)
+
+    as_used, _ = _sample_recall((labels, squared), sample, reference)
+    raw, _ = recall_bounds(np.sqrt(squared), reference)
+
+    assert as_used == 1.0
+    assert raw == pytest.approx(7 / 8)
+
+
 # ---------------------------------------------------------------------------
 # Properties
 

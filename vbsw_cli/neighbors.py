@@ -377,8 +377,8 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         started = time.perf_counter()
         found = _knn_query(index, queries, n_query, threads)
         per_row = (time.perf_counter() - started) / len(sample)
-        recall, low = (0.0, 0.0) if found is None else recall_bounds(
-            np.sqrt(found[1]), reference)
+        recall, low = (0.0, 0.0) if found is None else _sample_recall(
+            found, sample, reference)
         too_slow = ceiling is not None and per_row * len(X) > ceiling
         # A sparse graph caps the recall: past 8 k, a step that gains under
         # PLATEAU says a larger ef will not get there.
@@ -388,6 +388,19 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
             return max(ef, n_query), recall, low, per_row
         previous = recall
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
+
+
+def _sample_recall(found, sample, reference) -> tuple[float, float]:
+    """Recall bounds of the neighbourhoods as they will be used.
+
+    A point the graph cannot reach does not come back in its own results; the
+    neighbourhood used puts it back in front (dropping the farthest result),
+    so the sample is scored the same way.
+    """
+    labels, squared = found
+    _, distances = _own_neighbourhood(labels, np.sqrt(np.maximum(squared, 0.0)),
+                                      True, owners=sample)
+    return recall_bounds(distances, reference)
 
 
 def _knn_query(index, queries, n_query, threads):
