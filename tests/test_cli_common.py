@@ -106,3 +106,54 @@ def test_verbose_task_line_says_when_the_work_stopped(capsys):
     err = capsys.readouterr().err
     assert "embed: stopped after 40 of 100" in err
     assert "40 in" not in err
+
+
+def test_a_stop_that_a_library_swallowed_still_writes_nothing(tmp_path):
+    from vbsw_cli import io
+    from vbsw_cli.cli._common import Reporter
+
+    target = tmp_path / "out.parquet"
+    io.request_stop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with io.atomic_output(target) as temporary:
+                with open(temporary, "wb") as handle:
+                    handle.write(b"half")
+        with pytest.raises(KeyboardInterrupt):
+            Reporter().task("searching", 10).advance(1)
+    finally:
+        io.clear_stop()
+    assert list(tmp_path.iterdir()) == []
+    Reporter().task("searching", 10).advance(1)  # cleared: runs on
+
+
+def test_sigterm_while_training_a_head_writes_no_model(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SAMPLE
+
+    # scikit-learn catches the interrupt inside fit and returns a half-trained
+    # model; the command must still stop without writing it.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vbsw_cli", "retrain-head",
+         str(SAMPLE / "breast_cancer.parquet"), "--no-weights", "--epochs",
+         "100000", "--tol", "0", "--optimizer", "sgd", "--learning-rate", "1e-5",
+         "--batch-size", "8", "-o", str(tmp_path / "head.onnx")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    time.sleep(6)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+
+    assert child.returncode == 130, stderr
+    assert b"interrupted; no output was written" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_messages_keep_colons_as_typed(tmp_path):
+    run = run_vbsw("weigh", str(tmp_path / "data:smile:v2.parquet"))
+
+    assert run.code == 1
+    assert "data:smile:v2.parquet" in run.stderr

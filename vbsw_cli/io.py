@@ -541,6 +541,7 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     os.chmod(temporary, 0o666 & ~_umask())
     try:
         yield temporary
+        check_stop()
         os.replace(temporary, target)
     except BaseException as error:
         if os.path.exists(temporary):
@@ -607,6 +608,34 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# A stop asked for by a signal
+
+# Set by the command line's signal handlers. The handler also raises
+# KeyboardInterrupt, but a library can swallow it (pyarrow does while it
+# imports pandas lazily); then this flag still keeps any output from being
+# put in place, and the next progress step raises again.
+_stop_requested = False
+
+
+def request_stop() -> None:
+    """Remember that the run was told to stop (by SIGINT, SIGTERM, SIGHUP)."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def clear_stop() -> None:
+    """Forget an earlier stop (a new run in the same process)."""
+    global _stop_requested
+    _stop_requested = False
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was asked for, even if it was lost."""
+    if _stop_requested:
+        raise KeyboardInterrupt("stop requested")
+
+
+# ---------------------------------------------------------------------------
 # stdout carries data only
 
 _data_stdout = None
@@ -619,6 +648,7 @@ def data_stdout():
 
 def write_stdout(data: bytes) -> None:
     """Write data (bytes) to stdout and flush."""
+    check_stop()
     stream = data_stdout()
     stream.write(data)
     stream.flush()

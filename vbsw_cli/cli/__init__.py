@@ -16,7 +16,7 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
-from vbsw_cli import __version__
+from vbsw_cli import __version__, io
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
@@ -34,12 +34,17 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version,
 
 
 def _interrupt(signum, frame):
+    io.request_stop()
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _stop_cleanly_on_signals() -> None:
-    """SIGTERM and SIGHUP end a run like Ctrl-C: temporary files are removed."""
-    for name in ("SIGTERM", "SIGHUP"):
+    """SIGINT, SIGTERM and SIGHUP end a run: temporary files are removed.
+
+    The stop is also remembered, so that an interrupt a library swallowed
+    still keeps any output from being written.
+    """
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             try:
                 signal.signal(getattr(signal, name), _interrupt)
@@ -48,7 +53,8 @@ def _stop_cleanly_on_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vbsw`` console script."""
+    """Run the ``vbsw`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
+    io.clear_stop()
     _stop_cleanly_on_signals()
     command = typer.main.get_command(app)
     try:

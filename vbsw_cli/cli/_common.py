@@ -25,7 +25,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 # ---------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class Reporter:
 
 class _Silent:
     def advance(self, amount: int = 1) -> None:
-        pass
+        io.check_stop()
 
     def close(self) -> None:
         pass
@@ -168,6 +168,7 @@ class _LineTask:
         self.started = time.perf_counter()
 
     def advance(self, amount: int = 1) -> None:
+        io.check_stop()
         self.done += amount
 
     def close(self) -> None:
@@ -201,6 +202,7 @@ class _BarTask:
         self.id = self.progress.add_task(description, total=total)
 
     def advance(self, amount: int = 1) -> None:
+        io.check_stop()
         self.progress.advance(self.id, amount)
 
     def close(self) -> None:
