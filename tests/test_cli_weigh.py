@@ -137,6 +137,27 @@ def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     assert (read(run.stdout).column("weight").to_numpy() == 1).all()
 
 
+def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
+    X = rng.normal(size=(40, 3))
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(2, size=40))
+    whole = run_vbsw("weigh", path, "--k", "40", "--check-recall", "1000",
+                     "-v", "-o", "-")
+    assert whole.code == 0, whole.stderr
+    assert "against exact search: 1.0000 (on 40 rows)" in whole.stderr
+    assert "every neighbourhood holds every row" in whole.stderr
+    lines = whole.stderr.splitlines()
+    # The header comes before the search reports its progress.
+    assert lines[0].startswith("rows 40, dimensions 3, k 40"), whole.stderr
+    assert lines[1].startswith("exact search: 40 in"), whole.stderr
+
+    big = write_features(tmp_path / "g.parquet", rng.normal(size=(12_000, 3)),
+                         rng.integers(2, size=12_000))
+    raised = run_vbsw("weigh", big, "--k", "10", "--search", "hnsw", "--ef", "1",
+                      "--threads", "1", "-o", "-")
+    assert raised.code == 0, raised.stderr
+    assert "note: --ef 1 raised to 10" in raised.stderr
+
+
 # ---------------------------------------------------------------------------
 # Errors: one line, the right exit code, no output file
 
@@ -239,6 +260,13 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
     _fails(tmp_path, [small, "--m", "inf"], 2, "--m inf", "finite")
     _fails(tmp_path, [small, "--graph", tmp_path / "nodir" / "g.npz"], 1,
            "--graph", "does not exist")
+    _fails(tmp_path, [small, "--features", "features", "--feature-columns",
+                      "x*"], 2, "--features", "--feature-columns", "give one")
+
+
+def test_error_too_few_rows_names_the_file(tmp_path, rng):
+    one = write_features(tmp_path / "one.parquet", rng.normal(size=(1, 2)), [1])
+    _fails(tmp_path, [one], 1, "one.parquet:", "at least 2 points")
 
 
 def test_patterns_never_take_the_label_or_the_id(tmp_path, rng):

@@ -301,9 +301,9 @@ def _approximate_or_exact(X, n_query, options, progress):
         if low >= options.recall or options.ef is not None:
             break
         short = (f"hnswlib (M={graph.M}, ef_construction="
-                 f"{graph.ef_construction}) reached recall {recall:.3f} (at "
-                 f"least {low:.3f}) with ef up to {ef}, short of --recall "
-                 f"{options.recall}")
+                 f"{graph.ef_construction}) reached recall {floor_text(recall)} "
+                 f"(at least {floor_text(low)}) with ef up to {ef}, short of "
+                 f"--recall {options.recall}")
         if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
             return _exact_instead(X, n_query, options, progress, details, short)
         if graph is not attempts[-1]:
@@ -481,6 +481,12 @@ def _hits(found: np.ndarray, reference: np.ndarray) -> np.ndarray:
     radius = reference.max(axis=1, keepdims=True)
     tolerance = 1e-5 * np.maximum(radius, 1e-12)
     return found <= radius + tolerance
+
+
+def floor_text(value: float, digits: int = 3) -> str:
+    """A recall rounded down, so that a shortfall never prints as reached."""
+    scale = 10 ** digits
+    return f"{np.floor(value * scale) / scale:.{digits}f}"
 
 
 def recall_at_k(found: np.ndarray, reference: np.ndarray) -> float:

@@ -15,7 +15,8 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, OutputOpt, QuietOpt, Reporter,
                                   SeedOpt, VerboseOpt, command, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.neighbors import SearchOptions, csr_graph, duplicate_rows
+from vbsw_cli.neighbors import (SearchOptions, check_k, csr_graph, duplicate_rows,
+                                floor_text)
 from vbsw_cli.weigh import check_m, check_normalization, histogram, weigh
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
@@ -31,7 +32,7 @@ def weigh_cli(
     m: Annotated[float, typer.Option("--m", help="Ratio of the largest weight to "
                                      "the smallest (>= 1).")] = 40.0,
     output: OutputOpt = None,
-    features_column: FeaturesOpt = io.DEFAULT_FEATURES,
+    features_column: FeaturesOpt = None,
     feature_columns: FeatureColumnsOpt = None,
     label: LabelOpt = io.DEFAULT_LABEL,
     labels_file: Annotated[Optional[str], typer.Option(
@@ -100,6 +101,9 @@ def weigh_cli(
     _validate(k, m, normalize, task, threads, check_recall, graph)
     if exact and search not in ("auto", "exact"):
         raise UsageError(f"--exact contradicts --search {search}; give one")
+    if features_column is not None and feature_columns is not None:
+        raise UsageError(f"--features {features_column} and --feature-columns "
+                         f"{feature_columns}: give one of them")
     if features == io.STDIO and labels_file == io.STDIO:
         raise UsageError("FEATURES and --labels cannot both be - (stdin)")
     options = SearchOptions(method="exact" if exact else search, recall=recall,
@@ -129,6 +133,10 @@ def weigh_cli(
     table = _output_rows(table, label_table, label_columns, weights_only or
                          kind == "npy")
     timings["read_s"] = time.perf_counter() - started
+    _check_rows(features, X, k, not exclude_self)
+    # Said before the search, so a long run shows at once what it works on.
+    tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
+    reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
 
     result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
                    normalization=normalize, scale_features=standardize,
@@ -157,8 +165,8 @@ def weigh_cli(
     timings["write_s"] = time.perf_counter() - started
     timings["total_s"] = sum(timings.values())
 
-    _summary(reporter, X, k, labels, result, timings, destination,
-             normalize)
+    _summary(reporter, X, k, result, timings, destination, normalize, ef,
+             check_recall, not exclude_self)
 
 
 def _validate(k, m, normalize, task, threads, check_recall, graph):
@@ -175,6 +183,14 @@ def _validate(k, m, normalize, task, threads, check_recall, graph):
         raise UsageError(f"--check-recall {check_recall}: must be at least 1")
     if graph is not None and not graph.endswith(".npz"):
         raise UsageError(f"--graph {graph}: the graph is written as .npz")
+
+
+def _check_rows(name: str, X, k: int, include_self: bool) -> None:
+    """check_k, with the file named in a data error."""
+    try:
+        check_k(k, len(X), include_self)
+    except DataError as error:
+        raise DataError(f"{io.describe(name)}: {error}") from error
 
 
 def _output_rows(table, label_table, label_columns, only_id):
@@ -248,38 +264,44 @@ def _jsonable(details: dict) -> dict:
             for key, value in details.items() if not key.endswith("_s")}
 
 
-def _summary(reporter, X, k, labels, result, timings, destination,
-             normalize):
+def _summary(reporter, X, k, result, timings, destination, normalize, ef,
+             check_recall, include_self):
     if reporter.quiet:
         return
-    n_samples, n_features = X.shape
     details = result.neighbours.details
     search = result.neighbours.method
     if search == "hnsw":
         search += (f" (M={details['M']}, ef_construction="
                    f"{details['ef_construction']}, ef={details['ef']}, "
                    f"sample recall {details['sample_recall']:.3f}, at least "
-                   f"{details['sample_recall_low']:.3f})")
+                   f"{floor_text(details['sample_recall_low'])})")
+    elif "ef" in details:  # a graph was tried: the note below says why not
+        search += " (instead of the graph)"
     else:
         search += f" ({details.get('reason', '')})"
-    tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
-    reporter.say(f"rows {n_samples}, dimensions {n_features}, k {k}, labels "
-                 f"{tasks}")
     reporter.say(f"search: {search}")
+    if ef is not None and details.get("ef", ef) != ef:
+        reporter.notice(f"--ef {ef} raised to {details['ef']}: hnswlib searches "
+                        "with ef at least the neighbours it returns")
     if "reason" in details and result.neighbours.method == "exact" \
             and "ef" in details:
         reporter.notice(f"fell back to exact search: {details['reason']}")
     if "warning" in details:
         reporter.say(f"warning: {details['warning']}")
     if result.recall is not None:
-        reporter.say(f"recall@{k} against exact search: {result.recall:.4f}")
+        rows = min(check_recall, len(X))
+        reporter.say(f"recall@{k} against exact search: {result.recall:.4f} "
+                     f"(on {rows} rows)")
     duplicates = duplicate_rows(result.neighbours)
     if duplicates:
         reporter.notice(f"{duplicates} rows have a duplicate feature vector "
                         "among their neighbours (each point is counted once)")
     if result.all_equal:
-        reporter.notice("every local variance is equal (all labels equal?): "
-                        "all weights are 1 before normalisation")
+        covered = k + (0 if include_self else 1) >= len(X)
+        why = "every neighbourhood holds every row" if covered \
+            else "all labels equal?"
+        reporter.notice(f"every local variance is equal ({why}): all weights "
+                        "are 1 before normalisation")
     stages = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in timings.items())
     reporter.say(f"time: {stages}")
     weight = result.weight
