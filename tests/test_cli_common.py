@@ -157,3 +157,23 @@ def test_messages_keep_colons_as_typed(tmp_path):
 
     assert run.code == 1
     assert "data:smile:v2.parquet" in run.stderr
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
+        tmp_path, capfd, monkeypatch, debug):
+    from conftest import SAMPLE, run_here
+    import vbsw_cli.cli.weigh as weigh_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weigh_cli, "weigh", interrupted)
+    run = run_here(capfd, "weigh", SAMPLE / "breast_cancer.parquet", "-q",
+                   "-o", tmp_path / "w.parquet", *(["--debug"] if debug else []))
+
+    assert run.code == 130
+    assert run.stderr.strip().splitlines()[-1] == (
+        "vbsw weigh: error: interrupted; no output was written")
+    assert ("Traceback" in run.stderr) == debug
+    assert list(tmp_path.iterdir()) == []

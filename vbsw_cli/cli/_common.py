@@ -6,6 +6,7 @@ import functools
 import inspect
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,8 +80,8 @@ def command(name: str, example: str, **settings):
                     raise
                 fail(name, str(error), error.exit_code)
             except KeyboardInterrupt:
-                if debug:
-                    raise
+                if debug:  # where it stopped, then the usual line and code
+                    traceback.print_exc()
                 fail(name, "interrupted; no output was written", 130)
             except MemoryError:
                 if debug:
