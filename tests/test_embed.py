@@ -689,6 +689,31 @@ def test_two_roles_for_one_column(tmp_path, option, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+@pytest.mark.parametrize("option", [["--id-column", "label"],
+                                    ["--label-column", "id"], ["--label", "id"]])
+def test_a_default_role_counts_as_taken(tmp_path, option, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+
+    role = "id" if option[0] == "--id-column" else "label"
+    assert_failed(run, 2, f"--{role}-column {option[1]}",
+                  "cannot be both the id and the label")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_the_input_id_is_kept_beside_a_named_id_column(tmp_path):
+    ids, X, labels = digits(10)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": ids + 100, "image": cli.io.fixed_size_list(X),
+                             "label": labels, "key": [f"k{i}" for i in ids]}),
+                   path)
+
+    _, carried, source = embed_all(path=path, id_column="key")
+
+    assert [f.name for f in source.fields] == ["id", "key", "label"]
+    assert carried["id"] == (ids + 100).tolist()
+    assert carried["key"] == [f"k{i}" for i in ids]
+
+
 def test_no_tensor_column_at_all(tmp_path, here):
     pq.write_table(pa.table({"x0": [1.0], "label": [0]}), tmp_path / "t.parquet")
     run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",

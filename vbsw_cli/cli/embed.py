@@ -15,7 +15,8 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
                                   command, resolve_output)
 from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
-                            check_device, check_options_apply, embed,
+                            check_column_roles, check_device,
+                            check_options_apply, embed,
                             input_kind, load_backbone, open_input, parse_floats,
                             parse_shape)
 from vbsw_cli.errors import DataError, UsageError
@@ -60,8 +61,10 @@ def embed_cli(
         "tensors (a list of numbers per row). Default: image, else features.")
     ] = None,
     id_column: Annotated[Optional[str], typer.Option(
-        "--id-column", metavar="COLUMN", help="Column carried as the row id "
-        "(default: id when present, else the row number).")] = None,
+        "--id-column", metavar="COLUMN", help="A further id column, carried "
+        "under its own name. The input's id column is always carried unchanged "
+        "when present; only without one does the row number become id.")
+    ] = None,
     label_column: Annotated[Optional[str], typer.Option(
         "--label-column", "--label", metavar="COLUMN", help="Column carried as "
         "the label (default: label when present).")] = None,
@@ -107,7 +110,7 @@ def embed_cli(
     if source is None:
         raise UsageError("missing INPUT: give a .npy, Parquet file, image "
                          "folder or - (or use --list-layers)")
-    _check_columns_differ(tensor_column, id_column, label_column)
+    check_column_roles(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
     if io.output_kind(destination) != "parquet":
         raise UsageError(f"-o {destination}: vbsw embed writes Parquet "
@@ -153,16 +156,6 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     if len(size) > 2:
         raise UsageError(f"--image-size {text}: give HxW or one size")
     return (size[0], size[-1])
-
-
-def _check_columns_differ(tensor_column, id_column, label_column) -> None:
-    named = [("--tensor-column", tensor_column), ("--id-column", id_column),
-             ("--label-column", label_column)]
-    for i, (option, column) in enumerate(named):
-        for other, same in named[i + 1:]:
-            if column is not None and column == same:
-                raise UsageError(f"{option} {column} and {other} {same} name "
-                                 "the same column; each role needs its own")
 
 
 def _refuse_with_list_layers(**given) -> None:
