@@ -371,6 +371,37 @@ def test_cli_data_errors(capfdbinary, tmp_path, rng):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("args, column", [
+    (["--label", "features"], "features"),
+    (["--feature-columns", "a0,a1", "--label", "a1"], "a1"),
+    (["--feature-columns", "a*,label"], "label"),
+])
+def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path, rng,
+                                                args, column):
+    X, y = blobs(rng, n=20, n_features=2)
+    write_features(tmp_path / "f.parquet", X, y, a0=X[:, 0], a1=X[:, 1])
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o", out,
+               "--no-weights", *args)
+    assert run.code == 2, run.stderr
+    assert f"f.parquet: column '{column}' cannot be both a feature and a " \
+        "label" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_feature_patterns_skip_the_label_and_id(capfdbinary, tmp_path, rng):
+    X, y = blobs(rng, n=20, n_features=2)
+    pq.write_table(pa.table({"id": np.arange(20), "a0": X[:, 0], "a1": X[:, 1],
+                             "label": y}), tmp_path / "f.parquet")
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o", out,
+               "--no-weights", "--feature-columns", "*", "--epochs", "3")
+    assert run.code == 0, run.stderr
+    assert read_metadata(onnx.load(str(out)))["trained_on"]["features"] == [
+        "a0", "a1"]
+
+
 def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
     backbone = small_backbone(rng)
     onnx.save(backbone, str(tmp_path / "bb.onnx"))

@@ -168,7 +168,10 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
                                source, notes)
     choice = _feature_choice(table, data_path, features_column, feature_columns,
                              metadata, label_names, notes)
-    X, used = io.feature_matrix(table, data_path, **choice)
+    label_names = io.expand_columns(label_table, label_names, source, "label")
+    own = label_names if label_table is table else []
+    X, used = io.feature_matrix(table, data_path, **choice,
+                                exclude=[io.ID_COLUMN, *own])
     labels = io.read_labels(label_table, source, label_names, task=task)
 
     result = run_model(model, X, name=model_path, batch_size=batch_size,

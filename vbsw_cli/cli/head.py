@@ -111,9 +111,11 @@ def retrain_head_cli(
 
     table = io.read_table(features)
     io.require_rows(table, features)
+    label_columns = io.expand_columns(table, label_names, features, "label")
     X, used = io.feature_matrix(table, features, column=features_column,
-                                columns=columns)
-    labels = io.read_labels(table, features, label_names, task=task)
+                                columns=columns,
+                                exclude=[io.ID_COLUMN, *label_columns])
+    labels = io.read_labels(table, features, label_columns, task=task)
     _note_many_classes(reporter, labels, len(X))
     weight = None if no_weights else _weights(table, features, weight_column)
 
