@@ -550,3 +550,18 @@ def test_cli_verbose_reports_the_epochs_run(capfdbinary, tmp_path, weighted):
     assert run.code == 0, run.stderr
     assert "training head, epochs: 7 in" in run.stderr
     assert "trained 7 epochs" in run.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_tol_zero_runs_every_epoch(capfdbinary, tmp_path, rng, optimizer):
+    # A large step makes the loss jump about: with the default patience of 10
+    # epochs without improvement, training would stop after 100 to 250 epochs.
+    X = rng.normal(size=(40, 2)).astype(np.float32)
+    write_features(tmp_path / "f.parquet", X, (X[:, 0] > 0).astype(int))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o",
+               tmp_path / "h.onnx", "--no-weights", "--optimizer", optimizer,
+               "--lr", "0.5", "--batch-size", "8", "--epochs", "300",
+               "--tol", "0")
+    assert run.code == 0, run.stderr
+    assert "trained 300 epochs" in run.stderr
+    assert "still falling" not in run.stderr

@@ -62,7 +62,8 @@ def retrain_head_cli(
         "--momentum", help="sgd momentum (Nesterov when > 0).")] = 0.9,
     tol: Annotated[float, typer.Option(
         "--tol", help="Stop when the loss has not improved by this for 10 "
-        "epochs; 0 runs (nearly) every epoch.")] = 1e-4,
+        "epochs; 0 runs every epoch (adam, sgd; lbfgs still stops when it "
+        "can make no progress).")] = 1e-4,
     no_standardize: Annotated[bool, typer.Option(
         "--no-standardize", help="Train on the features as they are (default: "
         "scaled to zero mean and unit variance, folded into the exported head).")
@@ -259,7 +260,7 @@ def _summary(reporter, head, X, labels, weight, destination, merged_path):
                  f"{head.options.optimizer}")
     reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
                  f"training {_fit_text(head, X, labels)}")
-    if not head.converged:
+    if not head.converged and head.options.tol > 0:
         reporter.notice(f"the loss was still falling after {head.epochs_run} "
                         "epochs; raise --epochs or --learning-rate")
     reporter.say(f"wrote {'stdout' if destination == '-' else destination}"
