@@ -714,6 +714,20 @@ def test_the_input_id_is_kept_beside_a_named_id_column(tmp_path):
     assert carried["key"] == [f"k{i}" for i in ids]
 
 
+@pytest.mark.parametrize("name, words", [
+    ("model.onnx", ["-o ", "model.onnx: vbsw embed writes Parquet", ".parquet"]),
+    ("f.npy", ["f.npy: vbsw embed writes Parquet"]),
+    ("folder", ["folder: is a folder; give a file name"]),
+])
+def test_output_that_is_not_a_parquet_file(tmp_path, here, name, words):
+    (tmp_path / "folder").mkdir()
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / name)
+
+    assert_failed(run, 2, *words)
+    assert "unknown output type" not in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
 def test_no_tensor_column_at_all(tmp_path, here):
     pq.write_table(pa.table({"x0": [1.0], "label": [0]}), tmp_path / "t.parquet")
     run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",

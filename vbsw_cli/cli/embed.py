@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
@@ -28,6 +29,7 @@ FEATURES = io.DEFAULT_FEATURES
 # one batch), so memory stays flat and readers do not meet tiny row groups.
 GROUP_BYTES = 8 * 2**20
 MAX_GROUP_ROWS = 65536
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH",
@@ -112,10 +114,7 @@ def embed_cli(
                          "folder or - (or use --list-layers)")
     check_column_roles(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
-    if io.output_kind(destination) != "parquet":
-        raise UsageError(f"-o {destination}: vbsw embed writes Parquet "
-                         "(.parquet, or - for stdout)")
-    io.check_output_path(destination, "-o")
+    _check_destination(destination)
     given = {"--image-size": image_size, "--mean": mean, "--std": std,
              "--skip-bad-images": skip_bad_images,
              "--tensor-column": tensor_column, "--id-column": id_column,
@@ -156,6 +155,15 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     if len(size) > 2:
         raise UsageError(f"--image-size {text}: give HxW or one size")
     return (size[0], size[-1])
+
+
+def _check_destination(destination: str) -> None:
+    """A writable Parquet path or stdout (embed writes no .npy)."""
+    io.check_output_path(destination, "-o")
+    suffix = Path(destination).suffix.lower()
+    if destination != io.STDIO and suffix not in PARQUET_SUFFIXES:
+        raise UsageError(f"-o {destination}: vbsw embed writes Parquet; give a "
+                         ".parquet file name, or - for stdout")
 
 
 def _refuse_with_list_layers(**given) -> None:
