@@ -865,6 +865,17 @@ def test_empty_folder_and_loose_images(tmp_path, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+def test_images_beside_class_folders_are_refused(tmp_path, here):
+    root = image_folder(tmp_path / "mixed")
+    for name in ("y.png", "b.jpg"):
+        (root / name).write_bytes((root / "digit3" / "0.png").read_bytes())
+    run = here("embed", BACKBONE, root, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "mixed", "2 image(s) lie directly", "(first: b.jpg)",
+                  "must sit in class sub-folders")
+    no_files_left(tmp_path, "f.parquet")
+
+
 def test_undecodable_image_is_named_and_nothing_is_left(tmp_path, here):
     root = image_folder(tmp_path / "images")
     bad = root / "digit7" / "9.png"  # sorted last: earlier batches were written

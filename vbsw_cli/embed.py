@@ -629,17 +629,25 @@ def _image_files(folder: str) -> list[Path]:
     root = Path(folder)
     classes = sorted(p for p in root.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
-    files = [f for c in classes for f in sorted(c.iterdir())
-             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [f for c in classes for f in sorted(c.iterdir()) if _is_image(f)]
+    loose = sorted(f for f in root.iterdir() if _is_image(f))
+    if files and loose:
+        raise DataError(f"{folder}: {len(loose)} image(s) lie directly in the "
+                        f"folder beside its class sub-folders (first: "
+                        f"{loose[0].name}); images must sit in class "
+                        "sub-folders (the folder name is the label)")
     if files:
         return files
-    loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
         raise DataError(f"{folder}: images lie directly in the folder; put them "
                         "in one sub-folder per class (the folder name is the "
                         "label)")
     raise DataError(f"{folder}: no PNG or JPEG images in its sub-folders "
                     "(expected one sub-folder of images per class)")
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass
