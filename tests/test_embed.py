@@ -634,8 +634,13 @@ def test_shape_that_cannot_match(tmp_path, here):
     np.save(tmp_path / "x.npy", np.zeros((4, 10), np.float32))
     run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
 
-    assert_failed(run, 1, "x.npy", "rows have 10 values", "1,8,8 = 64")
+    assert_failed(run, 1, "x.npy: rows have 10 values; the model's input "
+                  "'image' takes 64 values (1x8x8); see --input-shape")
     no_files_left(tmp_path, "f.parquet")
+    np.save(tmp_path / "x.npy", np.zeros((4, 2, 5), np.float32))
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "rows have 10 values (2x5); the model's input")
 
 
 def test_dtype_that_cannot_match(tmp_path, here):

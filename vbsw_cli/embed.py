@@ -834,10 +834,9 @@ def model_input(raw: RawBatch, backbone: Backbone, source: Source) -> np.ndarray
     values, name = raw.values, io.describe(source.name)
     n_values = math.prod(values.shape[1:])
     if n_values != backbone.n_values:
-        raise DataError(f"{name}: rows have {n_values} values "
-                        f"({_dims(values.shape[1:])}), the model's input "
-                        f"'{backbone.input_name}' wants {_dims(backbone.row_shape)}"
-                        f" = {backbone.n_values}; see --input-shape")
+        raise DataError(f"{name}: rows have {_size(values.shape[1:])}; the "
+                        f"model's input '{backbone.input_name}' takes "
+                        f"{_size(backbone.row_shape)}; see --input-shape")
     X = values.reshape(len(values), *backbone.row_shape)
     if X.dtype.kind == "f":
         _check_finite(X, name, raw.first_row)
@@ -858,6 +857,12 @@ def model_input(raw: RawBatch, backbone: Backbone, source: Source) -> np.ndarray
                             "hold values that do not fit"
                             + _first_bad(X, fits, raw.first_row))
     return cast
+
+
+def _size(shape: Sequence[int]) -> str:
+    """``64 values (1x8x8)``; the shape only when it has several dimensions."""
+    text = f"{math.prod(shape)} values"
+    return text + (f" ({'x'.join(map(str, shape))})" if len(shape) > 1 else "")
 
 
 def _check_integers(X: np.ndarray, target: np.dtype, where: str,
