@@ -502,6 +502,19 @@ def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path,
     assert not (tmp_path / "r.json").exists()
 
 
+def test_cli_predictions_errors_name_the_file(capfdbinary, tmp_path, rng):
+    proba = rng.dirichlet(np.ones(3), size=6)
+    field = pa.field("probabilities", pa.list_(pa.float64(), 3),
+                     metadata={b"classes": b"[0, 1]"})
+    table = pa.table({"label": np.zeros(6, int)}).append_column(
+        field, io_vectors(proba))
+    pq.write_table(table, tmp_path / "p.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "p.parquet")
+    assert run.code == 1, run.stderr
+    assert f"error: {tmp_path / 'p.parquet'}: 'probabilities' names 2 " \
+        "classes" in run.stderr
+
+
 def test_compare_refuses_mixed_tasks_under_one_name():
     records = [{**record("vbsw", 0, 0.9), "task": "classification"},
                {"run": "vbsw", "seed": 1, "task": "regression",

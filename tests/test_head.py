@@ -356,7 +356,8 @@ def test_cli_data_errors(capfdbinary, tmp_path, rng):
     write_features(tmp_path / "ok.parquet", X, y, weight=np.ones(20))
     cases = [("nan_w.parquet", [], "weight column 'weight' has NaN"),
              ("nan_x.parquet", [], "feature column 'features' has NaN"),
-             ("one.parquet", [], "single class"),
+             ("one.parquet", [], "one.parquet: label column 'label' has a "
+              "single class"),
              ("empty.parquet", [], "no rows"),
              ("corrupt.parquet", [], "not a readable Parquet file"),
              ("missing.parquet", [], "no such file"),
@@ -412,6 +413,7 @@ def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
                "-o", tmp_path / "h.onnx",
                    "--backbone", tmp_path / "bb.onnx", "--epochs", "5")
     assert run.code == 1
+    assert f"error: {tmp_path / 'bb.onnx'}: the backbone's tensor" in run.stderr
     assert "the head takes 5" in run.stderr
     assert (tmp_path / "h.onnx").read_bytes() == b"old"
     assert not (tmp_path / "h.merged.onnx").exists()

@@ -13,7 +13,8 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
-                                  VerboseOpt, command, resolve_output)
+                                  VerboseOpt, command, named_errors,
+                                  resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
@@ -120,14 +121,16 @@ def retrain_head_cli(
     _note_many_classes(reporter, labels, len(X))
     weight = None if no_weights else _weights(table, features, weight_column)
 
-    head = train_head(X, labels, weight, options=options, progress=reporter)
+    with named_errors(features):
+        head = train_head(X, labels, weight, options=options, progress=reporter)
     record = {"input": features, "features": used,
               "weight_column": None if no_weights else weight_column,
               "upstream": upstream_records(table)}
     model = head_to_onnx(head, extra_metadata={"trained_on": record})
     merged = None
     if backbone_model is not None:
-        merged = merge_with_backbone(backbone_model, model, layer)
+        with named_errors(backbone):
+            merged = merge_with_backbone(backbone_model, model, layer)
 
     inputs = [features] + ([backbone] if backbone else [])
     _write_models(model, destination, merged, merged_path, inputs)
