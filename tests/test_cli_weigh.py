@@ -227,6 +227,12 @@ def test_error_keeps_an_existing_output_untouched(tmp_path, small):
     assert out.read_bytes() == b"earlier result"
 
 
+def test_one_row_is_refused_naming_the_file(tmp_path):
+    path = write_features(tmp_path / "one.parquet", np.zeros((1, 2)), [0])
+    _fails(tmp_path, [path, "--k", "2"], 1,
+           f"error: {path}: a neighbourhood needs at least 2 points")
+
+
 def test_debug_shows_the_traceback(tmp_path, small):
     run = run_vbsw("weigh", small, "--label", "nope", "-o", "-", "--debug")
     assert run.code != 0

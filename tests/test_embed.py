@@ -634,8 +634,13 @@ def test_shape_that_cannot_match(tmp_path, here):
     np.save(tmp_path / "x.npy", np.zeros((4, 10), np.float32))
     run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
 
-    assert_failed(run, 1, "x.npy", "rows have 10 values", "1,8,8 = 64")
+    assert_failed(run, 1, "x.npy: rows have 10 values; the model's input "
+                  "'image' takes 64 values (1x8x8); see --input-shape")
     no_files_left(tmp_path, "f.parquet")
+    np.save(tmp_path / "x.npy", np.zeros((4, 2, 5), np.float32))
+    run = here("embed", BACKBONE, tmp_path / "x.npy", "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "rows have 10 values (2x5); the model's input")
 
 
 def test_dtype_that_cannot_match(tmp_path, here):
@@ -687,6 +692,45 @@ def test_two_roles_for_one_column(tmp_path, option, here):
 
     assert_failed(run, 2, f"{option[0]} label and", "name the same column")
     no_files_left(tmp_path, "f.parquet")
+
+
+@pytest.mark.parametrize("option", [["--id-column", "label"],
+                                    ["--label-column", "id"], ["--label", "id"]])
+def test_a_default_role_counts_as_taken(tmp_path, option, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet", *option)
+
+    role = "id" if option[0] == "--id-column" else "label"
+    assert_failed(run, 2, f"--{role}-column {option[1]}",
+                  "cannot be both the id and the label")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_the_input_id_is_kept_beside_a_named_id_column(tmp_path):
+    ids, X, labels = digits(10)
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": ids + 100, "image": cli.io.fixed_size_list(X),
+                             "label": labels, "key": [f"k{i}" for i in ids]}),
+                   path)
+
+    _, carried, source = embed_all(path=path, id_column="key")
+
+    assert [f.name for f in source.fields] == ["id", "key", "label"]
+    assert carried["id"] == (ids + 100).tolist()
+    assert carried["key"] == [f"k{i}" for i in ids]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("model.onnx", ["-o ", "model.onnx: vbsw embed writes Parquet", ".parquet"]),
+    ("f.npy", ["f.npy: vbsw embed writes Parquet"]),
+    ("folder", ["folder: is a folder; give a file name"]),
+])
+def test_output_that_is_not_a_parquet_file(tmp_path, here, name, words):
+    (tmp_path / "folder").mkdir()
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / name)
+
+    assert_failed(run, 2, *words)
+    assert "unknown output type" not in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
 def test_no_tensor_column_at_all(tmp_path, here):
@@ -823,6 +867,17 @@ def test_empty_folder_and_loose_images(tmp_path, here):
 
     assert_failed(empty, 1, "empty", "no PNG or JPEG images")
     assert_failed(flat, 1, "loose", "one sub-folder per class")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_images_beside_class_folders_are_refused(tmp_path, here):
+    root = image_folder(tmp_path / "mixed")
+    for name in ("y.png", "b.jpg"):
+        (root / name).write_bytes((root / "digit3" / "0.png").read_bytes())
+    run = here("embed", BACKBONE, root, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "mixed", "2 image(s) lie directly", "(first: b.jpg)",
+                  "must sit in class sub-folders")
     no_files_left(tmp_path, "f.parquet")
 
 

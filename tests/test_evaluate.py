@@ -485,6 +485,36 @@ def test_cli_refuses_permuted_or_missing_feature_columns(capfdbinary, tmp_path,
     assert "trained on 3 columns" in run.stderr and "no column 'x1'" in run.stderr
 
 
+@pytest.mark.parametrize("args, column", [
+    (["--label", "x1"], "x1"),
+    (["--feature-columns", "x0,x1,x2,a", "--label", "a"], "a"),
+    (["--features", "features", "--label", "features"], "features"),
+])
+def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path,
+                                                regression_head, args, column):
+    model, data, _, _ = regression_head
+    run = vbsw(capfdbinary, "evaluate", model, data, *args,
+               "--json", tmp_path / "r.json")
+    assert run.code == 2, run.stderr
+    assert f"reg.parquet: column '{column}' cannot be both a feature and a " \
+        "label" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_predictions_errors_name_the_file(capfdbinary, tmp_path, rng):
+    proba = rng.dirichlet(np.ones(3), size=6)
+    field = pa.field("probabilities", pa.list_(pa.float64(), 3),
+                     metadata={b"classes": b"[0, 1]"})
+    table = pa.table({"label": np.zeros(6, int)}).append_column(
+        field, io_vectors(proba))
+    pq.write_table(table, tmp_path / "p.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "p.parquet")
+    assert run.code == 1, run.stderr
+    assert f"error: {tmp_path / 'p.parquet'}: 'probabilities' names 2 " \
+        "classes" in run.stderr
+
+
 def test_compare_refuses_mixed_tasks_under_one_name():
     records = [{**record("vbsw", 0, 0.9), "task": "classification"},
                {"run": "vbsw", "seed": 1, "task": "regression",

@@ -356,7 +356,8 @@ def test_cli_data_errors(capfdbinary, tmp_path, rng):
     write_features(tmp_path / "ok.parquet", X, y, weight=np.ones(20))
     cases = [("nan_w.parquet", [], "weight column 'weight' has NaN"),
              ("nan_x.parquet", [], "feature column 'features' has NaN"),
-             ("one.parquet", [], "single class"),
+             ("one.parquet", [], "one.parquet: label column 'label' has a "
+              "single class"),
              ("empty.parquet", [], "no rows"),
              ("corrupt.parquet", [], "not a readable Parquet file"),
              ("missing.parquet", [], "no such file"),
@@ -371,6 +372,37 @@ def test_cli_data_errors(capfdbinary, tmp_path, rng):
         assert not out.exists()
 
 
+@pytest.mark.parametrize("args, column", [
+    (["--label", "features"], "features"),
+    (["--feature-columns", "a0,a1", "--label", "a1"], "a1"),
+    (["--feature-columns", "a*,label"], "label"),
+])
+def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path, rng,
+                                                args, column):
+    X, y = blobs(rng, n=20, n_features=2)
+    write_features(tmp_path / "f.parquet", X, y, a0=X[:, 0], a1=X[:, 1])
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o", out,
+               "--no-weights", *args)
+    assert run.code == 2, run.stderr
+    assert f"f.parquet: column '{column}' cannot be both a feature and a " \
+        "label" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_feature_patterns_skip_the_label_and_id(capfdbinary, tmp_path, rng):
+    X, y = blobs(rng, n=20, n_features=2)
+    pq.write_table(pa.table({"id": np.arange(20), "a0": X[:, 0], "a1": X[:, 1],
+                             "label": y}), tmp_path / "f.parquet")
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o", out,
+               "--no-weights", "--feature-columns", "*", "--epochs", "3")
+    assert run.code == 0, run.stderr
+    assert read_metadata(onnx.load(str(out)))["trained_on"]["features"] == [
+        "a0", "a1"]
+
+
 def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
     backbone = small_backbone(rng)
     onnx.save(backbone, str(tmp_path / "bb.onnx"))
@@ -381,6 +413,7 @@ def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
                "-o", tmp_path / "h.onnx",
                    "--backbone", tmp_path / "bb.onnx", "--epochs", "5")
     assert run.code == 1
+    assert f"error: {tmp_path / 'bb.onnx'}: the backbone's tensor" in run.stderr
     assert "the head takes 5" in run.stderr
     assert (tmp_path / "h.onnx").read_bytes() == b"old"
     assert not (tmp_path / "h.merged.onnx").exists()
@@ -519,3 +552,18 @@ def test_cli_verbose_reports_the_epochs_run(capfdbinary, tmp_path, weighted):
     assert run.code == 0, run.stderr
     assert "training head, epochs: 7 in" in run.stderr
     assert "trained 7 epochs" in run.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_tol_zero_runs_every_epoch(capfdbinary, tmp_path, rng, optimizer):
+    # A large step makes the loss jump about: with the default patience of 10
+    # epochs without improvement, training would stop after 100 to 250 epochs.
+    X = rng.normal(size=(40, 2)).astype(np.float32)
+    write_features(tmp_path / "f.parquet", X, (X[:, 0] > 0).astype(int))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o",
+               tmp_path / "h.onnx", "--no-weights", "--optimizer", optimizer,
+               "--lr", "0.5", "--batch-size", "8", "--epochs", "300",
+               "--tol", "0")
+    assert run.code == 0, run.stderr
+    assert "trained 300 epochs" in run.stderr
+    assert "still falling" not in run.stderr

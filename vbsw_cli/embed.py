@@ -403,6 +403,33 @@ def _check_npy(shape, dtype: np.dtype, name: str) -> None:
         raise DataError(f"{io.describe(name)}: the array has no rows")
 
 
+def check_column_roles(tensor_column: str | None, id_column: str | None,
+                       label_column: str | None) -> None:
+    """Refuse one column in two roles, the defaults counted.
+
+    The input's ``id`` column is always carried as the id, so it cannot be the
+    label; nor can the column named with --id-column be the label (by default
+    ``label``).
+    """
+    named = [("--tensor-column", tensor_column), ("--id-column", id_column),
+             ("--label-column", label_column)]
+    for i, (option, column) in enumerate(named):
+        for other, same in named[i + 1:]:
+            if column is not None and column == same:
+                raise UsageError(f"{option} {column} and {other} {same} name "
+                                 "the same column; each role needs its own")
+    label = label_column or io.DEFAULT_LABEL
+    if label == io.ID_COLUMN:
+        raise UsageError(f"--label-column {label}: '{label}' cannot be both the "
+                         "id and the label (an input's id column is always "
+                         "carried as the id); carry another column as the label")
+    if id_column == label:
+        raise UsageError(f"--id-column {id_column}: '{label}' cannot be both the "
+                         "id and the label (it is the default label column); "
+                         "carry another column as the id, or name the label "
+                         "with --label-column")
+
+
 class ParquetSource(Source):
     """A Parquet file read in record batches: a tensor column and carried ones."""
 
@@ -445,23 +472,32 @@ class ParquetSource(Source):
                         "--tensor-column")
 
     def _carried(self, schema, id_column, label_column) -> list[str]:
-        """Carried columns: named ones must exist, default ones may be absent."""
+        """Carried columns: the input's ``id`` (always, when present), the
+        --id-column one and the label. Named ones must exist, default ones
+        may be absent."""
+        check_column_roles(None, id_column, label_column)
         carry = []
-        for column, default, role in ((id_column, io.ID_COLUMN, "id"),
+        for column, default, role in ((None, io.ID_COLUMN, "id"),
+                                      (id_column, None, "id"),
                                       (label_column, io.DEFAULT_LABEL, "label")):
+            self._refuse_tensor(column, role)
             wanted = column or default
-            if column is not None and column == self.tensor:
-                raise UsageError(f"--{role}-column {column}: '{column}' is the "
-                                 f"tensor column of {io.describe(self.name)}, "
-                                 "fed to the model; carry another column as "
-                                 f"the {role}, or pick the tensor column with "
-                                 "--tensor-column")
+            if wanted is None or wanted in carry:
+                continue
             if wanted in schema.names and wanted != self.tensor:
                 carry.append(wanted)
             elif column is not None:
                 raise DataError(self._missing(schema, column, role)
                                 + f" (given with --{role}-column)")
         return carry
+
+    def _refuse_tensor(self, column: str | None, role: str) -> None:
+        if column is not None and column == self.tensor:
+            raise UsageError(f"--{role}-column {column}: '{column}' is the "
+                             f"tensor column of {io.describe(self.name)}, "
+                             "fed to the model; carry another column as "
+                             f"the {role}, or pick the tensor column with "
+                             "--tensor-column")
 
     def _missing(self, schema: pa.Schema, column: str, role: str) -> str:
         return io.missing_column_message(schema.empty_table(), column, self.name,
@@ -593,17 +629,25 @@ def _image_files(folder: str) -> list[Path]:
     root = Path(folder)
     classes = sorted(p for p in root.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
-    files = [f for c in classes for f in sorted(c.iterdir())
-             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [f for c in classes for f in sorted(c.iterdir()) if _is_image(f)]
+    loose = sorted(f for f in root.iterdir() if _is_image(f))
+    if files and loose:
+        raise DataError(f"{folder}: {len(loose)} image(s) lie directly in the "
+                        f"folder beside its class sub-folders (first: "
+                        f"{loose[0].name}); images must sit in class "
+                        "sub-folders (the folder name is the label)")
     if files:
         return files
-    loose = [f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
     if loose:
         raise DataError(f"{folder}: images lie directly in the folder; put them "
                         "in one sub-folder per class (the folder name is the "
                         "label)")
     raise DataError(f"{folder}: no PNG or JPEG images in its sub-folders "
                     "(expected one sub-folder of images per class)")
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass
@@ -790,10 +834,9 @@ def model_input(raw: RawBatch, backbone: Backbone, source: Source) -> np.ndarray
     values, name = raw.values, io.describe(source.name)
     n_values = math.prod(values.shape[1:])
     if n_values != backbone.n_values:
-        raise DataError(f"{name}: rows have {n_values} values "
-                        f"({_dims(values.shape[1:])}), the model's input "
-                        f"'{backbone.input_name}' wants {_dims(backbone.row_shape)}"
-                        f" = {backbone.n_values}; see --input-shape")
+        raise DataError(f"{name}: rows have {_size(values.shape[1:])}; the "
+                        f"model's input '{backbone.input_name}' takes "
+                        f"{_size(backbone.row_shape)}; see --input-shape")
     X = values.reshape(len(values), *backbone.row_shape)
     if X.dtype.kind == "f":
         _check_finite(X, name, raw.first_row)
@@ -814,6 +857,12 @@ def model_input(raw: RawBatch, backbone: Backbone, source: Source) -> np.ndarray
                             "hold values that do not fit"
                             + _first_bad(X, fits, raw.first_row))
     return cast
+
+
+def _size(shape: Sequence[int]) -> str:
+    """``64 values (1x8x8)``; the shape only when it has several dimensions."""
+    text = f"{math.prod(shape)} values"
+    return text + (f" ({'x'.join(map(str, shape))})" if len(shape) > 1 else "")
 
 
 def _check_integers(X: np.ndarray, target: np.dtype, where: str,
@@ -876,5 +925,5 @@ def _short(error: Exception) -> str:
 
 
 __all__ = ["Backbone", "FeatureBatch", "ImageOptions", "Source",
-           "check_options_apply", "embed", "input_kind", "load_backbone",
-           "open_input", "parse_floats", "parse_shape"]
+           "check_column_roles", "check_options_apply", "embed", "input_kind",
+           "load_backbone", "open_input", "parse_floats", "parse_shape"]

@@ -47,7 +47,9 @@ PROBABILITIES = "probabilities"
 PREDICTION = "prediction"
 
 # Training stops when the loss has not improved by ``tol`` for this many epochs
-# (scikit-learn's default); ``tol = 0`` runs nearly every epoch asked for.
+# (scikit-learn's default). With ``tol = 0`` the patience is the epoch count, so
+# adam and sgd run every epoch asked for (a loss that merely stops falling would
+# otherwise end the run after 10 epochs without strict improvement).
 PATIENCE = 10
 
 # scikit-learn's random_state accepts seeds in [0, 2**32 - 1].
@@ -283,8 +285,13 @@ def _estimator(task: str, options: HeadOptions):
                 learning_rate_init=options.learning_rate,
                 max_iter=options.epochs, momentum=options.momentum,
                 nesterovs_momentum=options.momentum > 0, tol=options.tol,
-                n_iter_no_change=PATIENCE, shuffle=True,
+                n_iter_no_change=_patience(options), shuffle=True,
                 random_state=options.seed)
+
+
+def _patience(options: HeadOptions) -> int:
+    """Epochs without improvement before stopping: all of them at tol 0."""
+    return options.epochs if options.tol == 0 else PATIENCE
 
 
 def _fit(estimator, X, y, weight) -> bool:

@@ -7,6 +7,7 @@ import inspect
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 
 from vbsw_cli import io
-from vbsw_cli.errors import UsageError, VbswError
+from vbsw_cli.errors import DataError, UsageError, VbswError
 
 app = typer.Typer(
     name="vbsw",
@@ -27,6 +28,16 @@ app = typer.Typer(
 )
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+@contextmanager
+def named_errors(path: str):
+    """Start the core's data errors with the file they are about: the core is
+    given arrays, not file names."""
+    try:
+        yield
+    except DataError as error:
+        raise DataError(f"{io.describe(path)}: {error}") from error
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
@@ -15,7 +16,8 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
                                   command, resolve_output)
 from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
-                            check_device, check_options_apply, embed,
+                            check_column_roles, check_device,
+                            check_options_apply, embed,
                             input_kind, load_backbone, open_input, parse_floats,
                             parse_shape)
 from vbsw_cli.errors import DataError, UsageError
@@ -27,6 +29,7 @@ FEATURES = io.DEFAULT_FEATURES
 # one batch), so memory stays flat and readers do not meet tiny row groups.
 GROUP_BYTES = 8 * 2**20
 MAX_GROUP_ROWS = 65536
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", "-o", metavar="PATH",
@@ -60,8 +63,10 @@ def embed_cli(
         "tensors (a list of numbers per row). Default: image, else features.")
     ] = None,
     id_column: Annotated[Optional[str], typer.Option(
-        "--id-column", metavar="COLUMN", help="Column carried as the row id "
-        "(default: id when present, else the row number).")] = None,
+        "--id-column", metavar="COLUMN", help="A further id column, carried "
+        "under its own name. The input's id column is always carried unchanged "
+        "when present; only without one does the row number become id.")
+    ] = None,
     label_column: Annotated[Optional[str], typer.Option(
         "--label-column", "--label", metavar="COLUMN", help="Column carried as "
         "the label (default: label when present).")] = None,
@@ -107,12 +112,9 @@ def embed_cli(
     if source is None:
         raise UsageError("missing INPUT: give a .npy, Parquet file, image "
                          "folder or - (or use --list-layers)")
-    _check_columns_differ(tensor_column, id_column, label_column)
+    check_column_roles(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
-    if io.output_kind(destination) != "parquet":
-        raise UsageError(f"-o {destination}: vbsw embed writes Parquet "
-                         "(.parquet, or - for stdout)")
-    io.check_output_path(destination, "-o")
+    _check_destination(destination)
     given = {"--image-size": image_size, "--mean": mean, "--std": std,
              "--skip-bad-images": skip_bad_images,
              "--tensor-column": tensor_column, "--id-column": id_column,
@@ -155,14 +157,13 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
     return (size[0], size[-1])
 
 
-def _check_columns_differ(tensor_column, id_column, label_column) -> None:
-    named = [("--tensor-column", tensor_column), ("--id-column", id_column),
-             ("--label-column", label_column)]
-    for i, (option, column) in enumerate(named):
-        for other, same in named[i + 1:]:
-            if column is not None and column == same:
-                raise UsageError(f"{option} {column} and {other} {same} name "
-                                 "the same column; each role needs its own")
+def _check_destination(destination: str) -> None:
+    """A writable Parquet path or stdout (embed writes no .npy)."""
+    io.check_output_path(destination, "-o")
+    suffix = Path(destination).suffix.lower()
+    if destination != io.STDIO and suffix not in PARQUET_SUFFIXES:
+        raise UsageError(f"-o {destination}: vbsw embed writes Parquet; give a "
+                         ".parquet file name, or - for stdout")
 
 
 def _refuse_with_list_layers(**given) -> None:

@@ -13,7 +13,8 @@ import typer
 
 from vbsw_cli import __version__, io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
-                                  Reporter, VerboseOpt, command, stderr)
+                                  Reporter, VerboseOpt, command,
+                                  named_errors, stderr)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
@@ -168,7 +169,10 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
                                source, notes)
     choice = _feature_choice(table, data_path, features_column, feature_columns,
                              metadata, label_names, notes)
-    X, used = io.feature_matrix(table, data_path, **choice)
+    label_names = io.expand_columns(label_table, label_names, source, "label")
+    own = label_names if label_table is table else []
+    X, used = io.feature_matrix(table, data_path, **choice,
+                                exclude=[io.ID_COLUMN, *own])
     labels = io.read_labels(label_table, source, label_names, task=task)
 
     result = run_model(model, X, name=model_path, batch_size=batch_size,
@@ -314,7 +318,8 @@ def _score(outputs, labels, metadata, name) -> tuple[dict, dict]:
     kinds = {c.kind for c in labels}
     if kinds == {"classification"}:
         if len(labels) != 1:
-            raise DataError("classification takes one label column")
+            raise DataError(f"{io.describe(name)}: classification takes one "
+                            "label column")
         return _score_classes(outputs, labels[0], metadata, name)
     Y = np.column_stack([np.asarray(c.values).reshape(len(c.values), -1)
                          for c in labels])
@@ -336,7 +341,8 @@ def _score_classes(outputs, column, metadata, name) -> tuple[dict, dict]:
                             "metadata), so the labels must be class numbers "
                             f"0..{len(classes) - 1}; '{column.column}' holds "
                             "other values")
-    proba, note = as_probabilities(outputs, len(classes))
+    with named_errors(name):
+        proba, note = as_probabilities(outputs, len(classes))
     if note:
         notes.append(note)
     positions = class_positions(column.classes, classes, name)
@@ -409,8 +415,9 @@ def _predicted_classes(table, path, column) -> dict:
         proba = io.list_column_matrix(table.column(PROBABILITIES), path,
                                       PROBABILITIES).astype(np.float64)
         io.check_finite(proba, path, PROBABILITIES, "prediction")
-        classes = _proba_classes(table, proba.shape[1], column)
-        proba, note = as_probabilities(proba, len(classes))
+        with named_errors(path):
+            classes = _proba_classes(table, proba.shape[1], column)
+            proba, note = as_probabilities(proba, len(classes))
         y_true = class_positions(column.classes, classes, path)[column.values]
         return {"task": "classification", "n_samples": len(y_true),
                 "classes": classes, "notes": [note] if note else [],
@@ -453,8 +460,9 @@ def _predicted_values(table, path, labels) -> dict:
     io.check_finite(P, path, PREDICTION, "prediction")
     Y = np.column_stack([np.asarray(c.values, np.float64).reshape(len(P), -1)
                          for c in labels])
-    return {"task": "regression", "n_samples": len(Y),
-            "metrics": regression_metrics(Y, P)}
+    with named_errors(path):
+        metrics = regression_metrics(Y, P)
+    return {"task": "regression", "n_samples": len(Y), "metrics": metrics}
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
-                                  VerboseOpt, command, resolve_output)
+                                  VerboseOpt, command, named_errors,
+                                  resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
@@ -62,7 +63,8 @@ def retrain_head_cli(
         "--momentum", help="sgd momentum (Nesterov when > 0).")] = 0.9,
     tol: Annotated[float, typer.Option(
         "--tol", help="Stop when the loss has not improved by this for 10 "
-        "epochs; 0 runs (nearly) every epoch.")] = 1e-4,
+        "epochs; 0 runs every epoch (adam, sgd; lbfgs still stops when it "
+        "can make no progress).")] = 1e-4,
     no_standardize: Annotated[bool, typer.Option(
         "--no-standardize", help="Train on the features as they are (default: "
         "scaled to zero mean and unit variance, folded into the exported head).")
@@ -111,20 +113,24 @@ def retrain_head_cli(
 
     table = io.read_table(features)
     io.require_rows(table, features)
+    label_columns = io.expand_columns(table, label_names, features, "label")
     X, used = io.feature_matrix(table, features, column=features_column,
-                                columns=columns)
-    labels = io.read_labels(table, features, label_names, task=task)
+                                columns=columns,
+                                exclude=[io.ID_COLUMN, *label_columns])
+    labels = io.read_labels(table, features, label_columns, task=task)
     _note_many_classes(reporter, labels, len(X))
     weight = None if no_weights else _weights(table, features, weight_column)
 
-    head = train_head(X, labels, weight, options=options, progress=reporter)
+    with named_errors(features):
+        head = train_head(X, labels, weight, options=options, progress=reporter)
     record = {"input": features, "features": used,
               "weight_column": None if no_weights else weight_column,
               "upstream": upstream_records(table)}
     model = head_to_onnx(head, extra_metadata={"trained_on": record})
     merged = None
     if backbone_model is not None:
-        merged = merge_with_backbone(backbone_model, model, layer)
+        with named_errors(backbone):
+            merged = merge_with_backbone(backbone_model, model, layer)
 
     inputs = [features] + ([backbone] if backbone else [])
     _write_models(model, destination, merged, merged_path, inputs)
@@ -257,7 +263,7 @@ def _summary(reporter, head, X, labels, weight, destination, merged_path):
                  f"{head.options.optimizer}")
     reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
                  f"training {_fit_text(head, X, labels)}")
-    if not head.converged:
+    if not head.converged and head.options.tol > 0:
         reporter.notice(f"the loss was still falling after {head.epochs_run} "
                         "epochs; raise --epochs or --learning-rate")
     reporter.say(f"wrote {'stdout' if destination == '-' else destination}"

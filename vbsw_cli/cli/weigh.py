@@ -13,7 +13,8 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, OutputOpt, QuietOpt, Reporter,
-                                  SeedOpt, VerboseOpt, command, resolve_output)
+                                  SeedOpt, VerboseOpt, command, named_errors,
+                                  resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (SearchOptions, check_k, csr_graph, duplicate_rows,
                                 floor_text)
@@ -138,9 +139,11 @@ def weigh_cli(
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
     reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
 
-    result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
-                   normalization=normalize, scale_features=standardize,
-                   search=options, check_recall=check_recall, progress=reporter)
+    with named_errors(features):
+        result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
+                       normalization=normalize, scale_features=standardize,
+                       search=options, check_recall=check_recall,
+                       progress=reporter)
     timings.update(result.timings)
 
     started = time.perf_counter()
