@@ -13,7 +13,7 @@ import pytest
 
 from vbsw_cli import io
 from vbsw_cli.errors import DataError, UsageError
-from conftest import vectors
+from conftest import vectors, write_features
 
 
 def test_fixed_size_list_features_are_read_without_change(rng):
@@ -153,3 +153,40 @@ def test_provenance_keeps_the_chain_of_steps(tmp_path):
     history = json.loads(metadata[b"vbsw.history"])
     assert [step["command"] for step in history] == ["embed"]
     assert io.read_provenance(tmp_path / "o.parquet")["parameters"] == {"k": 5}
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int64, np.float16,
+                                   np.float32, np.float64])
+def test_numbers_cross_between_numpy_and_arrow_unchanged(dtype):
+    values = (np.arange(12) - 3).astype(dtype)
+    array = io.from_numpy(values)
+    sliced = array.slice(2, 7)  # an offset into the buffer
+    chunked = pa.chunked_array([array.slice(0, 5), array.slice(5)])
+
+    assert array.type == pa.from_numpy_dtype(np.dtype(dtype))
+    assert array.equals(pa.array(values))
+    np.testing.assert_array_equal(io.to_numpy(sliced), values[2:9])
+    np.testing.assert_array_equal(io.to_numpy(chunked), values)
+    assert io.to_numpy(array.slice(0, 0)).shape == (0,)
+
+
+def test_arrays_with_nulls_or_other_types_keep_pyarrow_conversion():
+    with_null = pa.array([1.0, None, 3.0])
+    np.testing.assert_array_equal(io.to_numpy(with_null), [1.0, np.nan, 3.0])
+    assert io.to_numpy(pa.array(["a", "b"])).tolist() == ["a", "b"]
+    assert io.from_numpy(np.array([True, False])).type == pa.bool_()
+
+
+def test_weighing_a_file_does_not_import_pandas(tmp_path, rng):
+    import subprocess
+    import sys
+
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(50, 3)),
+                          rng.integers(2, size=50))
+    script = ("import sys\nfrom vbsw_cli.cli import main\n"
+              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print('pandas' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, "weigh", str(path),
+                           "--k", "5", "-q", "-o", str(tmp_path / "w.parquet")],
+                          capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr

@@ -289,7 +289,7 @@ class Source:
 
 
 def _row_ids(start: int, stop: int) -> dict[str, pa.Array]:
-    return {io.ID_COLUMN: pa.array(np.arange(start, stop, dtype=np.int64))}
+    return {io.ID_COLUMN: io.from_numpy(np.arange(start, stop, dtype=np.int64))}
 
 
 class NpySource(Source):
@@ -500,8 +500,8 @@ class ParquetSource(Source):
                              "--tensor-column")
 
     def _missing(self, schema: pa.Schema, column: str, role: str) -> str:
-        return io.missing_column_message(schema.empty_table(), column, self.name,
-                                         role)
+        empty = pa.Table.from_batches([], schema=schema)
+        return io.missing_column_message(empty, column, self.name, role)
 
     def batches(self, batch_size: int) -> Iterator[RawBatch]:
         start = 0

@@ -316,7 +316,7 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
         # Nested lists (images as rows of rows): flatten them row by row.
         array = _flatten_nested(array)
 
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    lengths = to_numpy(pc.list_value_length(array))
     width = int(lengths[0]) if len(lengths) else 0
     if len(lengths) and (lengths != width).any():
         bad = int(np.argmax(lengths != width))
@@ -329,7 +329,7 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
     if values.null_count:
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{values.null_count} missing values inside its lists")
-    return values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+    return to_numpy(values).reshape(len(array), width)
 
 
 def _different_widths(name, column, width, other, row):
@@ -343,11 +343,11 @@ def _flatten_nested(array: pa.Array) -> pa.Array:
     row_starts = np.arange(len(array) + 1)
     current = array
     while _is_list(current.type):
-        lengths = pc.list_value_length(current).to_numpy(zero_copy_only=False)
+        lengths = to_numpy(pc.list_value_length(current))
         element_starts = np.concatenate([[0], np.cumsum(lengths)])
         row_starts = element_starts[row_starts]
         current = pc.list_flatten(current)
-    offsets = pa.array(row_starts, pa.int64())
+    offsets = from_numpy(row_starts.astype(np.int64))
     return pa.LargeListArray.from_arrays(offsets, current)
 
 
@@ -365,7 +365,7 @@ def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str) -> np.ndar
     if chunked.null_count:
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{chunked.null_count} missing values")
-    return chunked.to_numpy()
+    return to_numpy(chunked)
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:
@@ -446,11 +446,11 @@ def _one_label(chunked: pa.ChunkedArray, name: str, column: str, task: str
         if not (is_float or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
             raise DataError(f"{describe(name)}: label column '{column}' holds "
                             f"{kind}, which cannot be a regression target")
-        Y = chunked.to_numpy().astype(np.float64)[:, None]
+        Y = to_numpy(chunked).astype(np.float64)[:, None]
         check_finite(Y, name, column, "label")
         return Labels(column, "regression", Y)
 
-    raw = chunked.to_numpy(zero_copy_only=False)
+    raw = to_numpy(chunked)
     if is_float:
         check_finite(raw.astype(np.float64), name, column, "label")
     classes, codes = np.unique(raw, return_inverse=True)
@@ -465,7 +465,47 @@ def _one_label(chunked: pa.ChunkedArray, name: str, column: str, task: str
 def fixed_size_list(X: np.ndarray) -> pa.FixedSizeListArray:
     """A 2-D array as a fixed-size list column, without copying."""
     X = np.ascontiguousarray(X)
-    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
+    return pa.FixedSizeListArray.from_arrays(from_numpy(X.reshape(-1)), X.shape[1])
+
+
+# ---------------------------------------------------------------------------
+# numpy <-> Arrow for plain numbers
+#
+# pyarrow's own conversions (pa.array, Array.to_numpy) import pandas on their
+# first call, to check for pandas types: 0.2-0.4 s of every run. Numbers
+# without missing values share one memory layout, so they are converted here
+# by their buffers; anything else goes through pyarrow.
+
+
+def _plain_numbers(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def from_numpy(values: np.ndarray) -> pa.Array:
+    """A 1-D numpy array as an Arrow array (no copy for plain numbers)."""
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
+        return pa.array(values)
+    values = np.ascontiguousarray(values)
+    kind = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
+def to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An Arrow array (or chunked array) as numpy (a view for plain numbers)."""
+    if isinstance(array, pa.ChunkedArray):
+        if array.num_chunks == 1:
+            return to_numpy(array.chunk(0))
+        if not _plain_numbers(array.type) or array.null_count:
+            return array.to_numpy()
+        return np.concatenate([to_numpy(c) for c in array.chunks]) \
+            if array.num_chunks else np.empty(0, array.type.to_pandas_dtype())
+    if not _plain_numbers(array.type) or array.null_count:
+        return array.to_numpy(zero_copy_only=False)
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    if len(array) == 0:
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=len(array),
+                         offset=array.offset * dtype.itemsize)
 
 
 def provenance(command: str, parameters: dict) -> dict:

@@ -371,7 +371,7 @@ def _schema(data, n_features: int, parameters: dict) -> pa.Schema:
     fields = list(data.fields)
     fields.append(pa.field(FEATURES, pa.list_(pa.float32(), n_features)))
     record = io.provenance("embed", {**parameters, "n_features": n_features})
-    empty = pa.schema(fields).empty_table()
+    empty = pa.Table.from_batches([], schema=pa.schema(fields))
     return io.with_provenance(empty, record, data.metadata).schema
 
 

@@ -234,12 +234,12 @@ def _write(result, table, destination, kind, weights_only, parameters, inputs,
         return
     weight_meta = {b"normalization": normalize.encode(), b"m": str(m).encode()}
     columns = {
-        "local_variance": pa.array(result.local_variance),
-        "weight": pa.array(result.weight),
+        "local_variance": io.from_numpy(result.local_variance),
+        "weight": io.from_numpy(result.weight),
     }
     if weights_only:
         keep = table.select([io.ID_COLUMN]) if io.ID_COLUMN in table.column_names \
-            else pa.table({"row": pa.array(np.arange(table.num_rows))})
+            else pa.table({"row": io.from_numpy(np.arange(table.num_rows))})
         out = keep
     else:
         out = table.drop_columns([c for c in columns if c in table.column_names])
