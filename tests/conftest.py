@@ -38,7 +38,10 @@ def run_here(capture, *args) -> Run:
     ``capture`` is pytest's capfd or capfdbinary fixture: stdout and stderr
     are captured at the file descriptors, apart. stderr comes back as text.
     """
+    from vbsw_cli import stopping
     from vbsw_cli.cli import main
+
+    stopping.clear_stop()  # a stop left by an earlier in-process test
 
     try:
         main([str(a) for a in args])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -177,3 +179,41 @@ def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
         "vbsw weigh: error: interrupted; no output was written")
     assert ("Traceback" in run.stderr) == debug
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.3, 0.45, 0.7])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from conftest import write_features
+
+    rng = np.random.default_rng(0)
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(20_000, 16)),
+                          rng.integers(3, size=20_000))
+    out = tmp_path / "out"
+    out.mkdir()
+    # Start-up, imports, option parsing, reading, searching: wherever it lands.
+    # The console script, as users run it (under `python -m`, a signal in the
+    # first few tenths of a second can make the exit status SIGINT's).
+    script = Path(sys.executable).with_name("vbsw")
+    child = subprocess.Popen(
+        [str(script), "weigh", str(path), "--exact", "-o", str(out / "w.parquet")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    child.send_signal(getattr(signal, name))
+    _, stderr = child.communicate(timeout=120)
+    lines = stderr.decode().strip().splitlines()
+
+    if child.returncode == 0:  # finished before the signal: a fast machine
+        assert (out / "w.parquet").exists()
+        return
+    assert child.returncode == 130, stderr
+    assert lines[-1] == "vbsw weigh: error: interrupted; no output was written"
+    assert "Traceback" not in stderr.decode()
+    assert list(out.iterdir()) == []

@@ -156,6 +156,19 @@ def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
                       "--threads", "1", "-o", "-")
     assert raised.code == 0, raised.stderr
     assert "note: --ef 1 raised to 10" in raised.stderr
+    low = float(raised.stderr.split("at least ")[1].split(")")[0])
+    assert ("warning: with --ef 1 fixed" in raised.stderr) == (low < 0.95)
+
+    hard = write_features(tmp_path / "h.parquet", rng.normal(size=(12_000, 32)),
+                          rng.integers(2, size=12_000))
+    sparse = run_vbsw("weigh", hard, "--k", "10", "--search", "hnsw", "--ef", "10",
+                      "--hnsw-m", "2", "--ef-construction", "2", "--threads", "1",
+                      "-o", "-")
+    assert sparse.code == 0, sparse.stderr
+    assert "warning: with --ef 10 fixed, the sample recall is" in sparse.stderr
+
+    exact = run_vbsw("weigh", path, "--k", "5", "--ef", "30", "-o", "-")
+    assert "note: --ef 30 not used: exact search ran" in exact.stderr
 
 
 # ---------------------------------------------------------------------------

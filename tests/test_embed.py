@@ -407,8 +407,9 @@ def test_fixed_batch_model_says_batch_size_is_not_used(tmp_path, here, rng):
     quiet = here("embed", path, tmp_path / "x.npy", "-o", tmp_path / "g.parquet")
 
     assert run.code == 0, run.stderr
-    assert "note: the model's batch dimension is fixed at 1" in run.stderr
-    assert "--batch-size 64" in run.stderr
+    assert "note: the model's batch dimension is fixed at 1: batches of 1 row, " \
+        "not --batch-size 64" in run.stderr
+    assert run.stderr.index("model: ") < run.stderr.index("fixed at 1")
     assert "fixed at" not in quiet.stderr
     np.testing.assert_allclose(features_of(read_output(tmp_path / "f.parquet")),
                                mlp_features(X, weights), atol=1e-5)
@@ -702,6 +703,19 @@ def test_a_default_role_counts_as_taken(tmp_path, option, here):
     role = "id" if option[0] == "--id-column" else "label"
     assert_failed(run, 2, f"--{role}-column {option[1]}",
                   "cannot be both the id and the label")
+    no_files_left(tmp_path, "f.parquet")
+
+
+@pytest.mark.parametrize("option, dropped", [(["--id-column", "label"], "label"),
+                                             (["--label-column", "id"], "id")])
+def test_a_role_named_for_a_missing_column_says_it_is_missing(tmp_path, here,
+                                                              option, dropped):
+    table = pq.read_table(TEST).drop_columns([dropped])
+    pq.write_table(table, tmp_path / "in.parquet")
+    run = here("embed", BACKBONE, tmp_path / "in.parquet", "-o",
+               tmp_path / "f.parquet", *option)
+
+    assert_failed(run, 1, f"'{dropped}'", f"given with {option[0]}")
     no_files_left(tmp_path, "f.parquet")
 
 

@@ -287,6 +287,19 @@ def test_cli_compare_prints_and_writes_the_table(capfdbinary, tmp_path):
     assert "gain per model" in run.stderr and "0.9200" in run.stderr
 
 
+def test_compare_prints_run_names_as_typed(capfdbinary, tmp_path):
+    paths = []
+    for name, seed in [("base[red]", 0), ("v[bold]:smile:", 0)]:
+        path = tmp_path / f"{seed}{len(paths)}.json"
+        path.write_text(json.dumps(record(name, seed, 0.9)))
+        paths.append(path)
+    run = vbsw(capfdbinary, "evaluate", "--compare", *paths)
+
+    assert run.code == 0, run.stderr
+    assert "base[red] (n=1)" in run.stderr
+    assert "v[bold]:smile: (n=1)" in run.stderr
+
+
 @pytest.mark.parametrize("make_args, code, text", [
     (lambda m, d, t: [m, d, "--label", "nope"], 1, "no label column 'nope'"),
     (lambda m, d, t: [m, d, "--features", "feats"], 1, "no feature column"),

@@ -391,6 +391,26 @@ def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path, rng,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, text", [
+    (["--feature-columns", "a0,a1", "--weight-column", "a1"],
+     "column 'a1' cannot be both a feature"),
+    (["--feature-columns", "a0,a1", "--label", "w", "--weight-column", "w"],
+     "--weight-column w: 'w' is also a label"),
+])
+def test_cli_refuses_the_weight_as_a_feature_or_label(capfdbinary, tmp_path, rng,
+                                                      args, text):
+    X, y = blobs(rng, n=20, n_features=2)
+    write_features(tmp_path / "f.parquet", X, y, a0=X[:, 0], a1=X[:, 1],
+                   w=np.ones(20))
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o", out,
+               *args)
+    assert run.code == 2, run.stderr
+    assert text in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_cli_feature_patterns_skip_the_label_and_id(capfdbinary, tmp_path, rng):
     X, y = blobs(rng, n=20, n_features=2)
     pq.write_table(pa.table({"id": np.arange(20), "a0": X[:, 0], "a1": X[:, 1],

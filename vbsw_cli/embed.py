@@ -404,12 +404,14 @@ def _check_npy(shape, dtype: np.dtype, name: str) -> None:
 
 
 def check_column_roles(tensor_column: str | None, id_column: str | None,
-                       label_column: str | None) -> None:
+                       label_column: str | None, present=None) -> None:
     """Refuse one column in two roles, the defaults counted.
 
     The input's ``id`` column is always carried as the id, so it cannot be the
     label; nor can the column named with --id-column be the label (by default
-    ``label``).
+    ``label``). These two are checked only once the input's columns
+    (``present``) are known, and only for a column it has: a missing one gets
+    the missing-column message instead.
     """
     named = [("--tensor-column", tensor_column), ("--id-column", id_column),
              ("--label-column", label_column)]
@@ -418,12 +420,14 @@ def check_column_roles(tensor_column: str | None, id_column: str | None,
             if column is not None and column == same:
                 raise UsageError(f"{option} {column} and {other} {same} name "
                                  "the same column; each role needs its own")
+    if present is None:
+        return
     label = label_column or io.DEFAULT_LABEL
-    if label == io.ID_COLUMN:
+    if label == io.ID_COLUMN and label in present:
         raise UsageError(f"--label-column {label}: '{label}' cannot be both the "
                          "id and the label (an input's id column is always "
                          "carried as the id); carry another column as the label")
-    if id_column == label:
+    if id_column == label and label in present:
         raise UsageError(f"--id-column {id_column}: '{label}' cannot be both the "
                          "id and the label (it is the default label column); "
                          "carry another column as the id, or name the label "
@@ -475,7 +479,7 @@ class ParquetSource(Source):
         """Carried columns: the input's ``id`` (always, when present), the
         --id-column one and the label. Named ones must exist, default ones
         may be absent."""
-        check_column_roles(None, id_column, label_column)
+        check_column_roles(None, id_column, label_column, schema.names)
         carry = []
         for column, default, role in ((None, io.ID_COLUMN, "id"),
                                       (id_column, None, "id"),

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from vbsw_cli import __version__
 from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.stopping import check_stop, clear_stop, request_stop  # noqa: F401
 
 STDIO = "-"
 PARQUET_MAGIC = b"PAR1"
@@ -265,7 +266,7 @@ def _refuse_overlap(features: Sequence[str], exclude: Sequence[str], name: str
     both = [c for c in features if c in exclude]
     if both:
         raise UsageError(f"{describe(name)}: column '{both[0]}' cannot be both a "
-                         "feature and a label (or the id)")
+                         "feature and a label (or the id, or the weight)")
 
 
 def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
@@ -645,34 +646,6 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema
             if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
             or pa.types.is_dictionary(f.type) or pa.types.is_boolean(f.type)]
-
-
-# ---------------------------------------------------------------------------
-# A stop asked for by a signal
-
-# Set by the command line's signal handlers. The handler also raises
-# KeyboardInterrupt, but a library can swallow it (pyarrow does while it
-# imports pandas lazily); then this flag still keeps any output from being
-# put in place, and the next progress step raises again.
-_stop_requested = False
-
-
-def request_stop() -> None:
-    """Remember that the run was told to stop (by SIGINT, SIGTERM, SIGHUP)."""
-    global _stop_requested
-    _stop_requested = True
-
-
-def clear_stop() -> None:
-    """Forget an earlier stop (a new run in the same process)."""
-    global _stop_requested
-    _stop_requested = False
-
-
-def check_stop() -> None:
-    """Raise KeyboardInterrupt if a stop was asked for, even if it was lost."""
-    if _stop_requested:
-        raise KeyboardInterrupt("stop requested")
 
 
 # ---------------------------------------------------------------------------

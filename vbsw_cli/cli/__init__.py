@@ -6,7 +6,6 @@ Each command lives in its own module and registers itself on the shared app.
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import typer
@@ -16,7 +15,10 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
-from vbsw_cli import __version__, io
+from vbsw_cli import __version__
+from vbsw_cli.stopping import (interrupted_line, stop_cleanly_on_signals,
+                               stop_requested)
+from vbsw_cli.cli import _common
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
@@ -33,42 +35,41 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version,
     """Variance based sample weighting and Taylor based sampling, from files."""
 
 
-def _interrupt(signum, frame):
-    io.request_stop()
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _stop_cleanly_on_signals() -> None:
-    """SIGINT, SIGTERM and SIGHUP end a run: temporary files are removed.
-
-    The stop is also remembered, so that an interrupt a library swallowed
-    still keeps any output from being written.
-    """
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            try:
-                signal.signal(getattr(signal, name), _interrupt)
-            except ValueError:  # not the main thread (an embedding program)
-                return
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the ``vbsw`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
-    io.clear_stop()
-    _stop_cleanly_on_signals()
+    stop_cleanly_on_signals()
+    args = argv if argv is not None else sys.argv[1:]
+    _common.error_printed = False
+    try:
+        code = _dispatch(args)
+    except KeyboardInterrupt:  # before or after a command's own handling
+        interrupted(args)
+    except Exception:
+        if stop_requested():  # an interrupt that came out as another error
+            interrupted(args)
+        raise
+    if code == 130 and not _common.error_printed:
+        interrupted(args)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def interrupted(args) -> None:
+    """The line an interrupt ends with, wherever it came: exit 130."""
+    stderr.print(interrupted_line(args), markup=False)
+    sys.exit(130)
+
+
+def _dispatch(args: list[str]):
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv if argv is not None else sys.argv[1:],
-                            prog_name="vbsw", standalone_mode=False)
+        return command.main(args=args, prog_name="vbsw", standalone_mode=False)
     except UsageError as error:
         where = error.ctx.command_path if error.ctx else "vbsw"
         stderr.print(f"{where}: error: {error.format_message()} (see {where} "
                      "--help)", markup=False)
         sys.exit(2)
-    except typer.Abort:
-        stderr.print("vbsw: interrupted", markup=False)
-        sys.exit(130)
+    except typer.Abort:  # click turns an interrupt in its own code into this
+        raise KeyboardInterrupt
     except ClickException as error:
         stderr.print(f"vbsw: error: {error.format_message()}", markup=False)
         sys.exit(error.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from vbsw_cli import io
+from vbsw_cli import io, stopping
 from vbsw_cli.errors import DataError, UsageError, VbswError
 
 app = typer.Typer(
@@ -27,7 +27,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False,
+                 markup=False)
 
 
 @contextmanager
@@ -101,6 +102,10 @@ def command(name: str, example: str, **settings):
             except (typer.Exit, typer.Abort):
                 raise
             except Exception as error:  # a bug: one line unless --debug
+                if stopping.stop_requested():
+                    # An interrupt inside a library (a module being imported)
+                    # can come out as another error.
+                    fail(name, "interrupted; no output was written", 130)
                 if debug:
                     raise
                 fail(name, f"unexpected {type(error).__name__}: {error} "
@@ -113,9 +118,16 @@ def command(name: str, example: str, **settings):
     return register
 
 
+# Whether an error line has been printed: typer turns an interrupt in its own
+# code (parsing the options) into exit code 130 without a word.
+error_printed = False
+
+
 def fail(name: str, message: str, code: int):
     """Print one error line and exit."""
+    global error_printed
     stderr.print(f"vbsw {name}: error: {message}", markup=False)
+    error_printed = True
     raise typer.Exit(code)
 
 

@@ -127,7 +127,6 @@ def embed_cli(
                       id_column=id_column, label_column=label_column,
                       images=images)
     check_options_apply(data.kind, given)  # stdin's kind is known only now
-    _notice_fixed_batch(reporter, backbone, batch_size)
 
     parameters = _parameters(model, source, layer, device, batch_size, backbone,
                              data, images)
@@ -137,7 +136,7 @@ def embed_cli(
     # The report waits for the first embedded batch, so that a run failing on
     # its input (shape, dtype, NaN, ragged rows) prints its error line alone.
     batches = _after_first(batches, lambda: _report(reporter, backbone, layer,
-                                                    data))
+                                                    data, batch_size))
     n_rows, n_features = write_features(batches, data, destination, parameters,
                                         inputs=[model, source])
     _summary(reporter, n_rows, n_features, time.perf_counter() - started, data,
@@ -214,12 +213,15 @@ def _notice_fixed_batch(reporter: Reporter, backbone, batch_size: int) -> None:
     """A fixed batch dimension overrides --batch-size: say so when one was set."""
     fixed = backbone.fixed_batch
     if fixed is not None and batch_size not in (DEFAULT_BATCH, fixed):
+        rows = "row" if fixed == 1 else "rows"
         reporter.notice(f"the model's batch dimension is fixed at {fixed}: "
-                        f"batches of {fixed} rows, not --batch-size {batch_size}")
+                        f"batches of {fixed} {rows}, not --batch-size {batch_size}")
 
 
-def _report(reporter: Reporter, backbone, layer: str, data) -> None:
+def _report(reporter: Reporter, backbone, layer: str, data, batch_size: int
+            ) -> None:
     _report_model(reporter, backbone, layer)
+    _notice_fixed_batch(reporter, backbone, batch_size)
     reporter.say(f"input: {data.describe()}, {data.n_rows} rows")
 
 

@@ -114,9 +114,13 @@ def retrain_head_cli(
     table = io.read_table(features)
     io.require_rows(table, features)
     label_columns = io.expand_columns(table, label_names, features, "label")
+    weighted = [] if no_weights else [weight_column]
+    if weight_column in label_columns and weighted:
+        raise UsageError(f"--weight-column {weight_column}: '{weight_column}' is "
+                         "also a label; a column has one role")
     X, used = io.feature_matrix(table, features, column=features_column,
                                 columns=columns,
-                                exclude=[io.ID_COLUMN, *label_columns])
+                                exclude=[io.ID_COLUMN, *label_columns, *weighted])
     labels = io.read_labels(table, features, label_columns, task=task)
     _note_many_classes(reporter, labels, len(X))
     weight = None if no_weights else _weights(table, features, weight_column)

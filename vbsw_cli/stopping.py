@@ -1,0 +1,60 @@
+"""A stop asked for by a signal: remembered, so that no output follows it.
+
+The handlers raise KeyboardInterrupt, as Ctrl-C does, and remember the stop. A
+library can swallow the interrupt (scikit-learn's training loop returns a
+half-trained model; pyarrow once did while importing pandas lazily): the
+remembered stop still keeps any output from being put in place, and the next
+progress step raises again. Light on purpose: installed before the heavy
+imports.
+"""
+
+from __future__ import annotations
+
+import signal
+
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+_stop_requested = False
+
+
+def request_stop() -> None:
+    """Remember that the run was told to stop."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def clear_stop() -> None:
+    """Forget an earlier stop (a new run in the same process)."""
+    global _stop_requested
+    _stop_requested = False
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was asked for, even if it was lost."""
+    if _stop_requested:
+        raise KeyboardInterrupt("stop requested")
+
+
+def interrupted_line(args) -> str:
+    """The line a run stopped by a signal ends with (``args``: the command line)."""
+    command = args[:1] if args and not args[0].startswith("-") else []
+    return f"{' '.join(['vbsw', *command])}: error: interrupted; no output was written"
+
+
+def _interrupt(signum, frame):
+    request_stop()
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_cleanly_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP end a run the way Ctrl-C does."""
+    for name in SIGNALS:
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), _interrupt)
+            except ValueError:  # not the main thread (an embedding program)
+                return
