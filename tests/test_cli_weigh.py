@@ -162,13 +162,33 @@ def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
     hard = write_features(tmp_path / "h.parquet", rng.normal(size=(12_000, 32)),
                           rng.integers(2, size=12_000))
     sparse = run_vbsw("weigh", hard, "--k", "10", "--search", "hnsw", "--ef", "10",
-                      "--hnsw-m", "2", "--ef-construction", "2", "--threads", "1",
+                      "--hnsw-m", "6", "--ef-construction", "10", "--threads", "1",
                       "-o", "-")
     assert sparse.code == 0, sparse.stderr
     assert "warning: with --ef 10 fixed, the sample recall is" in sparse.stderr
 
     exact = run_vbsw("weigh", path, "--k", "5", "--ef", "30", "-o", "-")
     assert "note: --ef 30 not used: exact search ran" in exact.stderr
+
+
+def test_a_graph_that_fails_falls_back_without_recall_warnings(tmp_path, rng):
+    path = write_features(tmp_path / "h.parquet", rng.normal(size=(12_000, 64)),
+                          rng.integers(2, size=12_000))
+    run = run_vbsw("weigh", path, "--search", "hnsw", "--ef", "5", "--hnsw-m",
+                   "2", "--ef-construction", "2", "--threads", "1", "-o", "-")
+    assert run.code == 0, run.stderr
+    assert "note: fell back to exact search" in run.stderr
+    assert "warning" not in run.stderr
+    assert "not used" not in run.stderr
+
+
+def test_a_column_named_like_a_pattern_is_taken_by_its_name(tmp_path, rng):
+    X = rng.normal(size=(30, 2))
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(2, size=30),
+                          **{"[red]lab:x:": rng.integers(2, size=30)})
+    run = run_vbsw("weigh", path, "--k", "5", "--label", "[red]lab:x:", "-o", "-")
+    assert run.code == 0, run.stderr
+    assert "labels [red]lab:x:: classification" in run.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -975,3 +975,22 @@ def test_help_shows_a_working_example(here):
 
     assert run.code == 0
     assert cli.EXAMPLE in " ".join(run.stdout.decode().split())
+
+
+def test_an_interrupt_after_rows_went_to_stdout_says_the_stream_is_cut(
+        capfdbinary, monkeypatch):
+    real = cli.embed
+
+    def cut_short(*args, **kwargs):
+        for number, batch in enumerate(real(*args, **kwargs)):
+            if number == 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(cli, "embed", cut_short)
+    run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--batch-size", "8",
+                   "-o", "-")
+
+    assert run.code == 130
+    assert run.stderr.strip().splitlines()[-1] == (
+        "vbsw embed: error: interrupted; the output sent to stdout is incomplete")

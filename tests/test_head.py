@@ -396,6 +396,8 @@ def test_cli_refuses_a_label_among_the_features(capfdbinary, tmp_path, rng,
      "column 'a1' cannot be both a feature"),
     (["--feature-columns", "a0,a1", "--label", "w", "--weight-column", "w"],
      "--weight-column w: 'w' is also a label"),
+    (["--feature-columns", "a0,a1", "--weight-column", "id"],
+     "--weight-column id: 'id' is also the id"),
 ])
 def test_cli_refuses_the_weight_as_a_feature_or_label(capfdbinary, tmp_path, rng,
                                                       args, text):

@@ -189,11 +189,12 @@ def expand_columns(table: pa.Table, patterns: Sequence[str], name: str,
                    role: str, skip: Sequence[str] = ()) -> list[str]:
     """Resolve column names and shell-style patterns (``pixel_*``) in order.
 
-    Patterns never match the columns in ``skip``.
+    Patterns never match the columns in ``skip``. A column's exact name wins
+    over reading it as a pattern (a column may be called ``[a]``).
     """
     chosen: list[str] = []
     for pattern in patterns:
-        if any(ch in pattern for ch in "*?["):
+        if pattern not in table.column_names and any(ch in pattern for ch in "*?["):
             matches = [c for c in table.column_names
                        if fnmatch.fnmatchcase(c, pattern) and c not in skip]
             if not matches:
@@ -659,9 +660,16 @@ def data_stdout():
     return _data_stdout if _data_stdout is not None else sys.stdout.buffer
 
 
+# Whether this run has begun to send data to stdout: an interrupt after that
+# leaves a partial stream, and the error line says so.
+stdout_started = False
+
+
 def write_stdout(data: bytes) -> None:
     """Write data (bytes) to stdout and flush."""
+    global stdout_started
     check_stop()
+    stdout_started = True
     stream = data_stdout()
     stream.write(data)
     stream.flush()
@@ -675,7 +683,8 @@ def stdout_for_data() -> Iterator[None]:
     a library's message) goes to stderr instead, so a pipe never receives
     text mixed into Parquet.
     """
-    global _data_stdout
+    global _data_stdout, stdout_started
+    stdout_started = False
     sys.stdout.flush()
     try:
         original = os.dup(1)

@@ -314,16 +314,16 @@ def _approximate_or_exact(X, n_query, options, progress):
         details["warning"] = (f"{short}; exact search would take about "
                               f"{predicted_exact:.0f} s (use --exact for it)")
 
-    if options.ef is not None and low < options.recall:
-        details["warning"] = (f"with --ef {options.ef} fixed, the sample recall "
-                              f"is {floor_text(recall)} (at least "
-                              f"{floor_text(low)}), below --recall "
-                              f"{options.recall}")
     found = query_index(index, X, n_query, ef, options, progress)
     if found is None:
         del index
         reason = f"hnswlib could not return {n_query} neighbours for every row"
         return _exact_instead(X, n_query, options, progress, details, reason)
+    if options.ef is not None and low < options.recall:
+        details["warning"] = (f"with --ef {options.ef} fixed, the sample recall "
+                              f"is {floor_text(recall)} (at least "
+                              f"{floor_text(low)}), below --recall "
+                              f"{options.recall}")
     return (*found, "hnsw", details)
 
 

@@ -94,7 +94,7 @@ def command(name: str, example: str, **settings):
             except KeyboardInterrupt:
                 if debug:  # where it stopped, then the usual line and code
                     traceback.print_exc()
-                fail(name, "interrupted; no output was written", 130)
+                fail(name, _interrupted_text(), 130)
             except MemoryError:
                 if debug:
                     raise
@@ -105,7 +105,7 @@ def command(name: str, example: str, **settings):
                 if stopping.stop_requested():
                     # An interrupt inside a library (a module being imported)
                     # can come out as another error.
-                    fail(name, "interrupted; no output was written", 130)
+                    fail(name, _interrupted_text(), 130)
                 if debug:
                     raise
                 fail(name, f"unexpected {type(error).__name__}: {error} "
@@ -116,6 +116,12 @@ def command(name: str, example: str, **settings):
         wrapper.__doc__ = f"{doc}\n\n\b\nExample:\n  {example}"
         return app.command(name, **settings)(wrapper)
     return register
+
+
+def _interrupted_text() -> str:
+    if io.stdout_started:
+        return "interrupted; the output sent to stdout is incomplete"
+    return "interrupted; no output was written"
 
 
 # Whether an error line has been printed: typer turns an interrupt in its own

@@ -115,9 +115,10 @@ def retrain_head_cli(
     io.require_rows(table, features)
     label_columns = io.expand_columns(table, label_names, features, "label")
     weighted = [] if no_weights else [weight_column]
-    if weight_column in label_columns and weighted:
+    if weighted and weight_column in [*label_columns, io.ID_COLUMN]:
+        role = "the id" if weight_column == io.ID_COLUMN else "a label"
         raise UsageError(f"--weight-column {weight_column}: '{weight_column}' is "
-                         "also a label; a column has one role")
+                         f"also {role}; a column has one role")
     X, used = io.feature_matrix(table, features, column=features_column,
                                 columns=columns,
                                 exclude=[io.ID_COLUMN, *label_columns, *weighted])

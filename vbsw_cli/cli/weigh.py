@@ -283,7 +283,8 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     else:
         search += f" ({details.get('reason', '')})"
     reporter.say(f"search: {search}")
-    if ef is not None and result.neighbours.method == "exact":
+    if ef is not None and result.neighbours.method == "exact" \
+            and "ef" not in details:  # no graph was tried
         reporter.notice(f"--ef {ef} not used: exact search ran")
     elif ef is not None and details.get("ef", ef) != ef:
         reporter.notice(f"--ef {ef} raised to {details['ef']}: hnswlib searches "
