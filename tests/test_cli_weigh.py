@@ -169,6 +169,8 @@ def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
 
     exact = run_vbsw("weigh", path, "--k", "5", "--ef", "30", "-o", "-")
     assert "note: --ef 30 not used: exact search ran" in exact.stderr
+    graph = run_vbsw("weigh", path, "--k", "5", "--hnsw-m", "4", "-o", "-")
+    assert "note: --hnsw-m 4 not used: exact search ran" in graph.stderr
 
 
 def test_a_graph_that_fails_falls_back_without_recall_warnings(tmp_path, rng):
@@ -299,6 +301,8 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
     _fails(tmp_path, [small, "--m", "inf"], 2, "--m inf", "finite")
     _fails(tmp_path, [small, "--graph", tmp_path / "nodir" / "g.npz"], 1,
            "--graph", "does not exist")
+    _fails(tmp_path, [small, "--feature-columns", "lab*"], 2,
+           "'lab*' matches only label, which has another role")
     _fails(tmp_path, [small, "--features", "features", "--feature-columns",
                       "x*"], 2, "--features", "--feature-columns", "give one")
 

@@ -195,8 +195,13 @@ def expand_columns(table: pa.Table, patterns: Sequence[str], name: str,
     chosen: list[str] = []
     for pattern in patterns:
         if pattern not in table.column_names and any(ch in pattern for ch in "*?["):
-            matches = [c for c in table.column_names
-                       if fnmatch.fnmatchcase(c, pattern) and c not in skip]
+            found = [c for c in table.column_names
+                     if fnmatch.fnmatchcase(c, pattern)]
+            matches = [c for c in found if c not in skip]
+            if found and not matches:
+                raise UsageError(f"{describe(name)}: '{pattern}' matches only "
+                                 f"{', '.join(found)}, which has another role "
+                                 f"(label, id or weight), not {role}")
             if not matches:
                 raise DataError(f"{describe(name)}: no {role} column matches "
                                 f"'{pattern}'")

@@ -16,8 +16,8 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   SeedOpt, VerboseOpt, command, named_errors,
                                   resolve_output)
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.neighbors import (SearchOptions, check_k, csr_graph, duplicate_rows,
-                                floor_text)
+from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, SearchOptions,
+                                check_k, csr_graph, duplicate_rows, floor_text)
 from vbsw_cli.weigh import check_m, check_normalization, histogram, weigh
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
@@ -168,8 +168,9 @@ def weigh_cli(
     timings["write_s"] = time.perf_counter() - started
     timings["total_s"] = sum(timings.values())
 
+    given = _graph_options_given(ef, hnsw_m, ef_construction)
     _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, not exclude_self)
+             check_recall, not exclude_self, given)
 
 
 def _validate(k, m, normalize, task, threads, check_recall, graph):
@@ -267,8 +268,18 @@ def _jsonable(details: dict) -> dict:
             for key, value in details.items() if not key.endswith("_s")}
 
 
+def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
+    """The graph options set away from their defaults, as typed."""
+    given = [] if ef is None else [f"--ef {ef}"]
+    if hnsw_m != DEFAULT_M:
+        given.append(f"--hnsw-m {hnsw_m}")
+    if ef_construction != DEFAULT_EF_CONSTRUCTION:
+        given.append(f"--ef-construction {ef_construction}")
+    return given
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, include_self):
+             check_recall, include_self, graph_given):
     if reporter.quiet:
         return
     details = result.neighbours.details
@@ -283,9 +294,9 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     else:
         search += f" ({details.get('reason', '')})"
     reporter.say(f"search: {search}")
-    if ef is not None and result.neighbours.method == "exact" \
+    if graph_given and result.neighbours.method == "exact" \
             and "ef" not in details:  # no graph was tried
-        reporter.notice(f"--ef {ef} not used: exact search ran")
+        reporter.notice(f"{', '.join(graph_given)} not used: exact search ran")
     elif ef is not None and details.get("ef", ef) != ef:
         reporter.notice(f"--ef {ef} raised to {details['ef']}: hnswlib searches "
                         "with ef at least the neighbours it returns")
