@@ -134,7 +134,8 @@ def weigh_cli(
     table = _output_rows(table, label_table, label_columns, weights_only or
                          kind == "npy")
     timings["read_s"] = time.perf_counter() - started
-    _check_rows(features, X, k, not exclude_self)
+    with named_errors(features):
+        check_k(k, len(X), not exclude_self)
     # Said before the search, so a long run shows at once what it works on.
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
     reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
@@ -187,14 +188,6 @@ def _validate(k, m, normalize, task, threads, check_recall, graph):
         raise UsageError(f"--check-recall {check_recall}: must be at least 1")
     if graph is not None and not graph.endswith(".npz"):
         raise UsageError(f"--graph {graph}: the graph is written as .npz")
-
-
-def _check_rows(name: str, X, k: int, include_self: bool) -> None:
-    """check_k, with the file named in a data error."""
-    try:
-        check_k(k, len(X), include_self)
-    except DataError as error:
-        raise DataError(f"{io.describe(name)}: {error}") from error
 
 
 def _output_rows(table, label_table, label_columns, only_id):
