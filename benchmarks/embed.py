@@ -79,18 +79,28 @@ def rows_of(shape: tuple[int, ...], n_rows: int, seed: int = 0) -> np.ndarray:
     return rng.random((n_rows, *shape), dtype=np.float32)
 
 
-def bare_loop(model_path: str, X: np.ndarray, batch_size: int, device: str
-              ) -> float:
-    """rows/s of plain session.run calls over the cut model."""
+def cut_model(model_path: str) -> tuple[onnx.ModelProto, str]:
+    """The backbone cut where --layer auto cuts it, and the cut tensor."""
     model = onnx_graph.load_model(model_path)
     tensor = onnx_graph.find_cut(model, "auto")
-    session, _, _ = core.open_session(onnx_graph.cut(model, tensor), device,
-                                      model_path)
+    return onnx_graph.cut(model, tensor), tensor
+
+
+def timed_loop(session, tensor: str, X: np.ndarray, batch_size: int) -> float:
+    """rows/s of plain session.run calls over X."""
     name = session.get_inputs()[0].name
     started = time.perf_counter()
     for start in range(0, len(X), batch_size):
         session.run([tensor], {name: X[start:start + batch_size]})
     return len(X) / (time.perf_counter() - started)
+
+
+def bare_loop(model_path: str, X: np.ndarray, batch_size: int, device: str
+              ) -> float:
+    """rows/s of plain session.run calls over the cut model."""
+    body, tensor = cut_model(model_path)
+    session, _, _ = core.open_session(body, device, model_path)
+    return timed_loop(session, tensor, X, batch_size)
 
 
 BARE_SCRIPT = """
@@ -116,10 +126,9 @@ def bare_child(model_path: str, npy: Path, batch_size: int, device: str,
     The command pays a fresh process's first calls (kernel set-up, memory
     arena growth); this baseline pays them too.
     """
-    model = onnx_graph.load_model(model_path)
-    tensor = onnx_graph.find_cut(model, "auto")
+    body, tensor = cut_model(model_path)
     cut = folder / "cut.onnx"
-    onnx.save(onnx_graph.cut(model, tensor), str(cut))
+    onnx.save(body, str(cut))
     providers = {"cpu": "CPUExecutionProvider"}.get(
         device, "CUDAExecutionProvider,CPUExecutionProvider")
     done = subprocess.run([sys.executable, "-c", BARE_SCRIPT, str(cut), str(npy),
@@ -160,18 +169,13 @@ def thread_scaling(model_path: str, X: np.ndarray, batch_size: int) -> float:
     """rows/s of the bare loop on one onnxruntime thread (CPU only)."""
     import onnxruntime as ort
 
-    model = onnx_graph.load_model(model_path)
-    tensor = onnx_graph.find_cut(model, "auto")
+    body, tensor = cut_model(model_path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_graph.cut(model, tensor).SerializeToString(),
-                                   options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run([tensor], {name: X[:batch_size]})
-    started = time.perf_counter()
-    for start in range(0, len(X), batch_size):
-        session.run([tensor], {name: X[start:start + batch_size]})
-    return len(X) / (time.perf_counter() - started)
+    session = ort.InferenceSession(body.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    timed_loop(session, tensor, X[:batch_size], batch_size)  # first-call costs
+    return timed_loop(session, tensor, X, batch_size)
 
 
 def command(model_path: str, npy: Path, out: Path, batch_size: int, device: str
