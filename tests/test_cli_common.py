@@ -111,11 +111,11 @@ def test_verbose_task_line_says_when_the_work_stopped(capsys):
 
 
 def test_a_stop_that_a_library_swallowed_still_writes_nothing(tmp_path):
-    from vbsw_cli import io
+    from vbsw_cli import io, stopping
     from vbsw_cli.cli._common import Reporter
 
     target = tmp_path / "out.parquet"
-    io.request_stop()
+    stopping.request_stop()
     try:
         with pytest.raises(KeyboardInterrupt):
             with io.atomic_output(target) as temporary:
@@ -124,7 +124,7 @@ def test_a_stop_that_a_library_swallowed_still_writes_nothing(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             Reporter().task("searching", 10).advance(1)
     finally:
-        io.clear_stop()
+        stopping.clear_stop()
     assert list(tmp_path.iterdir()) == []
     Reporter().task("searching", 10).advance(1)  # cleared: runs on
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from vbsw_cli import __version__
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.stopping import check_stop, clear_stop, request_stop  # noqa: F401
+from vbsw_cli.stopping import check_stop
 
 STDIO = "-"
 PARQUET_MAGIC = b"PAR1"
@@ -660,21 +660,21 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
 _data_stdout = None
 
 
+# Whether this run has taken the data stream to write: an interrupt after that
+# may leave a partial stream, and the error line says so.
+stdout_started = False
+
+
 def data_stdout():
     """The binary stream data goes to when the output is ``-``."""
+    global stdout_started
+    stdout_started = True
     return _data_stdout if _data_stdout is not None else sys.stdout.buffer
-
-
-# Whether this run has begun to send data to stdout: an interrupt after that
-# leaves a partial stream, and the error line says so.
-stdout_started = False
 
 
 def write_stdout(data: bytes) -> None:
     """Write data (bytes) to stdout and flush."""
-    global stdout_started
     check_stop()
-    stdout_started = True
     stream = data_stdout()
     stream.write(data)
     stream.flush()

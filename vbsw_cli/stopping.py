@@ -39,10 +39,15 @@ def check_stop() -> None:
         raise KeyboardInterrupt("stop requested")
 
 
-def interrupted_line(args) -> str:
-    """The line a run stopped by a signal ends with (``args``: the command line)."""
+def interrupted_line(args, partial: bool = False) -> str:
+    """The line a run stopped by a signal ends with (``args``: the command line).
+
+    ``partial``: data had begun to go to stdout, so the stream there is cut.
+    """
     command = args[:1] if args and not args[0].startswith("-") else []
-    return f"{' '.join(['vbsw', *command])}: error: interrupted; no output was written"
+    what = "the output sent to stdout is incomplete" if partial \
+        else "no output was written"
+    return f"{' '.join(['vbsw', *command])}: error: interrupted; {what}"
 
 
 def _interrupt(signum, frame):

@@ -15,10 +15,9 @@ try:  # typer >= 0.2x carries its own copy of click
 except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
-from vbsw_cli import __version__
+from vbsw_cli import __version__, io
 from vbsw_cli.stopping import (interrupted_line, stop_cleanly_on_signals,
                                stop_requested)
-from vbsw_cli.cli import _common
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
@@ -39,23 +38,22 @@ def main(argv: list[str] | None = None) -> None:
     """Run the ``vbsw`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
     stop_cleanly_on_signals()
     args = argv if argv is not None else sys.argv[1:]
-    _common.error_printed = False
     try:
         code = _dispatch(args)
-    except KeyboardInterrupt:  # before or after a command's own handling
-        interrupted(args)
+    except KeyboardInterrupt:
+        code = 130
     except Exception:
-        if stop_requested():  # an interrupt that came out as another error
-            interrupted(args)
-        raise
-    if code == 130 and not _common.error_printed:
+        if not stop_requested():
+            raise
+        code = 130  # an interrupt that came out as another error
+    if code == 130:  # typer turns every interrupt into this code, silently
         interrupted(args)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def interrupted(args) -> None:
-    """The line an interrupt ends with, wherever it came: exit 130."""
-    stderr.print(interrupted_line(args), markup=False)
+    """The one line every interrupt ends with, wherever it came: exit 130."""
+    stderr.print(interrupted_line(args, partial=io.stdout_started), markup=False)
     sys.exit(130)
 
 

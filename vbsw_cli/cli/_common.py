@@ -94,7 +94,7 @@ def command(name: str, example: str, **settings):
             except KeyboardInterrupt:
                 if debug:  # where it stopped, then the usual line and code
                     traceback.print_exc()
-                fail(name, _interrupted_text(), 130)
+                raise  # main() prints the one line for every interrupt
             except MemoryError:
                 if debug:
                     raise
@@ -105,7 +105,7 @@ def command(name: str, example: str, **settings):
                 if stopping.stop_requested():
                     # An interrupt inside a library (a module being imported)
                     # can come out as another error.
-                    fail(name, _interrupted_text(), 130)
+                    raise KeyboardInterrupt from error
                 if debug:
                     raise
                 fail(name, f"unexpected {type(error).__name__}: {error} "
@@ -118,22 +118,9 @@ def command(name: str, example: str, **settings):
     return register
 
 
-def _interrupted_text() -> str:
-    if io.stdout_started:
-        return "interrupted; the output sent to stdout is incomplete"
-    return "interrupted; no output was written"
-
-
-# Whether an error line has been printed: typer turns an interrupt in its own
-# code (parsing the options) into exit code 130 without a word.
-error_printed = False
-
-
 def fail(name: str, message: str, code: int):
     """Print one error line and exit."""
-    global error_printed
     stderr.print(f"vbsw {name}: error: {message}", markup=False)
-    error_printed = True
     raise typer.Exit(code)
 
 

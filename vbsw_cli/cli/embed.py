@@ -290,7 +290,6 @@ def write_features(batches, data, destination: str, parameters: dict, *,
     interrupted run leaves nothing. stdout is written as the rows come.
     """
     if destination == io.STDIO:
-        io.stdout_started = True  # row groups go out as they are made
         sink = pa.PythonFile(io.data_stdout(), mode="w")
         counts = _write_groups(batches, data, sink, parameters)
         io.data_stdout().flush()
