@@ -13,6 +13,9 @@ no torch is needed) - it measures rows/s of
   (memory-mapped, reshaped, checked, cast), features consumed but not written;
 * bare+: the bare loop as a script in a fresh process, which pays the same
   first-call costs (kernel set-up, memory arena growth) as the command;
+* layout: the bare loop in the command's CPU layout (``cpu_layout()``: two
+  batches side by side, each on half the cores), to tell the layout's speed
+  apart from what the command adds;
 * command: the whole ``vbsw embed X.npy -o out.parquet`` in a child process,
   from its own timing line (reading, embedding, writing row groups) and from
   the wall clock (which adds Python start-up and model loading).
@@ -97,9 +100,16 @@ def timed_loop(session, tensor: str, X: np.ndarray, batch_size: int) -> float:
 
 def bare_loop(model_path: str, X: np.ndarray, batch_size: int, device: str
               ) -> float:
-    """rows/s of plain session.run calls over the cut model."""
+    """rows/s of plain session.run calls over the cut model.
+
+    onnxruntime's default session on the provider asked for: every core on one
+    batch at a time, as a user's own loop would run it.
+    """
+    import onnxruntime as ort
+
     body, tensor = cut_model(model_path)
-    session, _, _ = core.open_session(body, device, model_path)
+    providers = [core.CPU] if device == "cpu" else [core.CUDA, core.CPU]
+    session = ort.InferenceSession(body.SerializeToString(), providers=providers)
     return timed_loop(session, tensor, X, batch_size)
 
 
@@ -165,6 +175,34 @@ def writing_alone(model_path: str, npy: Path, out: Path, batch_size: int,
     return n_rows / (time.perf_counter() - started)
 
 
+def layout_loop(model_path: str, X: np.ndarray, batch_size: int) -> float:
+    """rows/s of bare session.run calls in the command's CPU layout.
+
+    The command runs ``cpu_layout()`` batches side by side, each on its share
+    of the cores (two batches of one thread on two cores); this loop does the
+    same with no reading, checking or writing, so it tells the layout's own
+    speed apart from what the command adds.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
+
+    body, tensor = cut_model(model_path)
+    in_flight, threads = core.cpu_layout()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(body.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    starts = range(0, len(X), batch_size)
+    run = lambda s: session.run([tensor], {name: X[s:s + batch_size]})  # noqa: E731
+    with ThreadPoolExecutor(in_flight) as pool:
+        list(pool.map(run, starts[:in_flight]))  # first-call costs
+        started = time.perf_counter()
+        list(pool.map(run, starts))
+    return len(X) / (time.perf_counter() - started)
+
+
 def thread_scaling(model_path: str, X: np.ndarray, batch_size: int) -> float:
     """rows/s of the bare loop on one onnxruntime thread (CPU only)."""
     import onnxruntime as ort
@@ -212,12 +250,13 @@ def benchmark(name: str, model_path: str, shape, n_rows: int, batch_size: int,
                                   batch_size, device)
         writing = writing_alone(model_path, npy, folder / "alone.parquet",
                                 batch_size, device)
-        one = thread_scaling(model_path, X, batch_size) if device == "cpu" \
-            else float("nan")
-        runs.append((bare, in_core, fresh, own, wall, peak, writing, one))
+        cpu = device == "cpu"
+        one = thread_scaling(model_path, X, batch_size) if cpu else float("nan")
+        layout = layout_loop(model_path, X, batch_size) if cpu else float("nan")
+        runs.append((bare, in_core, fresh, own, wall, peak, writing, one, layout))
     best = [max(column) for column in zip(*runs)]
     return dict(zip(("bare", "core", "fresh", "own", "wall", "peak", "writing",
-                     "one_thread"), best), name=name, rows=n_rows)
+                     "one_thread", "layout"), best), name=name, rows=n_rows)
 
 
 def memory(name: str, model_path: str, shape, counts, batch_size: int,
@@ -254,17 +293,22 @@ def report(results: list[dict], peaks: dict, batch_size: int, device: str) -> No
           "process; command: vbsw embed's own timing line (read, embed, write);\n"
           "wall: the command by the wall clock, with start-up and model loading;\n"
           "ovh = baseline rate / tool rate - 1 (extra time per row; target <= 10%)")
-    print("\nwhat the command adds to inference, measured apart:")
+    in_flight, threads = core.cpu_layout()
+    print(f"\nthe command's CPU layout: {in_flight} batches in flight, {threads} "
+          "onnxruntime thread(s) each; measured apart:")
     for r in results:
         share = r["bare"] / r["writing"]
-        print(f"{r['name']:<8} writing Parquet alone {r['writing']:>10,.0f} rows/s "
-              f"({1e6 / r['writing']:.2f} us/row) = {share:+.0%} of the bare "
-              f"inference time; onnxruntime on 1 thread {r['one_thread']:,.0f} "
-              f"rows/s vs {r['bare']:,.0f} on {os.cpu_count()} (x"
+        print(f"{r['name']:<8} bare loop in that layout {r['layout']:>10,.0f} "
+              f"rows/s ({overhead(r['layout'], r['bare'])} against the bare "
+              f"loop); onnxruntime on 1 thread {r['one_thread']:,.0f} rows/s "
+              f"vs {r['bare']:,.0f} on {os.cpu_count()} (x"
               f"{r['bare'] / r['one_thread']:.2f})")
-    print("when onnxruntime keeps every core busy (a ratio near the core count),"
-          " the writer\nthread has no idle core: the command's overhead cannot "
-          "fall much below the writing share")
+        print(f"{'':<8} writing Parquet alone {r['writing']:>10,.0f} rows/s "
+              f"({1e6 / r['writing']:.2f} us/row) = {share:+.0%} of the bare "
+              "inference time")
+    print("the writer's work has to fit beside inference that fills the cores: "
+          "the command's\noverhead is at least about the writing share "
+          "divided by the core count")
     for name, rows in peaks.items():
         shown = ", ".join(f"{n:,} rows: {p:.0f} MiB" for n, p in rows)
         ratio = rows[-1][1] / rows[0][1]

@@ -555,6 +555,62 @@ def test_many_row_groups_are_written_in_order(tmp_path, monkeypatch):
     assert read_output(out).column("id").to_pylist() == digits()[0].tolist()
 
 
+@pytest.mark.parametrize("cores, layout", [(1, (1, 1)), (2, (2, 1)), (3, (2, 1)),
+                                           (16, (2, 8))])
+def test_cpu_layout_splits_the_cores_between_two_batches(cores, layout):
+    assert core.cpu_layout(cores) == layout
+
+
+def backbone_in_flight(in_flight: int) -> core.Backbone:
+    from dataclasses import replace
+
+    return replace(core.load_backbone(str(BACKBONE), device="cpu"),
+                   in_flight=in_flight)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_batches_in_flight_come_back_in_order(in_flight):
+    backbone = backbone_in_flight(in_flight)
+    source = core.open_input(str(TEST), backbone)
+
+    batches = list(core.embed(backbone, source, batch_size=7))
+
+    assert [len(b.features) for b in batches] == [7] * 51 + [3]
+    np.testing.assert_allclose(np.concatenate([b.features for b in batches]),
+                               REFERENCE_FEATURES(), atol=1e-5)
+    ids = pa.concat_arrays([b.carried["id"] for b in batches]).to_pylist()
+    assert ids == digits()[0].tolist()
+
+
+def test_a_failed_run_in_flight_is_raised_after_the_batches_before_it():
+    backbone = backbone_in_flight(2)
+    good = digits(12)[1].reshape(-1, 1, 8, 8)
+    wrong_dtype = good[:4].astype(np.float64)  # onnxruntime refuses it
+    parts = [(good[:6], {}), (good[6:], {}), (wrong_dtype, {}), (good[:6], {})]
+
+    batches = core.run_in_order(backbone, iter(parts))
+    first, second = next(batches), next(batches)
+
+    np.testing.assert_allclose(np.concatenate([first.features, second.features]),
+                               REFERENCE_FEATURES()[:12], atol=1e-5)
+    with pytest.raises(Exception, match="(?i)type"):
+        next(batches)
+
+
+def test_stopping_early_leaves_no_batch_running():
+    import threading
+
+    backbone = backbone_in_flight(2)
+    source = core.open_input(str(TEST), backbone)
+    batches = core.embed(backbone, source, batch_size=10)
+
+    next(batches)
+    batches.close()
+
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith("vbsw-embed")]
+
+
 # ---------------------------------------------------------------------------
 # Pipes, provenance, devices
 
@@ -597,6 +653,36 @@ def test_provenance_records_the_cut_and_the_device(tmp_path, here):
     assert record["parameters"]["provider"] == "CPUExecutionProvider"
     assert record["parameters"]["tensor_column"] == "image"
     assert record["parameters"]["n_features"] == 64
+
+
+def codecs_of(path: Path) -> set[str]:
+    meta = pq.read_metadata(path)
+    return {meta.row_group(g).column(c).compression
+            for g in range(meta.num_row_groups) for c in range(meta.num_columns)}
+
+
+@pytest.mark.parametrize("option, codec", [(None, "UNCOMPRESSED"),
+                                           ("none", "UNCOMPRESSED"),
+                                           ("snappy", "SNAPPY"), ("zstd", "ZSTD")])
+def test_compression_is_chosen_and_recorded(tmp_path, here, option, codec):
+    out = tmp_path / "f.parquet"
+    extra = ["--compression", option] if option else []
+    run = here("embed", BACKBONE, TEST, "-o", out, "--device", "cpu", *extra)
+
+    assert run.code == 0, run.stderr
+    assert codecs_of(out) == {codec}
+    record = json.loads(pq.read_schema(out).metadata[b"vbsw"])
+    assert record["parameters"]["compression"] == (option or "none")
+    np.testing.assert_allclose(features_of(read_output(out)), REFERENCE_FEATURES(),
+                               atol=1e-5)
+
+
+def test_unknown_compression_is_a_usage_error(tmp_path, here):
+    run = here("embed", BACKBONE, TEST, "-o", tmp_path / "f.parquet",
+               "--compression", "rar")
+
+    assert_failed(run, 2, "--compression rar", "snappy")
+    no_files_left(tmp_path, "f.parquet")
 
 
 def test_device_cuda_fails_cleanly_without_a_gpu(tmp_path):

@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -87,6 +88,8 @@ class Backbone:
     session: object
     fixed_batch: int | None = None
     notices: list[str] = field(default_factory=list)
+    in_flight: int = 1
+    threads: int = 0
 
     @property
     def n_values(self) -> int:
@@ -128,13 +131,34 @@ def load_backbone(path: str, *, layer: str = "auto", device: str = "auto",
         raise DataError(f"{path}: {error}") from error
     body = onnx_graph.cut(model, tensor)
 
-    session, provider, notices = open_session(body, device, path, quiet_runtime)
+    in_flight, threads = cpu_layout()
+    session, provider, notices = open_session(body, device, path, quiet_runtime,
+                                              threads=threads)
+    if provider != CPU:
+        in_flight, threads = 1, 0
     spec = session.get_inputs()[0]
     dtype = _input_dtype(spec.type, path)
     fixed_batch, row_shape = resolve_shape(spec.shape, input_shape, path,
                                            spec.name)
     return Backbone(path, tensor, spec.name, row_shape, dtype, provider, session,
-                    fixed_batch, notices)
+                    fixed_batch, notices, in_flight, threads)
+
+
+def cpu_layout(cores: int | None = None) -> tuple[int, int]:
+    """``(batches in flight, onnxruntime threads per batch)`` on the CPU.
+
+    Two batches run side by side, each on half the cores (one thread each on
+    two cores). A batch spread over every core waits at each operator for its
+    slowest thread, so the thread that writes the output, taking a core now
+    and then, stalls every operator of a small backbone; batches side by side
+    share no such barrier. Both layouts infer equally fast when nothing else
+    runs (benchmarks/embed.py measures both).
+    """
+    from vbsw_cli.neighbors import thread_count
+
+    cores = cores or thread_count(None)
+    in_flight = 2 if cores >= 2 else 1
+    return in_flight, max(1, cores // in_flight)
 
 
 def check_one_input(model: "onnx.ModelProto", path: str) -> None:
@@ -153,11 +177,12 @@ def check_device(device: str) -> None:
 
 
 def open_session(model: "onnx.ModelProto", device: str, path: str,
-                 quiet_runtime: bool = True):
+                 quiet_runtime: bool = True, threads: int = 0):
     """``(session, provider, notices)`` on the device asked for.
 
     onnxruntime falls back to the CPU without an error when the CUDA provider
-    cannot load, so the provider the session reports is what decides.
+    cannot load, so the provider the session reports is what decides. A CPU
+    session runs each batch on ``threads`` threads (0: onnxruntime's choice).
     """
     import onnxruntime as ort
 
@@ -165,7 +190,7 @@ def open_session(model: "onnx.ModelProto", device: str, path: str,
     ort.set_default_logger_severity(level)
     data = model.SerializeToString()
     if device == "cpu":
-        return _session(ort, data, [CPU], level, path), CPU, []
+        return _session(ort, data, [CPU], level, path, threads), CPU, []
 
     reason = None
     if CUDA not in ort.get_available_providers():
@@ -180,12 +205,14 @@ def open_session(model: "onnx.ModelProto", device: str, path: str,
         raise DataError(f"--device cuda: CUDA is not usable here; {reason} "
                         "(use --device cpu or auto)")
     notice = f"CUDA is not usable here, running on the CPU; {reason}"
-    return _session(ort, data, [CPU], level, path), CPU, [notice]
+    return _session(ort, data, [CPU], level, path, threads), CPU, [notice]
 
 
-def _session(ort, data: bytes, providers: list[str], level: int, path: str):
+def _session(ort, data: bytes, providers: list[str], level: int, path: str,
+             threads: int = 0):
     options = ort.SessionOptions()
     options.log_severity_level = level
+    options.intra_op_num_threads = threads  # 0: onnxruntime's choice
     try:
         return ort.InferenceSession(data, options, providers=providers)
     except Exception as error:  # onnxruntime raises its own unrelated types
@@ -800,14 +827,55 @@ def embed(backbone: Backbone, source: Source, *, batch_size: int = DEFAULT_BATCH
         batch_size = fixed
     task = (progress or NullProgress()).task("embed", source.n_rows)
     try:
-        for raw in source.batches(batch_size):
-            X = model_input(raw, backbone, source)
-            for part in _fixed_batches(X, backbone.fixed_batch):
-                yield FeatureBatch(backbone.run(part[0]), _slice(raw.carried,
-                                                                 part[1]))
-            task.advance(len(raw.values))
+        parts = _model_inputs(backbone, source, batch_size)
+        for batch in run_in_order(backbone, parts):
+            yield batch
+            task.advance(len(batch.features))
     finally:
         task.close()
+
+
+def _model_inputs(backbone: Backbone, source: Source, batch_size: int
+                  ) -> Iterator[tuple[np.ndarray, dict[str, pa.Array]]]:
+    """``(model input, carried columns)`` of each batch the model will run."""
+    for raw in source.batches(batch_size):
+        X = model_input(raw, backbone, source)
+        for part, row in _fixed_batches(X, backbone.fixed_batch):
+            yield part, _slice(raw.carried, row)
+
+
+def run_in_order(backbone: Backbone, parts) -> Iterator[FeatureBatch]:
+    """Features of each ``(X, carried)`` part, in order, ``in_flight`` at a time.
+
+    onnxruntime releases the GIL while it runs, so the batches in flight run
+    on their own cores while this thread prepares the next input. Inputs are
+    checked here, in order, so the first bad row is still the one reported.
+    """
+    if backbone.in_flight == 1:
+        for X, carried in parts:
+            yield FeatureBatch(backbone.run(X), carried)
+        return
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(backbone.in_flight,
+                            thread_name_prefix="vbsw-embed") as pool:
+        try:
+            for X, carried in parts:
+                pending.append((pool.submit(backbone.run, X), carried))
+                if len(pending) > backbone.in_flight:
+                    yield _done(pending.popleft())
+            while pending:
+                yield _done(pending.popleft())
+        finally:  # an error or an early stop: drop what has not started
+            for future, _ in pending:
+                future.cancel()
+
+
+def _done(item) -> FeatureBatch:
+    future, carried = item
+    return FeatureBatch(future.result(), carried)
 
 
 def check_batch_size(batch_size: int) -> None:
