@@ -12,6 +12,8 @@ from hypothesis.extra import numpy as hnp
 
 import vbsw_cli.exact as blocked
 from vbsw_cli.exact import exact_neighbours
+from vbsw_cli.neighbors import SearchOptions, exact_search
+from vbsw_cli.progress import NullProgress
 
 
 def brute_force(X, k, rows=None):
@@ -133,6 +135,28 @@ def test_progress_adds_up_and_an_interrupt_stops_the_tiles(rng, small_tiles,
         exact_neighbours(X, 5, threads=2, advance=interrupt)
     # 55 tiles in all (10 blocks); the pool stops after the few started.
     assert len(tiles) < 10
+
+
+def test_exact_search_gives_index_dtype_and_agrees_with_the_tree(rng,
+                                                                 monkeypatch):
+    X = rng.normal(size=(3000, 3))
+    options = SearchOptions(method="exact", threads=2)
+    indices, distances = exact_search(X, 8, options, NullProgress())
+    assert indices.dtype == np.int32
+    monkeypatch.setattr("vbsw_cli.neighbors.TREE_ROWS", 1000)
+    tree_indices, tree_distances = exact_search(X, 8, options, NullProgress())
+    np.testing.assert_allclose(distances, tree_distances, rtol=1e-12)
+    assert tree_indices.dtype == np.int32
+    assert_exact(X, 8, tree_indices, tree_distances)
+
+
+def test_a_timed_probe_picks_the_tree_or_the_products_exactly(rng, monkeypatch):
+    monkeypatch.setattr("vbsw_cli.neighbors.TREE_ROWS", 1000)
+    latent = rng.normal(size=(3000, 2)) @ rng.normal(size=(2, 8))
+    options = SearchOptions(method="exact", threads=2)
+    for X in (latent, rng.normal(size=(3000, 12))):
+        indices, distances = exact_search(X, 10, options, NullProgress())
+        assert_exact(X, 10, indices, distances)
 
 
 @settings(max_examples=60, deadline=None)
