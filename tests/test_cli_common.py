@@ -194,8 +194,10 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
     from conftest import write_features
 
     rng = np.random.default_rng(0)
-    path = write_features(tmp_path / "f.parquet", rng.normal(size=(20_000, 16)),
-                          rng.integers(3, size=20_000))
+    # Rows enough that the exact search (about 2 s on two cores) outlasts the
+    # longest delay, so that the signal lands inside the run, not at its exit.
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(60_000, 16)),
+                          rng.integers(3, size=60_000))
     out = tmp_path / "out"
     out.mkdir()
     # Start-up, imports, option parsing, reading, searching: wherever it lands.

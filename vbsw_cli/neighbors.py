@@ -2,8 +2,9 @@
 
 Two searches sit behind one function:
 
-* exact: scikit-learn's ``NearestNeighbors`` (k-d tree in few dimensions, a
-  blocked brute force otherwise);
+* exact: blocked matrix products with per-row thresholds
+  (:mod:`vbsw_cli.exact`), or scikit-learn's k-d tree for large sets in few
+  dimensions;
 * approximate: an hnswlib graph. Its recall is measured, on a sample of rows,
   against the exact search; ``ef`` is raised until the recall asked for is
   reached. When no affordable ``ef`` reaches it, or when the exact search would
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.exact import exact_neighbours
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")
@@ -66,10 +68,20 @@ EXACT_PATIENCE = 3.0
 QUERY_CHUNK = 20_000
 OWN_BLOCK = 65_536
 
-# Exact neighbours of a sample of rows come from a plain scan up to this many
-# points (a scan of a million points is slower than scikit-learn's).
-BRUTE_ROWS = 300_000
-SCAN_SPEED_UP = 2.5  # measured on 50,000 x 64 floats, 2 cores
+# Exact search: blocked products (vbsw_cli.exact), or scikit-learn's k-d tree
+# for more than TREE_ROWS rows in few dimensions, where it prunes: always up to
+# TREE_DIMENSIONS; up to PROBE_DIMENSIONS only on data of few intrinsic
+# dimensions, which timing both on a few rows tells. On 50,000 rows in 8
+# dimensions, 2 cores: the tree takes 0.4 s near a 3-dimensional subspace but
+# 3.7 s on Gaussian noise (32 s in 15 dimensions); the products 1.3 s.
+TREE_DIMENSIONS = 5
+PROBE_DIMENSIONS = 15
+TREE_ROWS = 30_000
+TREE_PROBE_ROWS = 64
+# The blocked self-join of every row computes half the products, and merges
+# fewer candidates per row, than the search of a sample of rows among all:
+# its time per row is about SELF_JOIN_SPEED_UP times smaller.
+SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 
 
 @dataclass
@@ -192,58 +204,70 @@ def exact_search(X: np.ndarray, n_query: int, options: SearchOptions,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact neighbours of ``X[rows]`` (default: every row) among all of X.
 
-    Up to BRUTE_ROWS points: hnswlib's brute-force index (plain scans, in
-    float32), which spares the second it takes to import scikit-learn. Larger
-    sets: scikit-learn (a k-d tree in few dimensions, a blocked brute force
-    otherwise), faster at scale.
+    Returns
+    -------
+    indices : ndarray of shape (n_rows, n_query), ``index_dtype(len(X))``.
+    distances : ndarray of shape (n_rows, n_query), float64, Euclidean,
+        ascending in each row.
     """
-    queries = X if rows is None else X[rows]
     threads = thread_count(options.threads)
-    small = len(X) <= (BRUTE_ROWS if rows is not None else options.exact_below)
-    search = _BruteForce(X, threads) if small else _ScikitLearn(X, n_query,
-                                                                 threads)
-    indices = np.empty((len(queries), n_query), dtype=index_dtype(len(X)))
-    distances = np.empty((len(queries), n_query), dtype=np.float64)
-    task = progress.task("exact search", len(queries)) if rows is None else None
-    for start, stop in chunks(len(queries), QUERY_CHUNK):
-        d, i = search.kneighbors(queries[start:stop], n_query)
-        indices[start:stop], distances[start:stop] = i, d
-        if task:
-            task.advance(stop - start)
+    tree = _tree(X, n_query, threads, probe=rows is None)
+    task = progress.task("exact search", len(X)) if rows is None else None
+    queries = X if rows is None else X[rows]
+    if tree is not None:
+        found = _tree_search(tree, queries, task)
+    else:
+        found = exact_neighbours(X, n_query, rows=rows, threads=threads,
+                                 advance=task.advance if task else None)
     if task:
         task.close()
+    return found[0].astype(index_dtype(len(X)), copy=False), found[1]
+
+
+def _tree_only(X: np.ndarray) -> bool:
+    """Whether X has so few dimensions that a k-d tree wins without a probe."""
+    return len(X) > TREE_ROWS and X.shape[1] <= TREE_DIMENSIONS
+
+
+def _tree(X, n_query, threads, probe):
+    """scikit-learn's k-d tree fitted on X, where it beats the blocked search.
+
+    ``probe``: in up to PROBE_DIMENSIONS, time both searches on a sample of
+    rows (the whole search is worth it); otherwise trust the dimension alone.
+    """
+    if len(X) <= TREE_ROWS or X.shape[1] > (PROBE_DIMENSIONS if probe
+                                            else TREE_DIMENSIONS):
+        return None
+    from sklearn.neighbors import NearestNeighbors
+
+    tree = NearestNeighbors(n_neighbors=n_query, algorithm="kd_tree",
+                            n_jobs=threads).fit(X)
+    if _tree_only(X):
+        return tree
+    rows = np.linspace(0, len(X) - 1, RECALL_SAMPLE).astype(np.int64)
+    started = time.perf_counter()
+    exact_neighbours(X, n_query, rows=rows, threads=threads)
+    blocked = (time.perf_counter() - started) / SELF_JOIN_SPEED_UP / len(rows)
+    # Fewer rows for the tree, on one thread (joblib's start would outweigh
+    # them): its time per row has no fixed part, and it is slow where it loses.
+    rows = rows[::len(rows) // TREE_PROBE_ROWS]
+    started = time.perf_counter()
+    tree.set_params(n_jobs=1).kneighbors(X[rows])
+    by_tree = (time.perf_counter() - started) / len(rows) / threads
+    return tree.set_params(n_jobs=threads) if by_tree < blocked else None
+
+
+def _tree_search(tree, queries, task):
+    """A k-d tree's neighbours of queries by chunks, so that progress moves."""
+    n_query = tree.n_neighbors
+    indices = np.empty((len(queries), n_query), dtype=np.int64)
+    distances = np.empty((len(queries), n_query), dtype=np.float64)
+    for start, stop in chunks(len(queries), QUERY_CHUNK):
+        distances[start:stop], indices[start:stop] = tree.kneighbors(
+            queries[start:stop])
+        if task:
+            task.advance(stop - start)
     return indices, distances
-
-
-class _BruteForce:
-    """hnswlib's exact index, with scikit-learn's ``kneighbors`` answer."""
-
-    def __init__(self, X: np.ndarray, threads: int):
-        import hnswlib
-
-        self.threads = threads
-        self.index = hnswlib.BFIndex(space="l2", dim=X.shape[1])
-        self.index.init_index(max_elements=len(X))
-        self.index.add_items(np.ascontiguousarray(X, dtype=np.float32),
-                             np.arange(len(X)))
-
-    def kneighbors(self, queries: np.ndarray, n_query: int):
-        labels, squared = self.index.knn_query(
-            np.ascontiguousarray(queries, dtype=np.float32), k=n_query,
-            num_threads=self.threads)
-        return np.sqrt(np.maximum(squared, 0.0)), labels
-
-
-class _ScikitLearn:
-    """scikit-learn's exact search, for larger sets."""
-
-    def __init__(self, X: np.ndarray, n_query: int, threads: int):
-        from sklearn.neighbors import NearestNeighbors
-
-        self.search = NearestNeighbors(n_neighbors=n_query, n_jobs=threads).fit(X)
-
-    def kneighbors(self, queries: np.ndarray, n_query: int):
-        return self.search.kneighbors(queries, n_neighbors=n_query)
 
 
 # ---------------------------------------------------------------------------
@@ -262,10 +286,10 @@ def _approximate_or_exact(X, n_query, options, progress):
     _, reference = exact_search(X, n_query, options, progress, rows=sample)
     exact_per_row = (time.perf_counter() - started) / len(sample)
     predicted_exact = exact_per_row * len(X)
-    if len(X) <= BRUTE_ROWS:
-        # The sample was a plain scan; scikit-learn's blocked search of every
-        # row does the same work about SCAN_SPEED_UP times faster.
-        predicted_exact /= SCAN_SPEED_UP
+    if not _tree_only(X):
+        # The sample was searched by blocked products, which do the whole set
+        # faster per row (where a probe then picks a tree, faster still).
+        predicted_exact /= SELF_JOIN_SPEED_UP
 
     contrast = relative_contrast(X, sample, reference, rng)
     if options.method == "auto" and contrast < HARD_CONTRAST \

@@ -1,0 +1,184 @@
+"""The blocked exact search against a plain numpy brute force."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import vbsw_cli.exact as blocked
+from vbsw_cli.exact import exact_neighbours
+from vbsw_cli.neighbors import SearchOptions, exact_search
+from vbsw_cli.progress import NullProgress
+
+
+def brute_force(X, k, rows=None):
+    """Every distance in float64 by differences, fully sorted (stable)."""
+    X = np.asarray(X, dtype=np.float64)
+    rows = np.arange(len(X)) if rows is None else rows
+    distance = np.sqrt(((X[rows, None, :] - X[None, :, :]) ** 2).sum(axis=-1))
+    order = np.argsort(distance, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(distance, order, axis=1)
+
+
+def assert_exact(X, k, indices, distances, rows=None):
+    """Right distances (ties: any row as near as the k-th will do), right rows."""
+    _, expected = brute_force(X, k, rows)
+    np.testing.assert_allclose(distances, expected, rtol=1e-12, atol=1e-12)
+    X = np.asarray(X, dtype=np.float64)
+    queries = X if rows is None else X[rows]
+    again = np.sqrt(((X[indices] - queries[:, None, :]) ** 2).sum(axis=-1))
+    np.testing.assert_allclose(distances, again, rtol=1e-12, atol=1e-12)
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 64 rows, so that small inputs take many tiles and merges."""
+    monkeypatch.setattr(blocked, "BLOCK", 64)
+    monkeypatch.setattr(blocked, "MERGE_EVERY", 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, d, k", [(500, 8, 10), (333, 40, 20), (70, 3, 70),
+                                     (130, 2, 1)])
+def test_blocked_search_matches_brute_force(rng, small_tiles, n, d, k, dtype,
+                                            threads):
+    X = rng.normal(size=(n, d)).astype(dtype)
+    indices, distances = exact_neighbours(X, k, threads=threads)
+    assert_exact(X, k, indices, distances)
+    assert indices.dtype == np.int64 and distances.dtype == np.float64
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_are_searched_among_all_rows(rng, small_tiles, threads):
+    X = rng.normal(size=(400, 12))
+    rows = np.sort(rng.choice(400, size=90, replace=False))
+    indices, distances = exact_neighbours(X, 15, rows=rows, threads=threads)
+    assert_exact(X, 15, indices, distances, rows)
+
+
+def test_the_default_tiles_give_the_same_neighbours(rng):
+    X = rng.normal(size=(2500, 64)).astype(np.float32)
+    indices, distances = exact_neighbours(X, 20, threads=2)
+    assert_exact(X, 20, indices, distances)
+
+
+def test_masses_of_duplicates_are_searched_again_in_float64(rng, small_tiles,
+                                                            monkeypatch):
+    X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)  # 50 copies each
+    crowded = []
+    counted = blocked._Candidates.crowded
+    monkeypatch.setattr(blocked._Candidates, "crowded",
+                        lambda self: crowded.append(counted(self)) or crowded[-1])
+    indices, distances = exact_neighbours(X, 20, threads=2)
+    assert len(crowded[0]) == len(X)  # every row has 49 copies at distance 0
+    assert_exact(X, 20, indices, distances)
+    assert (distances == 0).all()
+
+
+def test_ties_on_a_grid(small_tiles):
+    grid = np.stack(np.meshgrid(*[np.arange(7)] * 3), axis=-1).reshape(-1, 3)
+    indices, distances = exact_neighbours(grid.astype(float), 19, threads=2)
+    assert_exact(grid, 19, indices, distances)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_large_common_offset_loses_no_neighbour(rng, small_tiles, dtype):
+    X = (rng.normal(size=(300, 16)) + 1e4).astype(dtype)
+    indices, distances = exact_neighbours(X, 12, threads=2)
+    assert_exact(X, 12, indices, distances)
+
+
+def test_float32_round_off_does_not_decide(rng, small_tiles):
+    # Two tight clouds far apart: centring cannot shrink the norms, and float32
+    # products of |x|^2 - 2 x.y + |y|^2 cannot tell the neighbours apart.
+    cloud = rng.normal(size=(200, 8)) * 1e-3
+    X = np.concatenate([cloud + 1e4, cloud[::-1] - 1e4 + 1e-4])
+    plain = X.astype(np.float32)
+    square = (plain ** 2).sum(axis=1)
+    naive = square[:, None] - 2 * plain @ plain.T + square[None, :]
+    naive_order = np.argsort(naive, axis=1, kind="stable")[:, :10]
+    expected, _ = brute_force(X, 10)
+    assert (np.sort(naive_order, 1) != np.sort(expected, 1)).any()
+    indices, distances = exact_neighbours(X, 10, threads=2)
+    assert_exact(X, 10, indices, distances)
+
+
+def test_progress_adds_up_and_an_interrupt_stops_the_tiles(rng, small_tiles,
+                                                           monkeypatch):
+    X = rng.normal(size=(640, 4))
+    steps = []
+    exact_neighbours(X, 5, threads=2, advance=steps.append)
+    assert sum(steps) == len(X) and min(steps) >= 0
+
+    tiles = []
+    original = blocked._Candidates.tile
+
+    def slow_tile(self, *tile):
+        tiles.append(tile)
+        time.sleep(0.01)  # so that the pool cannot race through every tile
+        original(self, *tile)
+
+    monkeypatch.setattr(blocked._Candidates, "tile", slow_tile)
+
+    def interrupt(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        exact_neighbours(X, 5, threads=2, advance=interrupt)
+    # 55 tiles in all (10 blocks); the pool stops after the few started.
+    assert len(tiles) < 10
+
+
+def test_exact_search_gives_index_dtype_and_agrees_with_the_tree(rng,
+                                                                 monkeypatch):
+    X = rng.normal(size=(3000, 3))
+    options = SearchOptions(method="exact", threads=2)
+    indices, distances = exact_search(X, 8, options, NullProgress())
+    assert indices.dtype == np.int32
+    monkeypatch.setattr("vbsw_cli.neighbors.TREE_ROWS", 1000)
+    tree_indices, tree_distances = exact_search(X, 8, options, NullProgress())
+    np.testing.assert_allclose(distances, tree_distances, rtol=1e-12)
+    assert tree_indices.dtype == np.int32
+    assert_exact(X, 8, tree_indices, tree_distances)
+
+
+def test_a_timed_probe_picks_the_tree_or_the_products_exactly(rng, monkeypatch):
+    monkeypatch.setattr("vbsw_cli.neighbors.TREE_ROWS", 1000)
+    latent = rng.normal(size=(3000, 2)) @ rng.normal(size=(2, 8))
+    options = SearchOptions(method="exact", threads=2)
+    for X in (latent, rng.normal(size=(3000, 12))):
+        indices, distances = exact_search(X, 10, options, NullProgress())
+        assert_exact(X, 10, indices, distances)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_small_input_property(data):
+    n = data.draw(st.integers(2, 90))
+    d = data.draw(st.integers(1, 6))
+    # Few distinct values: many duplicates and ties.
+    values = st.sampled_from([-2.5, -1.0, 0.0, 0.5, 1.0, 3.0, 1e3])
+    X = data.draw(hnp.arrays(np.float64, (n, d), elements=values))
+    X = X + data.draw(st.sampled_from([0.0, 1e4]))
+    k = data.draw(st.integers(1, n))
+    block = data.draw(st.sampled_from([8, 16, 1024]))
+    rows = data.draw(st.none() | st.lists(st.integers(0, n - 1), min_size=1,
+                                          max_size=n, unique=True))
+    rows = None if rows is None else np.array(rows)
+    threads = data.draw(st.sampled_from([1, 2]))
+    X = X.astype(np.float32)
+    original = blocked.BLOCK
+    blocked.BLOCK = block  # no monkeypatch: hypothesis runs many examples
+    try:
+        indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
+    finally:
+        blocked.BLOCK = original
+    assert_exact(X, k, indices, distances, rows)
