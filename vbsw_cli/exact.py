@@ -40,6 +40,9 @@ BLOCK = 1024
 MERGE_EVERY = 4
 PENDING_PER_ROW = 64
 
+# Rows centred in float64 at a time when the tiles' operands are made.
+SPACE_ROWS = 65_536
+
 # Columns whose minimum stands for them when a first tile sets a threshold.
 GROUPS = 8
 
@@ -73,14 +76,15 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        space = _Space.of(X, np.float32)
+        space = _Space.of(X, np.float32, rows)
         found = _Candidates(space, rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         crowded = found.crowded()
         if len(crowded):
             # Too many near-ties for float32: those rows again in float64.
-            again = _Candidates(_Space.of(X, np.float64), found.queries[crowded],
+            queries = found.queries[crowded]
+            again = _Candidates(_Space.of(X, np.float64, queries), queries,
                                 n_query)
             _run(again, threads, None)
             indices[crowded], distances[crowded] = again.results(threads)
@@ -89,11 +93,14 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
 
 @dataclass
 class _Space:
-    """Features ready for tiles: ``left[i] . right[j]`` is ``|x_i - x_j|^2``.
+    """Features ready for tiles: ``left[q] . right[j]`` is ``|x_q - x_j|^2``.
 
-    exact : (n, d) float64, the features as given, for the final distances.
-    left, right : (n, d + 2) in the working dtype.
-    slack : (n,) bound of the rounding error of any entry in row i.
+    exact : (n, d) the features as given, cast to float64 row by row for
+        the final distances (a float64 copy of a million rows would double
+        the search's memory).
+    left : (n_queries, d + 2) in the working dtype, for the query rows only.
+    right : (n, d + 2) in the working dtype.
+    slack : (n_queries,) bound of the rounding error of any entry in a row.
     """
 
     exact: np.ndarray
@@ -102,22 +109,36 @@ class _Space:
     slack: np.ndarray
 
     @classmethod
-    def of(cls, X: np.ndarray, dtype) -> _Space:
-        exact = np.asarray(X, dtype=np.float64)
+    def of(cls, X: np.ndarray, dtype, queries: np.ndarray | None = None
+           ) -> _Space:
+        """The space of X, with ``left`` for ``queries`` (default: every row)."""
+        n, d = X.shape
         # Distances do not change under a shift, and small norms keep the
         # product's rounding (relative to |x| + |y|) small: centre first.
-        centred = exact - exact.mean(axis=0)
-        squared = np.einsum("ij,ij->i", centred, centred)
-        n, d = centred.shape
-        left = np.empty((n, d + 2), dtype)
+        mean = X.mean(axis=0, dtype=np.float64)
         right = np.empty((n, d + 2), dtype)
-        left[:, :d], left[:, d], left[:, d + 1] = centred, squared, 1
-        right[:, :d], right[:, d], right[:, d + 1] = -2 * centred, 1, squared
+        squared = np.empty(n)
+        for start, stop in chunks(n, SPACE_ROWS):  # float64 a chunk at a time
+            centred = X[start:stop].astype(np.float64) - mean
+            squared[start:stop] = np.einsum("ij,ij->i", centred, centred)
+            right[start:stop, :d] = -2 * centred
+            right[start:stop, d] = 1
+            right[start:stop, d + 1] = squared[start:stop]
+        largest = np.sqrt(squared.max(initial=0.0))
+        if queries is None:
+            left = np.empty((n, d + 2), dtype)
+            left[:, :d] = right[:, :d] / -2  # exact: a power of two
+            left[:, d], left[:, d + 1] = squared, 1
+        else:
+            centred = X[queries].astype(np.float64) - mean
+            left = np.empty((len(queries), d + 2), dtype)
+            left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
+            squared = squared[queries]
         # Sum of |terms| <= (|x| + |y|)^2; d + 2 products plus the roundings of
         # the inputs, with eps = twice the unit round-off as a margin.
         norm = np.sqrt(squared)
-        slack = (d + 8) * np.finfo(dtype).eps * (norm + norm.max()) ** 2
-        return cls(exact, left, right, slack.astype(dtype))
+        slack = (d + 8) * np.finfo(dtype).eps * (norm + largest) ** 2
+        return cls(X, left, right, slack.astype(dtype))
 
 
 class _Candidates:
@@ -132,12 +153,11 @@ class _Candidates:
     """
 
     def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
-        n = len(space.left)
+        n = len(space.right)
         self.space, self.k, self.width = space, n_query, 2 * n_query
         self.self_join = rows is None
         self.queries = np.arange(n) if rows is None else np.asarray(rows)
-        self.left = space.left if rows is None else space.left[self.queries]
-        self.slack = space.slack[self.queries]
+        self.left, self.slack = space.left, space.slack
         count = len(self.queries)
         self.keys = np.full((count, self.width), EMPTY, np.uint64)
         self.threshold = np.full(count, np.inf, space.left.dtype)
@@ -264,7 +284,8 @@ class _Candidates:
         bound = _single(self.threshold[lo:hi, None])  # in the keys' rounding
         row, slot = np.nonzero(_values(keys) <= bound)
         exact = self.space.exact
-        difference = exact[columns[row, slot]] - exact[self.queries[lo + row]]
+        difference = (exact[columns[row, slot]].astype(np.float64)
+                      - exact[self.queries[lo + row]].astype(np.float64))
         squared = np.full(keys.shape, np.inf)
         squared[row, slot] = np.einsum("ij,ij->i", difference, difference)
         order = np.argsort(squared, axis=1, kind="stable")[:, :self.k]
