@@ -374,3 +374,38 @@ def test_refuses_to_overwrite_its_input_before_any_work(tmp_path, small):
     run = run_vbsw("weigh", small, "-o", small)
     assert run.code == 2 and "refusing to overwrite the input" in one_line(run)
     assert small.read_bytes() == before
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-300])
+def test_features_beyond_float64_distances_are_refused(tmp_path, rng, scale):
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(50, 3)) * scale,
+                          rng.integers(0, 2, 50))
+    run = run_vbsw("weigh", path, "--k", "5", "-o", tmp_path / "w.parquet")
+
+    assert run.code == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert errors == run.stderr.strip().splitlines()[-1:]
+    assert "f.parquet: the features span" in errors[0]
+    assert "rescale" in run.stderr
+    assert not (tmp_path / "w.parquet").exists()
+
+
+def test_features_beyond_float32_search_exactly_or_refuse_the_graph(tmp_path, rng):
+    X = rng.normal(size=(500, 4)) * 1e25
+    y = rng.integers(0, 3, len(X))
+    path = write_features(tmp_path / "f.parquet", X, y)
+
+    run = run_vbsw("weigh", path, "--k", "6", "-o", tmp_path / "w.parquet")
+    assert run.code == 0, run.stderr
+    assert "search: exact (the features span" in run.stderr
+    assert "Warning" not in run.stderr
+    variance = pq.read_table(tmp_path / "w.parquet").column("local_variance")
+    expected = reference_variance(reference_neighbours(X / 1e25, 6),
+                                  [("classification", y)])
+    np.testing.assert_allclose(variance.to_numpy(), expected, atol=1e-12)
+
+    run = run_vbsw("weigh", path, "--k", "6", "--search", "hnsw", "-o",
+                   tmp_path / "h.parquet")
+    assert run.code == 1
+    assert "hnswlib's float32 distances" in run.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "h.parquet").exists()

@@ -70,17 +70,57 @@ def test_the_default_tiles_give_the_same_neighbours(rng):
     assert_exact(X, 20, indices, distances)
 
 
-def test_masses_of_duplicates_are_searched_again_in_float64(rng, small_tiles,
-                                                            monkeypatch):
+def calls_of_unsure(monkeypatch) -> list:
+    """The positions each ``unsure()`` call returned, in order."""
+    calls, unsure = [], blocked._Candidates.unsure
+    monkeypatch.setattr(blocked._Candidates, "unsure",
+                        lambda self: calls.append(unsure(self)) or calls[-1])
+    return calls
+
+
+def test_masses_of_exact_duplicates_are_ties_not_searched_again(rng, small_tiles,
+                                                                monkeypatch):
     X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)  # 50 copies each
-    crowded = []
-    counted = blocked._Candidates.crowded
-    monkeypatch.setattr(blocked._Candidates, "crowded",
-                        lambda self: crowded.append(counted(self)) or crowded[-1])
+    calls = calls_of_unsure(monkeypatch)
     indices, distances = exact_neighbours(X, 20, threads=2)
-    assert len(crowded[0]) == len(X)  # every row has 49 copies at distance 0
+    assert [len(c) for c in calls] == [0]  # 49 copies at 0: any 20 are right
     assert_exact(X, 20, indices, distances)
     assert (distances == 0).all()
+
+
+def test_masses_of_near_duplicates_are_searched_again(rng, small_tiles,
+                                                      monkeypatch):
+    X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)  # copies told apart below float32
+    calls = calls_of_unsure(monkeypatch)
+    indices, distances = exact_neighbours(X, 20, threads=2)
+    assert len(calls[0]) == len(X)
+    assert_exact(X, 20, indices, distances)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_far_from_the_centre_against_their_distances(rng, dtype):
+    X = rng.normal(size=(400, 3))
+    X[:200] += 1e8  # two groups: float products cannot resolve unit distances
+    X = X.astype(dtype)
+    indices, distances = exact_neighbours(X, 10, threads=2)
+    assert_exact(X, 10, indices, distances)
+
+
+@pytest.mark.parametrize("outlier", [1e10, 1e12])
+def test_one_far_outlier_leaves_the_others_exact(rng, outlier):
+    X = rng.normal(size=(300, 4)).astype(np.float32)
+    X[7] = outlier
+    indices, distances = exact_neighbours(X, 10, threads=2)
+    assert_exact(X, 10, indices, distances)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e25])
+def test_extreme_scales_are_exact_and_quiet(rng, scale, recwarn):
+    X = (rng.normal(size=(300, 6)) * scale).astype(np.float64)
+    indices, distances = exact_neighbours(X, 10, threads=2)
+    assert_exact(X / scale, 10, indices, distances / scale)  # relative checks
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_ties_on_a_grid(small_tiles):

@@ -75,20 +75,49 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     """
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        space = _Space.of(X, np.float32, rows)
-        found = _Candidates(space, rows, n_query)
+    # Overflow or underflow shows up as rows that fail their check, which are
+    # searched again: numpy's warnings would only be noise on stderr.
+    with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
+        found = _Candidates(_Space.of(X, working_dtype(X), rows, n_query), rows,
+                            n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
-        crowded = found.crowded()
-        if len(crowded):
-            # Too many near-ties for float32: those rows again in float64.
-            queries = found.queries[crowded]
-            again = _Candidates(_Space.of(X, np.float64, queries), queries,
-                                n_query)
+        unsure = found.unsure()
+        if len(unsure) and found.space.left.dtype == np.float32:
+            # Near-ties too many for float32, or rounding too coarse for the
+            # distances: those rows again in float64.
+            queries = found.queries[unsure]
+            again = _Candidates(_Space.of(X, np.float64, queries, n_query),
+                                queries, n_query)
             _run(again, threads, None)
-            indices[crowded], distances[crowded] = again.results(threads)
+            indices[unsure], distances[unsure] = again.results(threads)
+            unsure = unsure[again.unsure()]
+        if len(unsure):
+            # Rows far from the others' centre against their neighbours'
+            # distances: products cannot tell those apart, differences can.
+            found_again = direct_neighbours(X, found.queries[unsure], n_query,
+                                            threads)
+            indices[unsure], distances[unsure] = found_again
     return indices, distances
+
+
+def working_dtype(X: np.ndarray):
+    """float32 products, unless squared distances would leave its range."""
+    span = float(np.max(X.max(axis=0) - X.min(axis=0), initial=0.0))
+    squared = X.shape[1] * span ** 2
+    return np.float32 if squared == 0 or 1e-30 < squared < 1e30 else np.float64
+
+
+def direct_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int,
+                      threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slow, sure way for a few rows: a tree of float64 differences."""
+    from sklearn.neighbors import NearestNeighbors
+
+    tree = "kd_tree" if X.shape[1] <= 16 else "ball_tree"
+    search = NearestNeighbors(n_neighbors=n_query, algorithm=tree,
+                              n_jobs=threads).fit(np.asarray(X, np.float64))
+    distances, indices = search.kneighbors(np.asarray(X[queries], np.float64))
+    return indices.astype(np.int64), distances
 
 
 @dataclass
@@ -107,11 +136,13 @@ class _Space:
     left: np.ndarray
     right: np.ndarray
     slack: np.ndarray
+    norm: np.ndarray
+    unit: float
 
     @classmethod
-    def of(cls, X: np.ndarray, dtype, queries: np.ndarray | None = None
+    def of(cls, X: np.ndarray, dtype, queries: np.ndarray | None, n_query: int
            ) -> _Space:
-        """The space of X, with ``left`` for ``queries`` (default: every row)."""
+        """The space of X, with ``left`` for ``queries`` (None: every row)."""
         n, d = X.shape
         # Distances do not change under a shift, and small norms keep the
         # product's rounding (relative to |x| + |y|) small: centre first.
@@ -124,7 +155,7 @@ class _Space:
             right[start:stop, :d] = -2 * centred
             right[start:stop, d] = 1
             right[start:stop, d + 1] = squared[start:stop]
-        largest = np.sqrt(squared.max(initial=0.0))
+        reach = np.sqrt(np.partition(squared, n_query - 1)[n_query - 1])
         if queries is None:
             left = np.empty((n, d + 2), dtype)
             left[:, :d] = right[:, :d] / -2  # exact: a power of two
@@ -134,11 +165,15 @@ class _Space:
             left = np.empty((len(queries), d + 2), dtype)
             left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
             squared = squared[queries]
-        # Sum of |terms| <= (|x| + |y|)^2; d + 2 products plus the roundings of
-        # the inputs, with eps = twice the unit round-off as a margin.
+        # An entry's error is at most unit * (|x| + |y|)^2: d + 2 products
+        # plus the roundings of the inputs, with eps = twice the unit
+        # round-off as a margin. A true neighbour y of x has |y| <= 2 |x| +
+        # reach (reach: the k-th smallest norm, so the k-th neighbour is
+        # nearer than |x| + reach), so far rows do not widen every slack.
+        unit = (d + 8) * float(np.finfo(dtype).eps)
         norm = np.sqrt(squared)
-        slack = (d + 8) * np.finfo(dtype).eps * (norm + largest) ** 2
-        return cls(X, left, right, slack.astype(dtype))
+        slack = unit * (3 * norm + reach) ** 2
+        return cls(X, left, right, slack.astype(dtype), norm, unit)
 
 
 class _Candidates:
@@ -161,6 +196,8 @@ class _Candidates:
         count = len(self.queries)
         self.keys = np.full((count, self.width), EMPTY, np.uint64)
         self.threshold = np.full(count, np.inf, space.left.dtype)
+        self.proven = np.zeros(count, bool)
+        self.tied = np.zeros(count, bool)
         self.dropped = np.full(count, np.inf, self.threshold.dtype)
         self.blocks = chunks(count, BLOCK)
         self.columns = self.blocks if rows is None else chunks(n, BLOCK)
@@ -274,9 +311,16 @@ class _Candidates:
             pass
         return indices, distances
 
-    def crowded(self) -> np.ndarray:
-        """Positions of the query rows whose candidates overflowed."""
-        return np.flatnonzero(self.dropped <= _single(self.threshold))
+    def unsure(self) -> np.ndarray:
+        """Positions of the query rows whose result is not proven exact.
+
+        Either the threshold may have filtered out a true neighbour (see
+        ``_proven``), or candidates under it were dropped for want of room
+        (masses of near-duplicates) and one of them may lie nearer than the
+        k-th neighbour found.
+        """
+        crowded = self.dropped <= _single(self.threshold)
+        return np.flatnonzero((crowded & ~self.tied) | ~self.proven)
 
     def _nearest(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         keys = self.keys[lo:hi]
@@ -289,8 +333,28 @@ class _Candidates:
         squared = np.full(keys.shape, np.inf)
         squared[row, slot] = np.einsum("ij,ij->i", difference, difference)
         order = np.argsort(squared, axis=1, kind="stable")[:, :self.k]
-        return (np.take_along_axis(columns, order, axis=1),
-                np.sqrt(np.take_along_axis(squared, order, axis=1)))
+        squared = np.take_along_axis(squared, order, axis=1)
+        self._check(lo, hi, squared[:, -1])
+        return np.take_along_axis(columns, order, axis=1), np.sqrt(squared)
+
+    def _check(self, lo: int, hi: int, kth: np.ndarray) -> None:
+        """Whether rounding can have hidden a nearer row than the k-th found.
+
+        A true neighbour y of x lies within ``kth`` (the exact k-th squared
+        distance found), so |y| <= |x| + sqrt(kth), and its entry was at most
+        ``kth`` plus that entry's rounding error: ``proven`` when every
+        threshold the row had (the last is the smallest) lies above that.
+        A dropped candidate is no nearer than the k-th (``tied``) when the
+        k-th is 0, or when its entry, less the error, is not under it.
+        """
+        norm = self.space.norm[lo:hi]
+        error = self.space.unit * (2 * norm + np.sqrt(kth)) ** 2
+        self.proven[lo:hi] = np.isfinite(kth) & \
+            (self.threshold[lo:hi] >= kth + error)
+        # Keys round values up; one step down bounds the entry from below.
+        entry = np.nextafter(self.dropped[lo:hi].astype(np.float32),
+                             np.float32(-np.inf)).astype(np.float64)
+        self.tied[lo:hi] = (kth == 0) | (entry - error >= kth)
 
 
 def _kth_bound(values: np.ndarray, k: int) -> np.ndarray:
@@ -351,5 +415,10 @@ def _map(function, items, threads: int):
     if threads <= 1:
         yield from map(function, items)
         return
+
+    def quiet(item):  # numpy's error state is per thread
+        with np.errstate(all="ignore"):
+            return function(item)
+
     with ThreadPoolExecutor(threads) as pool:
-        yield from pool.map(function, items)
+        yield from pool.map(quiet, items)

@@ -68,6 +68,11 @@ EXACT_PATIENCE = 3.0
 QUERY_CHUNK = 20_000
 OWN_BLOCK = 65_536
 
+# Feature spans (see feature_span) whose squared distances stay well inside
+# float32 (hnswlib) and float64 (any search).
+FLOAT32_SPAN = 1e18
+FLOAT64_SPAN = 1e150
+
 # Exact search: blocked products (vbsw_cli.exact), or scikit-learn's k-d tree
 # for more than TREE_ROWS rows in few dimensions, where it prunes: always up to
 # TREE_DIMENSIONS; up to PROBE_DIMENSIONS only on data of few intrinsic
@@ -164,10 +169,11 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
     _check_options(options)
     check_k(k, len(X), include_self)
     n_query = k if include_self else k + 1
+    graph_reason = _graph_cannot(X, options)
 
-    if options.method == "exact" or (
+    if options.method == "exact" or graph_reason or (
             options.method == "auto" and len(X) <= options.exact_below):
-        reason = "asked for" if options.method == "exact" else (
+        reason = "asked for" if options.method == "exact" else graph_reason or (
             f"{len(X)} rows <= {options.exact_below}: an index would not pay off")
         indices, distances = exact_search(X, n_query, options, progress)
         details = {"reason": reason}
@@ -178,6 +184,35 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
 
     indices, distances = _own_neighbourhood(indices, distances, include_self)
     return Neighbours(indices, distances, method, details)
+
+
+def feature_span(X: np.ndarray) -> float:
+    """The largest distance two rows can have, within a factor sqrt(d)."""
+    if not X.size:
+        return 0.0
+    widest = float(np.max(X.max(axis=0) - X.min(axis=0)))
+    return widest * np.sqrt(X.shape[1])
+
+
+def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
+    """Why hnswlib cannot search X, if it cannot; refuse any search that can't.
+
+    Squared distances must stay within float64 for any search, and within
+    float32 for hnswlib, which computes them in float32.
+    """
+    span = feature_span(X)
+    if span > FLOAT64_SPAN or 0 < span < 1 / FLOAT64_SPAN:
+        raise DataError(f"the features span {span:.3g}: squared distances would "
+                        "leave the range of float64; rescale the features")
+    if 1 / FLOAT32_SPAN < span < FLOAT32_SPAN or span == 0 \
+            or options.method == "exact":
+        return None
+    if options.method == "hnsw":
+        raise DataError(f"the features span {span:.3g}: hnswlib's float32 "
+                        "distances would overflow or vanish; rescale the "
+                        "features (--standardize) or use --exact")
+    return (f"the features span {span:.3g}, beyond the float32 distances of "
+            "hnswlib")
 
 
 def _check_options(options: SearchOptions) -> None:
