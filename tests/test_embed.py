@@ -643,6 +643,62 @@ def test_stdin_npy_streams(tmp_path):
                                atol=1e-5)
 
 
+def digits_with_nan(path: Path, row: int) -> Path:
+    """The digits test split as Parquet, with a NaN pixel in ``row``."""
+    ids, X, labels = digits()
+    X[row, 5] = np.nan
+    pq.write_table(pa.table({"id": ids, "image": pa.array(list(X)),
+                             "label": labels}), path)
+    return path
+
+
+def assert_cut_stream(stdout: bytes) -> None:
+    """Row groups went out, but no footer: a reader refuses the stream."""
+    assert stdout.startswith(b"PAR1") and len(stdout) > 10_000
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(bytes_io.BytesIO(stdout))
+
+
+def test_a_run_failing_after_rows_went_to_stdout_leaves_no_footer(
+        tmp_path, here, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    source = digits_with_nan(tmp_path / "nan.parquet", row=300)
+
+    run = here("embed", BACKBONE, source, "-o", "-", "--batch-size", "30")
+    weighed = run_vbsw("weigh", "-", "--k", "10", "-o", "-", stdin=run.stdout)
+
+    assert run.code == 1, run.stderr
+    assert "NaN" in run.stderr.strip().splitlines()[-1]
+    assert_cut_stream(run.stdout)
+    assert weighed.code == 1, weighed.stderr
+    assert weighed.stdout == b""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
+        capfdbinary, monkeypatch, name):
+    import os
+    import signal
+
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    real = cli.embed
+
+    def signalled(*args, **kwargs):
+        for number, batch in enumerate(real(*args, **kwargs)):
+            if number == 8:  # several row groups have been written by now
+                os.kill(os.getpid(), getattr(signal, name))
+            yield batch
+
+    monkeypatch.setattr(cli, "embed", signalled)
+    run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--batch-size", "30",
+                   "-o", "-")
+
+    assert run.code == 130, run.stderr
+    assert_cut_stream(run.stdout)
+
+
 def test_provenance_records_the_cut_and_the_device(tmp_path, here):
     out = tmp_path / "f.parquet"
     here("embed", BACKBONE, TEST, "-o", out, "--device", "cpu")
