@@ -985,6 +985,35 @@ def test_ragged_rows_and_missing_output_folder_print_one_line(tmp_path, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+
+def long_digits(path: Path, bad_row: int, bad) -> Path:
+    """3,000 digit rows in row groups of 1,000; ``bad_row`` replaced by ``bad``."""
+    rows = [list(map(float, x)) for x in np.tile(digits()[1], (9, 1))[:3000]]
+    rows[bad_row] = bad
+    pq.write_table(pa.table({"image": pa.array(rows)}), path, row_group_size=1000)
+    return path
+
+
+@pytest.mark.parametrize("bad_row", [2000, 2005])
+def test_a_ragged_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here,
+                                                                bad_row):
+    source = long_digits(tmp_path / "t.parquet", bad_row, [0.5] * 63)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+    piped = run_vbsw("embed", BACKBONE, "-", "-o", tmp_path / "g.parquet",
+                     stdin=source.read_bytes())
+
+    for done in (run, piped):
+        assert_failed(done, 1, "different widths",
+                      f"(64 in row 0, 63 in row {bad_row})", after_rows=True)
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_a_null_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here):
+    source = long_digits(tmp_path / "t.parquet", 2003, None)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "1 empty (null) rows (first: row 2003)", after_rows=True)
+
 def test_report_and_cuda_notice_follow_the_first_batch(tmp_path, here,
                                                        monkeypatch):
     """The report lines come once a batch has been embedded, notice included."""
