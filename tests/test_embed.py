@@ -719,7 +719,8 @@ def codecs_of(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("option, codec", [(None, "UNCOMPRESSED"),
                                            ("none", "UNCOMPRESSED"),
-                                           ("snappy", "SNAPPY"), ("zstd", "ZSTD")])
+                                           ("snappy", "SNAPPY"), ("zstd", "ZSTD"),
+                                           ("ZSTD", "ZSTD"), ("Snappy", "SNAPPY")])
 def test_compression_is_chosen_and_recorded(tmp_path, here, option, codec):
     out = tmp_path / "f.parquet"
     extra = ["--compression", option] if option else []
@@ -728,7 +729,7 @@ def test_compression_is_chosen_and_recorded(tmp_path, here, option, codec):
     assert run.code == 0, run.stderr
     assert codecs_of(out) == {codec}
     record = json.loads(pq.read_schema(out).metadata[b"vbsw"])
-    assert record["parameters"]["compression"] == (option or "none")
+    assert record["parameters"]["compression"] == (option or "none").lower()
     np.testing.assert_allclose(features_of(read_output(out)), REFERENCE_FEATURES(),
                                atol=1e-5)
 

@@ -111,7 +111,7 @@ def embed_cli(
     reporter = Reporter(verbose=verbose, quiet=quiet)
     check_device(device)
     check_batch_size(batch_size)
-    check_compression(compression)
+    compression = check_compression(compression)
     shape = parse_shape(input_shape, "--input-shape")
     images = ImageOptions(size=_image_size(image_size),
                           mean=parse_floats(mean, "--mean", (0.0,)),
@@ -320,10 +320,12 @@ def write_features(batches, data, destination: str, parameters: dict, *,
         return _write_groups(batches, data, temporary, parameters, compression)
 
 
-def check_compression(compression: str) -> None:
-    if compression not in COMPRESSIONS:
+def check_compression(compression: str) -> str:
+    """The codec's name in lower case (ZSTD is zstd), or a usage error."""
+    if compression.lower() not in COMPRESSIONS:
         raise UsageError(f"--compression {compression}: choose one of "
                          + ", ".join(COMPRESSIONS))
+    return compression.lower()
 
 
 def _write_groups(batches, data, sink, parameters, compression, *,
