@@ -323,6 +323,15 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
                       "x*"], 2, "--features", "--feature-columns", "give one")
 
 
+
+@pytest.mark.parametrize("option, words", [
+    (["--search", "bogus"], ("--search bogus", "exact")),
+    (["--recall", "1.5"], ("--recall 1.5",)), (["--hnsw-m", "1"], ("--hnsw-m 1",)),
+    (["--ef", "0"], ("--ef 0",))])
+def test_error_search_options_come_alone_before_the_file_is_read(
+        tmp_path, small, option, words):
+    _fails(tmp_path, [small, *option], 2, *words)
+
 def test_error_too_few_rows_names_the_file(tmp_path, rng):
     one = write_features(tmp_path / "one.parquet", rng.normal(size=(1, 2)), [1])
     _fails(tmp_path, [one], 1, "one.parquet:", "at least 2 points")
