@@ -234,6 +234,22 @@ def test_error_nan_features_and_infinite_labels(tmp_path, rng):
     _fails(tmp_path, [bad], 1, "label column 'label'", "row 5")
 
 
+
+@pytest.mark.parametrize("bad_row, words", [
+    (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),
+    (1003, "1 empty (null) rows (first: row 1003)")])
+def test_error_a_bad_row_in_a_later_row_group_is_named_by_its_row(
+        tmp_path, rng, bad_row, words):
+    rows = rng.standard_normal((2000, 3)).tolist()
+    rows[bad_row] = None if "null" in words else rows[bad_row][:2]
+    table = pa.table({"features": pa.array(rows), "label": rng.random(2000)})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=1000)
+
+    run = run_vbsw("weigh", tmp_path / "f.parquet", "--k", "5")
+
+    assert run.code == 1
+    assert words in one_line(run)
+
 def test_error_k_and_m_out_of_range(tmp_path, small):
     _fails(tmp_path, [small, "--k", "13"], 2, "--k 13", "12 rows")
     _fails(tmp_path, [small, "--k", "12", "--exclude-self"], 2, "--k 12")
@@ -306,6 +322,15 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
     _fails(tmp_path, [small, "--features", "features", "--feature-columns",
                       "x*"], 2, "--features", "--feature-columns", "give one")
 
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--search", "bogus"], ("--search bogus", "exact")),
+    (["--recall", "1.5"], ("--recall 1.5",)), (["--hnsw-m", "1"], ("--hnsw-m 1",)),
+    (["--ef", "0"], ("--ef 0",))])
+def test_error_search_options_come_alone_before_the_file_is_read(
+        tmp_path, small, option, words):
+    _fails(tmp_path, [small, *option], 2, *words)
 
 def test_error_too_few_rows_names_the_file(tmp_path, rng):
     one = write_features(tmp_path / "one.parquet", rng.normal(size=(1, 2)), [1])

@@ -643,6 +643,62 @@ def test_stdin_npy_streams(tmp_path):
                                atol=1e-5)
 
 
+def digits_with_nan(path: Path, row: int) -> Path:
+    """The digits test split as Parquet, with a NaN pixel in ``row``."""
+    ids, X, labels = digits()
+    X[row, 5] = np.nan
+    pq.write_table(pa.table({"id": ids, "image": pa.array(list(X)),
+                             "label": labels}), path)
+    return path
+
+
+def assert_cut_stream(stdout: bytes) -> None:
+    """Row groups went out, but no footer: a reader refuses the stream."""
+    assert stdout.startswith(b"PAR1") and len(stdout) > 10_000
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(bytes_io.BytesIO(stdout))
+
+
+def test_a_run_failing_after_rows_went_to_stdout_leaves_no_footer(
+        tmp_path, here, monkeypatch):
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    source = digits_with_nan(tmp_path / "nan.parquet", row=300)
+
+    run = here("embed", BACKBONE, source, "-o", "-", "--batch-size", "30")
+    weighed = run_vbsw("weigh", "-", "--k", "10", "-o", "-", stdin=run.stdout)
+
+    assert run.code == 1, run.stderr
+    assert "NaN" in run.stderr.strip().splitlines()[-1]
+    assert_cut_stream(run.stdout)
+    assert weighed.code == 1, weighed.stderr
+    assert weighed.stdout == b""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
+        capfdbinary, monkeypatch, name):
+    import os
+    import signal
+
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    real = cli.embed
+
+    def signalled(*args, **kwargs):
+        for number, batch in enumerate(real(*args, **kwargs)):
+            if number == 8:  # several row groups have been written by now
+                os.kill(os.getpid(), getattr(signal, name))
+            yield batch
+
+    monkeypatch.setattr(cli, "embed", signalled)
+    run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--batch-size", "30",
+                   "-o", "-")
+
+    assert run.code == 130, run.stderr
+    assert_cut_stream(run.stdout)
+
+
 def test_provenance_records_the_cut_and_the_device(tmp_path, here):
     out = tmp_path / "f.parquet"
     here("embed", BACKBONE, TEST, "-o", out, "--device", "cpu")
@@ -663,7 +719,8 @@ def codecs_of(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("option, codec", [(None, "UNCOMPRESSED"),
                                            ("none", "UNCOMPRESSED"),
-                                           ("snappy", "SNAPPY"), ("zstd", "ZSTD")])
+                                           ("snappy", "SNAPPY"), ("zstd", "ZSTD"),
+                                           ("ZSTD", "ZSTD"), ("Snappy", "SNAPPY")])
 def test_compression_is_chosen_and_recorded(tmp_path, here, option, codec):
     out = tmp_path / "f.parquet"
     extra = ["--compression", option] if option else []
@@ -672,7 +729,7 @@ def test_compression_is_chosen_and_recorded(tmp_path, here, option, codec):
     assert run.code == 0, run.stderr
     assert codecs_of(out) == {codec}
     record = json.loads(pq.read_schema(out).metadata[b"vbsw"])
-    assert record["parameters"]["compression"] == (option or "none")
+    assert record["parameters"]["compression"] == (option or "none").lower()
     np.testing.assert_allclose(features_of(read_output(out)), REFERENCE_FEATURES(),
                                atol=1e-5)
 
@@ -928,6 +985,35 @@ def test_ragged_rows_and_missing_output_folder_print_one_line(tmp_path, here):
     assert_failed(no_folder, 1, "-o", "the folder", "does not exist")
     no_files_left(tmp_path, "f.parquet")
 
+
+
+def long_digits(path: Path, bad_row: int, bad) -> Path:
+    """3,000 digit rows in row groups of 1,000; ``bad_row`` replaced by ``bad``."""
+    rows = [list(map(float, x)) for x in np.tile(digits()[1], (9, 1))[:3000]]
+    rows[bad_row] = bad
+    pq.write_table(pa.table({"image": pa.array(rows)}), path, row_group_size=1000)
+    return path
+
+
+@pytest.mark.parametrize("bad_row", [2000, 2005])
+def test_a_ragged_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here,
+                                                                bad_row):
+    source = long_digits(tmp_path / "t.parquet", bad_row, [0.5] * 63)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+    piped = run_vbsw("embed", BACKBONE, "-", "-o", tmp_path / "g.parquet",
+                     stdin=source.read_bytes())
+
+    for done in (run, piped):
+        assert_failed(done, 1, "different widths",
+                      f"(64 in row 0, 63 in row {bad_row})", after_rows=True)
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_a_null_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here):
+    source = long_digits(tmp_path / "t.parquet", 2003, None)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "1 empty (null) rows (first: row 2003)", after_rows=True)
 
 def test_report_and_cuda_notice_follow_the_first_batch(tmp_path, here,
                                                        monkeypatch):

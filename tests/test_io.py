@@ -40,6 +40,35 @@ def test_lists_of_different_widths_are_refused():
         io.feature_matrix(table, "f.parquet")
 
 
+
+def ragged_chunks(short_row: int) -> pa.ChunkedArray:
+    """Three chunks of four rows of width 3; ``short_row`` has width 2."""
+    rows = [[1.0, 2.0, 3.0]] * 12
+    rows[short_row] = [1.0, 2.0]
+    return pa.chunked_array([pa.array(rows[i:i + 4]) for i in range(0, 12, 4)])
+
+
+@pytest.mark.parametrize("short_row", [5, 8])
+def test_a_ragged_row_in_a_later_chunk_is_named_by_its_row(short_row):
+    with pytest.raises(DataError, match=rf"\(3 in row 0, 2 in row {short_row}\)"):
+        io.list_column_matrix(ragged_chunks(short_row), "f", "features")
+
+
+@pytest.mark.parametrize("short_row", [0, 2])
+def test_a_batch_is_named_by_the_rows_of_its_file(short_row):
+    """A batch from row 9000 of a file whose row 0 had width 3."""
+    words = rf"\(3 in row 0, 2 in row {9000 + short_row}\)"
+    with pytest.raises(DataError, match=words):
+        io.list_column_matrix(ragged_chunks(short_row), "f", "features",
+                              first_row=9000, expected=(3, 0))
+
+
+def test_a_null_row_is_named_by_its_row():
+    rows = pa.chunked_array([pa.array([[1.0]] * 4),
+                             pa.array([[1.0], None, None, [1.0]])])
+    with pytest.raises(DataError, match=r"2 empty \(null\) rows \(first: row 105\)"):
+        io.list_column_matrix(rows, "f", "features", first_row=100)
+
 def test_nested_lists_are_flattened_row_by_row():
     rows = [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]
     table = pa.table({"features": pa.array(rows)})

@@ -469,6 +469,7 @@ class ParquetSource(Source):
     def __init__(self, name: str, source, *, tensor_column: str | None,
                  id_column: str | None, label_column: str | None):
         self.name = name
+        self._width: tuple[int, int] | None = None  # (width, row): batch one
         try:
             self.file = pq.ParquetFile(source)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as error:
@@ -548,7 +549,11 @@ class ParquetSource(Source):
 
     def _batch(self, batch: pa.RecordBatch, start: int) -> RawBatch:
         column = pa.chunked_array([batch.column(self.tensor)])
-        values = io.list_column_matrix(column, self.name, self.tensor)
+        # The first batch's width is the one every later batch must have.
+        values = io.list_column_matrix(column, self.name, self.tensor,
+                                       first_row=start, expected=self._width)
+        if self._width is None and len(values):
+            self._width = (values.shape[1], start)
         if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
             raise DataError(f"{io.describe(self.name)}: column '{self.tensor}' "
                             f"holds {values.dtype}, expected numbers")

@@ -275,12 +275,15 @@ def _refuse_overlap(features: Sequence[str], exclude: Sequence[str], name: str
                          "feature and a label (or the id, or the weight)")
 
 
-def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
+def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str, *,
+                       first_row: int = 0, expected: tuple[int, int] | None = None
                        ) -> np.ndarray:
     """A list column whose rows all have the same width as a 2-D array.
 
     Each chunk is viewed in place; only several chunks are copied, once, into
-    one array.
+    one array. For a batch of a file, ``first_row`` is the file's number of its
+    first row and ``expected`` the ``(width, row)`` of an earlier batch, so
+    errors name rows as the file numbers them.
     """
     kind = chunked.type
     if isinstance(kind, pa.ExtensionType):
@@ -291,30 +294,35 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str
         raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
                         "expected a list of numbers per row")
     if chunked.null_count:
+        first = first_row + pc.index(chunked.is_null(), True).as_py()
         raise DataError(f"{describe(name)}: column '{column}' has "
-                        f"{chunked.null_count} empty (null) rows")
+                        f"{chunked.null_count} empty (null) rows (first: row "
+                        f"{first})")
 
-    blocks, offset = [], 0
+    blocks, offset = [], first_row
     for chunk in chunked.chunks:
-        blocks.append(_chunk_matrix(chunk, name, column, offset))
+        if len(chunk):
+            blocks.append(_chunk_matrix(chunk, name, column, offset, expected))
+            expected = expected or (blocks[-1].shape[1], offset)
         offset += len(chunk)
     if not blocks:
         return np.empty((0, 0))
-    width = blocks[0].shape[1]
-    for start, block in zip(np.cumsum([0] + [len(b) for b in blocks]), blocks):
-        if block.shape[1] != width and len(block):
-            _different_widths(name, column, width, block.shape[1], int(start))
     if len(blocks) == 1:
         return blocks[0]
-    out = np.empty((offset, width), dtype=np.result_type(*blocks))
+    out = np.empty((offset - first_row, expected[0]),
+                   dtype=np.result_type(*blocks))
     for start, block in zip(np.cumsum([0] + [len(b) for b in blocks]), blocks):
         out[start:start + len(block)] = block
     return out
 
 
-def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
-                  ) -> np.ndarray:
-    """One chunk of a list column as a 2-D array (a view where possible)."""
+def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int,
+                  expected: tuple[int, int] | None) -> np.ndarray:
+    """One chunk of a list column as a 2-D array (a view where possible).
+
+    ``offset``: the row number of its first row; ``expected``: the ``(width,
+    row)`` every row must match (default: its own first row's).
+    """
     if isinstance(array.type, pa.ExtensionType):
         array = array.storage
     while isinstance(array.type.value_type, pa.ExtensionType):
@@ -324,10 +332,11 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
         array = _flatten_nested(array)
 
     lengths = to_numpy(pc.list_value_length(array))
-    width = int(lengths[0]) if len(lengths) else 0
-    if len(lengths) and (lengths != width).any():
+    width, where = expected or (int(lengths[0]), offset)
+    if (lengths != width).any():
         bad = int(np.argmax(lengths != width))
-        _different_widths(name, column, width, int(lengths[bad]), offset + bad)
+        _different_widths(name, column, (width, where),
+                          (int(lengths[bad]), offset + bad))
     values = pc.list_flatten(array)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
             or pa.types.is_boolean(values.type)):
@@ -339,10 +348,11 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int
     return to_numpy(values).reshape(len(array), width)
 
 
-def _different_widths(name, column, width, other, row):
+def _different_widths(name, column, first, other):
+    """``first`` and ``other``: ``(width, row)`` of two rows that differ."""
     raise DataError(f"{describe(name)}: column '{column}' has rows of different "
-                    f"widths ({width} in row 0, {other} in row {row}); every row "
-                    "needs the same width")
+                    f"widths ({first[0]} in row {first[1]}, {other[0]} in row "
+                    f"{other[1]}); every row needs the same width")
 
 
 def _flatten_nested(array: pa.Array) -> pa.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -110,7 +111,7 @@ def embed_cli(
     reporter = Reporter(verbose=verbose, quiet=quiet)
     check_device(device)
     check_batch_size(batch_size)
-    check_compression(compression)
+    compression = check_compression(compression)
     shape = parse_shape(input_shape, "--input-shape")
     images = ImageOptions(size=_image_size(image_size),
                           mean=parse_floats(mean, "--mean", (0.0,)),
@@ -306,47 +307,94 @@ def write_features(batches, data, destination: str, parameters: dict, *,
     """Write the feature batches as Parquet row groups; ``(rows, features)``.
 
     A file goes to a temporary path renamed on success, so a failed or
-    interrupted run leaves nothing. stdout is written as the rows come.
+    interrupted run leaves nothing. stdout is written as the rows come; a run
+    that fails leaves it without the Parquet footer, so readers refuse it.
     """
     if destination == io.STDIO:
-        sink = pa.PythonFile(io.data_stdout(), mode="w")
-        counts = _write_groups(batches, data, sink, parameters, compression)
+        stream = _RefusableStream(io.data_stdout())
+        counts = _write_groups(batches, data, pa.PythonFile(stream, mode="w"),
+                               parameters, compression, on_failure=stream.refuse)
         io.data_stdout().flush()
         return counts
     with io.atomic_output(destination, inputs=inputs) as temporary:
         return _write_groups(batches, data, temporary, parameters, compression)
 
 
-def check_compression(compression: str) -> None:
-    if compression not in COMPRESSIONS:
+def check_compression(compression: str) -> str:
+    """The codec's name in lower case (ZSTD is zstd), or a usage error."""
+    if compression.lower() not in COMPRESSIONS:
         raise UsageError(f"--compression {compression}: choose one of "
                          + ", ".join(COMPRESSIONS))
+    return compression.lower()
 
 
-def _write_groups(batches, data, sink, parameters, compression
-                  ) -> tuple[int, int]:
-    writer, pending, n_pending, n_rows, n_features = None, [], 0, 0, 0
+def _write_groups(batches, data, sink, parameters, compression, *,
+                  on_failure=lambda: None) -> tuple[int, int]:
+    batches = iter(batches)
+    writer = None
     try:
-        for batch in batches:
-            if writer is None:
-                n_features = batch.features.shape[1]
-                writer = _BackgroundWriter(sink, _schema(data, n_features,
-                                                         parameters), compression)
-                group_rows = _group_rows(n_features, len(batch.features))
-            pending.append(batch)
-            n_pending += len(batch.features)
-            if n_pending >= group_rows:
-                n_rows += writer.put(_table(writer.schema, pending))
-                n_pending = 0
-        if writer is None:
+        first = next(batches, None)
+        if first is None:
             raise DataError(f"{io.describe(data.name)}: no rows could be "
                             "embedded (every image was skipped)")
-        if pending:
-            n_rows += writer.put(_table(writer.schema, pending))
-    finally:
+        n_features = first.features.shape[1]
+        writer = _BackgroundWriter(sink, _schema(data, n_features, parameters),
+                                   compression)
+        group_rows = _group_rows(n_features, len(first.features))
+        n_rows = _put_all(itertools.chain([first], batches), writer, group_rows)
+        writer.close()
+    except BaseException:
+        # Refused first: the Parquet writer, closed here or destroyed later,
+        # would otherwise end a failed stream with a valid footer.
+        on_failure()
         if writer is not None:
-            writer.close()
+            writer.abandon()
+        raise
     return n_rows, n_features
+
+
+def _put_all(batches, writer, group_rows: int) -> int:
+    """Hand the batches to the writer in row groups; the number of rows."""
+    pending, n_pending, n_rows = [], 0, 0
+    for batch in batches:
+        pending.append(batch)
+        n_pending += len(batch.features)
+        if n_pending >= group_rows:
+            n_rows += writer.put(_table(writer.schema, pending))
+            n_pending = 0
+    if pending:
+        n_rows += writer.put(_table(writer.schema, pending))
+    return n_rows
+
+
+class _RefusableStream:
+    """stdout for the Parquet writer, cut off for good once the run fails.
+
+    After ``refuse()`` every write raises OSError, so the footer that
+    pyarrow's close or the C++ writer's destructor would add never gets out.
+    """
+
+    def __init__(self, stream):
+        self.stream, self.refused = stream, False
+
+    def refuse(self) -> None:
+        self.refused = True
+
+    def write(self, data) -> int:
+        if self.refused:
+            raise OSError("the run failed: no more output to stdout")
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        if not self.refused:
+            self.stream.flush()
+
+    def close(self) -> None:
+        """The stream belongs to the command, which closes it at the end."""
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
 
 
 class _BackgroundWriter:
@@ -369,14 +417,14 @@ class _BackgroundWriter:
                                        use_dictionary=io.dictionary_columns(schema),
                                        write_statistics=carried,
                                        compression=compression)
-        self.schema, self.error = schema, None
+        self.schema, self.error, self.abandoned = schema, None, False
         self.queue = queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while (table := self.queue.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self.abandoned:
                 try:
                     self.writer.write_table(table, row_group_size=len(table))
                 except BaseException as error:  # re-raised in the caller
@@ -389,11 +437,24 @@ class _BackgroundWriter:
         return table.num_rows
 
     def close(self) -> None:
+        """Write what is queued, then the footer (not after a failed write)."""
         self.queue.put(None)
         self.thread.join()
-        self.writer.close()
         if self.error is not None:
             raise self.error
+        self.writer.close()
+
+    def abandon(self) -> None:
+        """Stop after a failure: queued row groups are dropped, not written."""
+        self.abandoned = True
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            # Closed now, as a refused footer fails quietly here, whereas
+            # pyarrow's __del__ would print the error as a traceback.
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - the run's own error is raised
+            pass
 
 
 def _schema(data, n_features: int, parameters: dict) -> pa.Schema:

@@ -18,6 +18,7 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, SearchOptions,
                                 check_k, csr_graph, duplicate_rows, floor_text)
+from vbsw_cli.neighbors import _check_options as check_search_options
 from vbsw_cli.weigh import check_m, check_normalization, histogram, weigh
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
@@ -110,6 +111,9 @@ def weigh_cli(
     options = SearchOptions(method="exact" if exact else search, recall=recall,
                             M=hnsw_m, ef_construction=ef_construction, ef=ef,
                             threads=threads, seed=seed)
+    # Checked again by the search, but here before the file is read, so a
+    # misspelt option gets its usage error alone.
+    check_search_options(options)
     io.check_output_path(output, "-o")
     io.check_output_path(graph, "--graph")
     sources = [features, labels_file]
