@@ -8,16 +8,20 @@ are computed.
 
 Picking the k smallest of each row is what makes a plain blocked brute force
 slow. Here each row keeps a threshold, an upper bound of its k-th squared
-distance: the k-th smallest value seen so far plus twice the largest rounding
-error of a tile entry. A tile yields only the few entries under the threshold;
-every few tiles they are merged into the row's best candidates, which tightens
-the threshold. Last, the candidates' distances are computed again in float64
-from the features as given, and the k nearest kept: rounding can neither drop
-a true neighbour nor reorder the result.
+distance: the k-th smallest value seen so far plus twice a bound of the
+rounding error of the entries of rows that near. A tile yields only the few
+entries under the threshold; every few tiles they are merged into the row's
+best candidates, which tightens the threshold. Last, the candidates' distances
+are computed again in float64 from the features as given, and the k nearest
+kept.
 
-A row with more than ``2 k`` candidates within the rounding error of its k-th
-distance (masses of near-duplicates) cannot be told apart in float32: such
-rows are searched again with float64 products.
+Each row then proves its result: its last threshold lies above its k-th
+distance by more than the rounding error of any row that near, and no
+candidate dropped for want of room (more than ``2 k`` under the threshold)
+can be nearer than the k-th. Rows that fail - masses of near-duplicates, or
+rows far from the centre compared with their neighbours' distances - are
+searched again with float64 products, and those still unproven by a tree of
+float64 differences.
 """
 
 from __future__ import annotations
