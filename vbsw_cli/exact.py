@@ -79,6 +79,13 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     """
     from threadpoolctl import threadpool_limits
 
+    # Neighbours do not change when every feature is multiplied by a power of
+    # two, and the product is exact: far out of float32's range, bring the
+    # features back to it rather than search in float64.
+    scale = unit_scale(X)
+    if scale != 1.0:
+        X = np.asarray(X, np.float64) * scale
+
     # Overflow or underflow shows up as rows that fail their check, which are
     # searched again: numpy's warnings would only be noise on stderr.
     with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
@@ -102,14 +109,30 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
             found_again = direct_neighbours(X, found.queries[unsure], n_query,
                                             threads)
             indices[unsure], distances[unsure] = found_again
-    return indices, distances
+    return indices, distances / scale
+
+
+def unit_scale(X: np.ndarray) -> float:
+    """1, or the power of two that brings X's span near 1 when its squared
+    distances would leave float32's range."""
+    span = _span(X)
+    if working_dtype(X) == np.float32 or not np.isfinite(span):
+        return 1.0
+    return float(np.ldexp(1.0, -int(np.floor(np.log2(span)))))
 
 
 def working_dtype(X: np.ndarray):
     """float32 products, unless squared distances would leave its range."""
-    span = float(np.max(X.max(axis=0) - X.min(axis=0), initial=0.0))
-    squared = X.shape[1] * span ** 2
-    return np.float32 if squared == 0 or 1e-30 < squared < 1e30 else np.float64
+    span = _span(X)
+    largest = np.sqrt(1e30 / max(X.shape[1], 1))  # squared distances < 1e30
+    fits = span == 0 or largest * 1e-30 < span < largest
+    return np.float32 if fits else np.float64
+
+
+def _span(X: np.ndarray) -> float:
+    """The largest range of a column (inf where it overflows)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.max(X.max(axis=0) - X.min(axis=0), initial=0.0))
 
 
 def direct_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int,

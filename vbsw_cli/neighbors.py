@@ -190,8 +190,9 @@ def feature_span(X: np.ndarray) -> float:
     """The largest distance two rows can have, within a factor sqrt(d)."""
     if not X.size:
         return 0.0
-    widest = float(np.max(X.max(axis=0) - X.min(axis=0)))
-    return widest * np.sqrt(X.shape[1])
+    with np.errstate(over="ignore"):  # an infinite span is refused as such
+        widest = float(np.max(X.max(axis=0) - X.min(axis=0)))
+        return widest * np.sqrt(X.shape[1])
 
 
 def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
@@ -202,7 +203,8 @@ def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
     """
     span = feature_span(X)
     if span > FLOAT64_SPAN or 0 < span < 1 / FLOAT64_SPAN:
-        raise DataError(f"the features span {span:.3g}: squared distances would "
+        shown = f"{span:.3g}" if np.isfinite(span) else "beyond float64"
+        raise DataError(f"the features span {shown}: squared distances would "
                         "leave the range of float64; rescale the features")
     if 1 / FLOAT32_SPAN < span < FLOAT32_SPAN or span == 0 \
             or options.method == "exact":
