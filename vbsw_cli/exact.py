@@ -82,15 +82,16 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     # Neighbours do not change when every feature is multiplied by a power of
     # two, and the product is exact: far out of float32's range, bring the
     # features back to it rather than search in float64.
-    scale = unit_scale(X)
+    span = column_span(X)
+    scale = unit_scale(span, X.shape[1])
     if scale != 1.0:
-        X = np.asarray(X, np.float64) * scale
+        X, span = np.asarray(X, np.float64) * scale, span * scale
+    dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
 
     # Overflow or underflow shows up as rows that fail their check, which are
     # searched again: numpy's warnings would only be noise on stderr.
     with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
-        found = _Candidates(_Space.of(X, working_dtype(X), rows, n_query), rows,
-                            n_query)
+        found = _Candidates(_Space.of(X, dtype, rows, n_query), rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         unsure = found.unsure()
@@ -112,24 +113,21 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     return indices, distances / scale
 
 
-def unit_scale(X: np.ndarray) -> float:
-    """1, or the power of two that brings X's span near 1 when its squared
+def unit_scale(span: float, n_features: int) -> float:
+    """1, or the power of two that brings a ``span`` near 1 when its squared
     distances would leave float32's range."""
-    span = _span(X)
-    if working_dtype(X) == np.float32 or not np.isfinite(span):
+    if _fits_float32(span, n_features) or not np.isfinite(span):
         return 1.0
     return float(np.ldexp(1.0, -int(np.floor(np.log2(span)))))
 
 
-def working_dtype(X: np.ndarray):
-    """float32 products, unless squared distances would leave its range."""
-    span = _span(X)
-    largest = np.sqrt(1e30 / max(X.shape[1], 1))  # squared distances < 1e30
-    fits = span == 0 or largest * 1e-30 < span < largest
-    return np.float32 if fits else np.float64
+def _fits_float32(span: float, n_features: int) -> bool:
+    """Whether squared distances of rows this far apart fit float32 products."""
+    largest = np.sqrt(1e30 / max(n_features, 1))  # squared distances < 1e30
+    return span == 0 or largest * 1e-30 < span < largest
 
 
-def _span(X: np.ndarray) -> float:
+def column_span(X: np.ndarray) -> float:
     """The largest range of a column (inf where it overflows)."""
     with np.errstate(over="ignore", invalid="ignore"):
         return float(np.max(X.max(axis=0) - X.min(axis=0), initial=0.0))

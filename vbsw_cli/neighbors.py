@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.exact import exact_neighbours
+from vbsw_cli.exact import column_span, exact_neighbours
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")
@@ -190,9 +190,7 @@ def feature_span(X: np.ndarray) -> float:
     """The largest distance two rows can have, within a factor sqrt(d)."""
     if not X.size:
         return 0.0
-    with np.errstate(over="ignore"):  # an infinite span is refused as such
-        widest = float(np.max(X.max(axis=0) - X.min(axis=0)))
-        return widest * np.sqrt(X.shape[1])
+    return column_span(X) * np.sqrt(X.shape[1])  # inf is refused as such
 
 
 def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
