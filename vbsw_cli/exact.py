@@ -77,30 +77,61 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
     distances : ndarray of shape (n_rows, n_query), float64, Euclidean,
         ascending in each row.
     """
-    from threadpoolctl import threadpool_limits
+    return ExactSearch(X).neighbours(n_query, rows=rows, threads=threads,
+                                     advance=advance)
 
-    # Neighbours do not change when every feature is multiplied by a power of
-    # two, and the product is exact: far out of float32's range, bring the
-    # features back to it rather than search in float64.
-    span = column_span(X)
-    scale = unit_scale(span, X.shape[1])
-    if scale != 1.0:
-        X, span = np.asarray(X, np.float64) * scale, span * scale
-    dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
 
-    # Overflow or underflow shows up as rows that fail their check, which are
-    # searched again: numpy's warnings would only be noise on stderr.
-    with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
-        found = _Candidates(_Space.of(X, dtype, rows, n_query), rows, n_query)
+class ExactSearch:
+    """Exact searches among the rows of X, which are prepared once.
+
+    Several searches of the same rows (a sample, then every row) share the
+    column operand of the tile products, the costliest part to prepare.
+    """
+
+    def __init__(self, X: np.ndarray):
+        # Neighbours do not change when every feature is multiplied by a
+        # power of two, and the product is exact: far out of float32's range,
+        # bring the features back to it rather than search in float64.
+        span = column_span(X)
+        self.scale = unit_scale(span, X.shape[1])
+        if self.scale != 1.0:
+            X, span = np.asarray(X, np.float64) * self.scale, span * self.scale
+        self.X = X
+        self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
+        self._columns: dict = {}
+
+    def neighbours(self, n_query: int, *, rows: np.ndarray | None = None,
+                   threads: int = 1, advance=None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`exact_neighbours`, on the prepared rows."""
+        from threadpoolctl import threadpool_limits
+
+        # Overflow or underflow shows up as rows that fail their check, which
+        # are searched again: numpy's warnings would only be noise on stderr.
+        with threadpool_limits(limits=1, user_api="blas"), \
+                np.errstate(all="ignore"):
+            indices, distances = self._search(n_query, rows, threads, advance)
+        return indices, distances / self.scale
+
+    def columns(self, dtype) -> _Columns:
+        """The column operand in ``dtype``, built on first use."""
+        if dtype not in self._columns:
+            self._columns[dtype] = _Columns.of(self.X, dtype)
+        return self._columns[dtype]
+
+    def _search(self, n_query, rows, threads, advance):
+        X = self.X
+        found = _Candidates(_Space.of(self.columns(self.dtype), rows, n_query),
+                            rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         unsure = found.unsure()
-        if len(unsure) and found.space.left.dtype == np.float32:
+        if len(unsure) and self.dtype == np.float32:
             # Near-ties too many for float32, or rounding too coarse for the
             # distances: those rows again in float64.
             queries = found.queries[unsure]
-            again = _Candidates(_Space.of(X, np.float64, queries, n_query),
-                                queries, n_query)
+            space = _Space.of(self.columns(np.float64), queries, n_query)
+            again = _Candidates(space, queries, n_query)
             _run(again, threads, None)
             indices[unsure], distances[unsure] = again.results(threads)
             unsure = unsure[again.unsure()]
@@ -110,7 +141,7 @@ def exact_neighbours(X: np.ndarray, n_query: int, *, rows: np.ndarray | None = N
             found_again = direct_neighbours(X, found.queries[unsure], n_query,
                                             threads)
             indices[unsure], distances[unsure] = found_again
-    return indices, distances / scale
+        return indices, distances
 
 
 def unit_scale(span: float, n_features: int) -> float:
@@ -146,28 +177,25 @@ def direct_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int,
 
 
 @dataclass
-class _Space:
-    """Features ready for tiles: ``left[q] . right[j]`` is ``|x_q - x_j|^2``.
+class _Columns:
+    """Every row of X as a column of the tile products.
 
     exact : (n, d) the features as given, cast to float64 row by row for
         the final distances (a float64 copy of a million rows would double
         the search's memory).
-    left : (n_queries, d + 2) in the working dtype, for the query rows only.
-    right : (n, d + 2) in the working dtype.
-    slack : (n_queries,) bound of the rounding error of any entry in a row.
+    right : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in the working
+        dtype.
+    squared : (n,) float64 squared norms of the centred rows.
+    mean : (d,) float64 the centre.
     """
 
     exact: np.ndarray
-    left: np.ndarray
     right: np.ndarray
-    slack: np.ndarray
-    norm: np.ndarray
-    unit: float
+    squared: np.ndarray
+    mean: np.ndarray
 
     @classmethod
-    def of(cls, X: np.ndarray, dtype, queries: np.ndarray | None, n_query: int
-           ) -> _Space:
-        """The space of X, with ``left`` for ``queries`` (None: every row)."""
+    def of(cls, X: np.ndarray, dtype) -> _Columns:
         n, d = X.shape
         # Distances do not change under a shift, and small norms keep the
         # product's rounding (relative to |x| + |y|) small: centre first.
@@ -180,13 +208,40 @@ class _Space:
             right[start:stop, :d] = -2 * centred
             right[start:stop, d] = 1
             right[start:stop, d + 1] = squared[start:stop]
+        return cls(X, right, squared, mean)
+
+
+@dataclass
+class _Space:
+    """Features ready for tiles: ``left[q] . right[j]`` is ``|x_q - x_j|^2``.
+
+    exact, right : as in :class:`_Columns`.
+    left : (n_queries, d + 2) in the working dtype, for the query rows only.
+    slack : (n_queries,) bound of the rounding error of any entry in a row.
+    """
+
+    exact: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    slack: np.ndarray
+    norm: np.ndarray
+    unit: float
+
+    @classmethod
+    def of(cls, columns: _Columns, queries: np.ndarray | None, n_query: int
+           ) -> _Space:
+        """The space of ``columns``, with ``left`` for ``queries`` (None:
+        every row)."""
+        right, squared = columns.right, columns.squared
+        n, d = len(right), right.shape[1] - 2
+        dtype = right.dtype
         reach = np.sqrt(np.partition(squared, n_query - 1)[n_query - 1])
         if queries is None:
             left = np.empty((n, d + 2), dtype)
             left[:, :d] = right[:, :d] / -2  # exact: a power of two
             left[:, d], left[:, d + 1] = squared, 1
         else:
-            centred = X[queries].astype(np.float64) - mean
+            centred = columns.exact[queries].astype(np.float64) - columns.mean
             left = np.empty((len(queries), d + 2), dtype)
             left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
             squared = squared[queries]
@@ -198,7 +253,7 @@ class _Space:
         unit = (d + 8) * float(np.finfo(dtype).eps)
         norm = np.sqrt(squared)
         slack = unit * (3 * norm + reach) ** 2
-        return cls(X, left, right, slack.astype(dtype), norm, unit)
+        return cls(columns.exact, left, right, slack.astype(dtype), norm, unit)
 
 
 class _Candidates:
@@ -255,30 +310,43 @@ class _Candidates:
         lo, hi = self.blocks[block]
         start, stop = self.columns[column]
         tile = self.left[lo:hi] @ self.space.right[start:stop].T
-        self._side(block, tile, start, transposed=False)
-        if self.self_join and column != block:
-            self._side(column, tile, lo, transposed=True)
+        both = self.self_join and column != block
 
-    def _side(self, block: int, tile: np.ndarray, first: int, transposed: bool):
-        """The entries of ``tile`` under the thresholds of ``block``'s rows.
+        # One pass finds the entries under either block's thresholds.
+        bound = self._bound(block, tile, transposed=False)
+        under = tile <= bound[:, None]
+        if both:
+            column_bound = self._bound(column, tile, transposed=True)
+            under |= tile <= column_bound[None, :]
+        flat = np.flatnonzero(under)
+        values = tile.ravel()[flat]
+        i, j = np.divmod(flat, tile.shape[1])
 
-        ``transposed``: the block's rows are the tile's columns (the tile's
-        rows are then columns ``first``...).
+        mine = values <= bound[i] if both else slice(None)
+        self._offer(block, i[mine], values[mine], j[mine] + start, bound)
+        if both:
+            theirs = values <= column_bound[j]
+            self._offer(column, j[theirs], values[theirs], i[theirs] + lo,
+                        column_bound)
+
+    def _bound(self, block: int, tile: np.ndarray, transposed: bool
+               ) -> np.ndarray:
+        """The thresholds of ``block``'s rows for this tile.
+
+        Rows without one yet take the k-th value of the tile as theirs.
+        ``transposed``: the block's rows are the tile's columns.
         """
         lo, hi = self.blocks[block]
         threshold = self.threshold[lo:hi].copy()
         fresh = np.isinf(threshold)
         if fresh.any() and tile.shape[int(not transposed)] >= self.k:
-            # A first tile: its k-th value bounds the k-th distance.
             part = tile[:, fresh].T if transposed else tile[fresh]
             threshold[fresh] = _kth_bound(part, self.k) + 2 * self.slack[lo:hi][fresh]
-        bound = threshold[None, :] if transposed else threshold[:, None]
-        flat = np.flatnonzero(tile <= bound)
-        i, j = np.divmod(flat, tile.shape[1])
-        rows, columns = (j, i) if transposed else (i, j)
+        return threshold
+
+    def _offer(self, block, rows, values, columns, threshold) -> None:
         rows = rows.astype(np.int16)  # a radix sort groups them in the merge
-        self.offer(block, rows, _keys(tile.ravel()[flat], columns + first),
-                   threshold)
+        self.offer(block, rows, _keys(values, columns), threshold)
 
     def offer(self, block: int, rows: np.ndarray, keys: np.ndarray,
               threshold: np.ndarray) -> None:
