@@ -224,3 +224,65 @@ def test_any_small_input_property(data):
     finally:
         blocked.BLOCK = original
     assert_exact(X, k, indices, distances, rows)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e25])
+def test_one_prepared_search_serves_samples_then_every_row(rng, small_tiles,
+                                                           scale):
+    """The column operand built for a first search is reused, whatever the
+    rows and k of the next ones, and far out of float32's range too."""
+    X = rng.normal(size=(300, 12)) * scale
+    prepared = blocked.ExactSearch(X)
+    rows = np.array([3, 150, 299])
+    indices, distances = prepared.neighbours(7, rows=rows, threads=2)
+    assert_exact(X, 7, indices, distances, rows)
+    built = prepared.columns(prepared.dtype)
+    indices, distances = prepared.neighbours(11, threads=2)
+    assert_exact(X, 11, indices, distances)
+    assert prepared.columns(prepared.dtype) is built
+
+
+def test_a_clear_low_contrast_is_told_from_part_of_the_sample(rng, monkeypatch):
+    """Gaussian noise goes to the exact search after an eighth of the sample;
+    clustered rows need the whole sample (their graph is tuned on it)."""
+    import vbsw_cli.neighbors as search
+
+    searched = []
+    real = search.exact_search
+
+    def counting(X, n_query, options, progress, rows=None, prepared=None):
+        searched.append(len(X) if rows is None else len(rows))
+        return real(X, n_query, options, progress, rows=rows, prepared=prepared)
+
+    monkeypatch.setattr(search, "exact_search", counting)
+    options = SearchOptions(exact_below=500, sample_size=400, threads=1)
+    noise = rng.normal(size=(3000, 48))
+    found = search.nearest_neighbours(noise, 10, options=options)
+    assert found.method == "exact"
+    assert "relative contrast" in found.details["reason"]
+    assert searched == [8, 50, 3000]
+
+    searched.clear()
+    centres = rng.normal(size=(6, 48)) * 20
+    clustered = centres[rng.integers(6, size=3000)] + rng.normal(size=(3000, 48))
+    found = search.nearest_neighbours(clustered, 10, options=options)
+    assert found.method == "hnsw"
+    assert searched[:3] == [8, 50, 350]
+    assert found.details["relative_contrast"] > search.HARD_CONTRAST
+
+
+def test_relative_contrast_and_its_error(rng):
+    """Against a direct computation; the error shrinks with the sample."""
+    from vbsw_cli.neighbors import relative_contrast
+
+    X = rng.normal(size=(2000, 16))
+    sample = np.arange(0, 2000, 4)
+    reference = brute_force(X, 5, sample)[1]
+    contrast, error = relative_contrast(X, sample, reference,
+                                        np.random.default_rng(1))
+    partners = np.random.default_rng(1).integers(len(X), size=len(sample))
+    spread = np.linalg.norm(X[sample] - X[partners], axis=1)
+    assert contrast == pytest.approx(spread.mean() / reference[:, -1].mean())
+    _, error_of_fewer = relative_contrast(X, sample[:50], reference[:50],
+                                          np.random.default_rng(1))
+    assert 0 < error < error_of_fewer
