@@ -250,6 +250,22 @@ def test_error_a_bad_row_in_a_later_row_group_is_named_by_its_row(
     assert run.code == 1
     assert words in one_line(run)
 
+
+@pytest.mark.parametrize("bad_rows, words", [
+    ([4], "1 missing value inside its lists (first: row 4)"),
+    ([1003, 1500], "2 missing values inside its lists (first: row 1003)")])
+def test_error_a_null_inside_a_list_is_named_by_its_row(tmp_path, rng,
+                                                        bad_rows, words):
+    rows = rng.standard_normal((2000, 3)).tolist()
+    for row in bad_rows:
+        rows[row][1] = None
+    table = pa.table({"features": pa.array(rows), "label": rng.random(2000)})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=1000)
+
+    _fails(tmp_path, [tmp_path / "f.parquet", "--k", "5"], 1, "f.parquet",
+           "column 'features'", words)
+
+
 def test_error_k_and_m_out_of_range(tmp_path, small):
     _fails(tmp_path, [small, "--k", "13"], 2, "--k 13", "12 rows")
     _fails(tmp_path, [small, "--k", "12", "--exclude-self"], 2, "--k 12")

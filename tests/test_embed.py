@@ -1015,6 +1015,19 @@ def test_a_null_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here):
 
     assert_failed(run, 1, "1 empty (null) rows (first: row 2003)", after_rows=True)
 
+
+@pytest.mark.parametrize("bad_row", [3, 2003])
+def test_a_null_inside_a_row_is_named_by_its_file_row(tmp_path, here, bad_row):
+    row = [0.5] * 64
+    row[10] = None
+    source = long_digits(tmp_path / "t.parquet", bad_row, row)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "t.parquet", "'image'", "1 missing value inside its "
+                  f"lists (first: row {bad_row})", after_rows=bad_row > 1000)
+    no_files_left(tmp_path, "f.parquet")
+
+
 def test_report_and_cuda_notice_follow_the_first_batch(tmp_path, here,
                                                        monkeypatch):
     """The report lines come once a batch has been embedded, notice included."""
