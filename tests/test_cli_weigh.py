@@ -266,6 +266,20 @@ def test_error_a_null_inside_a_list_is_named_by_its_row(tmp_path, rng,
            "column 'features'", words)
 
 
+def test_keyword_options_are_taken_in_any_case(tmp_path, small):
+    out = tmp_path / "w.parquet"
+    run = run_vbsw("weigh", small, "--k", "5", "--search", "EXACT", "--exact",
+                   "--task", "Regression", "--normalize", "SUM", "-o", out)
+
+    assert run.code == 0, run.stderr
+    parameters = json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"]
+    assert parameters["search"]["requested"] == "exact"
+    assert parameters["tasks"] == {"label": "regression"}
+    assert parameters["normalization"] == "sum"
+    assert pq.read_table(out).column("weight").to_numpy().sum() == \
+        pytest.approx(1)
+
+
 def test_error_k_and_m_out_of_range(tmp_path, small):
     _fails(tmp_path, [small, "--k", "13"], 2, "--k 13", "12 rows")
     _fails(tmp_path, [small, "--k", "12", "--exclude-self"], 2, "--k 12")
@@ -342,6 +356,7 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
 
 @pytest.mark.parametrize("option, words", [
     (["--search", "bogus"], ("--search bogus", "exact")),
+    (["--search", "Bogus"], ("--search Bogus", "exact")),
     (["--recall", "1.5"], ("--recall 1.5",)), (["--hnsw-m", "1"], ("--hnsw-m 1",)),
     (["--ef", "0"], ("--ef 0",))])
 def test_error_search_options_come_alone_before_the_file_is_read(

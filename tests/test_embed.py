@@ -230,6 +230,34 @@ def test_layer_by_name_and_output(tmp_path):
     np.testing.assert_allclose(output, full_model(X), atol=1e-5)
 
 
+def test_a_tensor_named_like_a_keyword_in_another_case_is_taken_by_name(
+        tmp_path):
+    model_path, _ = mlp_model(tmp_path / "m.onnx")
+    model = onnx_graph.load_model(str(model_path))
+    for node in model.graph.node:
+        node.input[:] = ["Output" if t == "hidden" else t for t in node.input]
+        node.output[:] = ["Output" if t == "hidden" else t for t in node.output]
+
+    assert onnx_graph.find_cut(model, "Output") == "Output"
+    assert onnx_graph.find_cut(model, "OUTPUT") == "logits"
+    assert onnx_graph.find_cut(model, "output") == "logits"
+    assert onnx_graph.find_cut(model, "Auto") == "features"
+
+
+def test_keyword_options_are_taken_in_any_case(tmp_path, here):
+    out = tmp_path / "f.parquet"
+    run = here("embed", BACKBONE, TEST, "-o", out, "--device", "CPU",
+               "--layer", "Output", "-v")
+
+    assert run.code == 0, run.stderr
+    parameters = json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"]
+    assert parameters["device"] == "cpu"
+    assert parameters["layer"] == "output"
+    assert "(the model's output)" in run.stderr
+    np.testing.assert_allclose(features_of(read_output(out)),
+                               full_model(digits()[1]), atol=1e-5)
+
+
 def test_layer_by_name_from_the_command_line(tmp_path, here):
     out = tmp_path / "f.parquet"
     run = here("embed", BACKBONE, TEST, "--layer", "/pool/MaxPool_output_0",
