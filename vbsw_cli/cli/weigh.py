@@ -17,9 +17,8 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   named_errors, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
-                                SearchOptions, check_k, csr_graph,
-                                duplicate_rows, floor_text)
-from vbsw_cli.neighbors import _check_options as check_search_options
+                                SearchOptions, check_k, check_search_options,
+                                csr_graph, duplicate_rows, floor_text)
 from vbsw_cli.weigh import (NORMALIZATIONS, check_m, check_normalization,
                             histogram, weigh)
 
