@@ -250,6 +250,36 @@ def test_error_a_bad_row_in_a_later_row_group_is_named_by_its_row(
     assert run.code == 1
     assert words in one_line(run)
 
+
+@pytest.mark.parametrize("bad_rows, words", [
+    ([4], "1 missing value inside its lists (first: row 4)"),
+    ([1003, 1500], "2 missing values inside its lists (first: row 1003)")])
+def test_error_a_null_inside_a_list_is_named_by_its_row(tmp_path, rng,
+                                                        bad_rows, words):
+    rows = rng.standard_normal((2000, 3)).tolist()
+    for row in bad_rows:
+        rows[row][1] = None
+    table = pa.table({"features": pa.array(rows), "label": rng.random(2000)})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=1000)
+
+    _fails(tmp_path, [tmp_path / "f.parquet", "--k", "5"], 1, "f.parquet",
+           "column 'features'", words)
+
+
+def test_keyword_options_are_taken_in_any_case(tmp_path, small):
+    out = tmp_path / "w.parquet"
+    run = run_vbsw("weigh", small, "--k", "5", "--search", "EXACT", "--exact",
+                   "--task", "Regression", "--normalize", "SUM", "-o", out)
+
+    assert run.code == 0, run.stderr
+    parameters = json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"]
+    assert parameters["search"]["requested"] == "exact"
+    assert parameters["tasks"] == {"label": "regression"}
+    assert parameters["normalization"] == "sum"
+    assert pq.read_table(out).column("weight").to_numpy().sum() == \
+        pytest.approx(1)
+
+
 def test_error_k_and_m_out_of_range(tmp_path, small):
     _fails(tmp_path, [small, "--k", "13"], 2, "--k 13", "12 rows")
     _fails(tmp_path, [small, "--k", "12", "--exclude-self"], 2, "--k 12")
@@ -326,6 +356,7 @@ def test_error_overlapping_empty_and_contradictory_options(tmp_path, small):
 
 @pytest.mark.parametrize("option, words", [
     (["--search", "bogus"], ("--search bogus", "exact")),
+    (["--search", "Bogus"], ("--search Bogus", "exact")),
     (["--recall", "1.5"], ("--recall 1.5",)), (["--hnsw-m", "1"], ("--hnsw-m 1",)),
     (["--ef", "0"], ("--ef 0",))])
 def test_error_search_options_come_alone_before_the_file_is_read(

@@ -230,6 +230,34 @@ def test_layer_by_name_and_output(tmp_path):
     np.testing.assert_allclose(output, full_model(X), atol=1e-5)
 
 
+def test_a_tensor_named_like_a_keyword_in_another_case_is_taken_by_name(
+        tmp_path):
+    model_path, _ = mlp_model(tmp_path / "m.onnx")
+    model = onnx_graph.load_model(str(model_path))
+    for node in model.graph.node:
+        node.input[:] = ["Output" if t == "hidden" else t for t in node.input]
+        node.output[:] = ["Output" if t == "hidden" else t for t in node.output]
+
+    assert onnx_graph.find_cut(model, "Output") == "Output"
+    assert onnx_graph.find_cut(model, "OUTPUT") == "logits"
+    assert onnx_graph.find_cut(model, "output") == "logits"
+    assert onnx_graph.find_cut(model, "Auto") == "features"
+
+
+def test_keyword_options_are_taken_in_any_case(tmp_path, here):
+    out = tmp_path / "f.parquet"
+    run = here("embed", BACKBONE, TEST, "-o", out, "--device", "CPU",
+               "--layer", "Output", "-v")
+
+    assert run.code == 0, run.stderr
+    parameters = json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"]
+    assert parameters["device"] == "cpu"
+    assert parameters["layer"] == "output"
+    assert "(the model's output)" in run.stderr
+    np.testing.assert_allclose(features_of(read_output(out)),
+                               full_model(digits()[1]), atol=1e-5)
+
+
 def test_layer_by_name_from_the_command_line(tmp_path, here):
     out = tmp_path / "f.parquet"
     run = here("embed", BACKBONE, TEST, "--layer", "/pool/MaxPool_output_0",
@@ -1014,6 +1042,19 @@ def test_a_null_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here):
     run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
 
     assert_failed(run, 1, "1 empty (null) rows (first: row 2003)", after_rows=True)
+
+
+@pytest.mark.parametrize("bad_row", [3, 2003])
+def test_a_null_inside_a_row_is_named_by_its_file_row(tmp_path, here, bad_row):
+    row = [0.5] * 64
+    row[10] = None
+    source = long_digits(tmp_path / "t.parquet", bad_row, row)
+    run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "t.parquet", "'image'", "1 missing value inside its "
+                  f"lists (first: row {bad_row})", after_rows=bad_row > 1000)
+    no_files_left(tmp_path, "f.parquet")
+
 
 def test_report_and_cuda_notice_follow_the_first_batch(tmp_path, here,
                                                        monkeypatch):

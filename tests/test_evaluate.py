@@ -258,6 +258,18 @@ def test_cli_regression_predictions_file(capfdbinary, tmp_path, rng):
         skm.mean_absolute_error(y, p))
 
 
+def test_cli_task_is_taken_in_any_case(capfdbinary, tmp_path, rng):
+    y, p = rng.integers(3, size=50), rng.normal(size=50)
+    pq.write_table(pa.table({"label": y, "prediction": p}), tmp_path / "p.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "p.parquet",
+               "--task", "Regression", "--json", "-", "-q")
+    assert run.code == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["task"] == "regression"
+    assert record["metrics"]["mae"] == pytest.approx(
+        skm.mean_absolute_error(y, p))
+
+
 def test_cli_model_without_metadata_and_image_column(capfdbinary, tmp_path, rng):
     W, b = rng.normal(size=(6, 3)), rng.normal(size=3)
     onnx.save(linear_model(W, b, ["N", 2, 3], softmax_out=True),

@@ -553,6 +553,19 @@ def test_merged_model_moves_the_backbone_metadata(capfdbinary, tmp_path,
     assert "merged" not in read_metadata(onnx.load(str(tmp_path / "h.onnx")))
 
 
+def test_cli_keyword_options_are_taken_in_any_case(capfdbinary, tmp_path,
+                                                   with_backbone):
+    features, backbone = with_backbone
+    run = vbsw(capfdbinary, "retrain-head", features, "--backbone", backbone,
+               "--layer", "AUTO", "--task", "Regression", "--optimizer", "SGD",
+               "-o", tmp_path / "h.onnx", "--epochs", "3")
+    assert run.code == 0, run.stderr
+    metadata = read_metadata(onnx.load(str(tmp_path / "h.merged.onnx")))
+    assert metadata["merged"] == {"cut": "embedding"}
+    assert metadata["task"] == "regression"
+    assert metadata["training"]["optimizer"] == "sgd"
+
+
 def test_cli_keeps_the_whole_provenance_history(capfdbinary, tmp_path, weighted):
     table = pq.read_table(weighted)
     embed = {"command": "embed", "parameters": {"model": "bb.onnx"}}

@@ -69,6 +69,30 @@ def test_a_null_row_is_named_by_its_row():
     with pytest.raises(DataError, match=r"2 empty \(null\) rows \(first: row 105\)"):
         io.list_column_matrix(rows, "f", "features", first_row=100)
 
+
+def test_a_null_inside_a_list_is_named_by_its_row():
+    """Counted over every chunk, named by the first one's row in the file."""
+    rows = pa.chunked_array([pa.array([[1.0, 2.0]] * 4),
+                             pa.array([[1.0, 2.0], [1.0, None], [None, 2.0]])])
+    one = pa.chunked_array([rows.chunk(1).slice(0, 2)])
+    with pytest.raises(DataError, match=r"2 missing values inside its lists "
+                       r"\(first: row 105\)"):
+        io.list_column_matrix(rows, "f", "features", first_row=100)
+    with pytest.raises(DataError, match=r"1 missing value inside its lists "
+                       r"\(first: row 1\)"):
+        io.list_column_matrix(one, "f", "features")
+
+
+@pytest.mark.parametrize("inner", [[None, 2.0], None])
+def test_a_null_inside_a_nested_list_is_named_by_its_row(inner):
+    """A missing number or a missing inner list, as one missing value."""
+    rows = [[[1.0, 2.0], [3.0, 4.0]]] * 3 + [[[1.0, 2.0], inner]]
+    table = pa.table({"features": pa.array(rows)})
+    with pytest.raises(DataError, match=r"'features' has 1 missing value "
+                       r"inside its lists \(first: row 3\)"):
+        io.feature_matrix(table, "f")
+
+
 def test_nested_lists_are_flattened_row_by_row():
     rows = [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]
     table = pa.table({"features": pa.array(rows)})

@@ -12,7 +12,8 @@ from hypothesis.extra import numpy as hnp
 
 import vbsw_cli.exact as blocked
 from vbsw_cli.exact import exact_neighbours
-from vbsw_cli.neighbors import SearchOptions, exact_search
+from vbsw_cli.errors import UsageError
+from vbsw_cli.neighbors import SearchOptions, check_search_options, exact_search
 from vbsw_cli.progress import NullProgress
 
 
@@ -286,3 +287,15 @@ def test_relative_contrast_and_its_error(rng):
     _, error_of_fewer = relative_contrast(X, sample[:50], reference[:50],
                                           np.random.default_rng(1))
     assert 0 < error < error_of_fewer
+
+
+@pytest.mark.parametrize("options, words", [
+    (SearchOptions(method="fast"), "--search fast"),
+    (SearchOptions(recall=1.5), "--recall 1.5"),
+    (SearchOptions(M=1), "--hnsw-m 1"),
+    (SearchOptions(ef_construction=0), "--ef-construction 0"),
+    (SearchOptions(ef=0), "--ef 0")])
+def test_search_options_are_refused_by_the_public_check(options, words):
+    check_search_options(SearchOptions())
+    with pytest.raises(UsageError, match=words):
+        check_search_options(options)

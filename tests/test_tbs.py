@@ -351,6 +351,18 @@ def test_cli_runge_writes_points_labels_and_provenance(tmp_path):
     assert record["parameters"]["components_used"] == 3
 
 
+def test_cli_keyword_options_are_taken_in_any_case():
+    args = ("tbs-sample", "--initial", "8", "--new", "8", "--components", "2",
+            "-o", "-")
+    lower = run_vbsw(*args, "--function", "runge", "--design", "grid",
+                     "--reg-covar", "auto")
+    mixed = run_vbsw(*args, "--function", "Runge", "--design", "GRID",
+                     "--reg-covar", "AUTO")
+    assert lower.code == 0, lower.stderr
+    assert mixed.code == 0, mixed.stderr
+    assert mixed.stdout == lower.stdout
+
+
 def test_cli_same_seed_same_bytes(tmp_path):
     args = ("tbs-sample", "--function", "bateman", "--initial", "64",
             "--design", "lhs", "--new", "20", "--components", "4",

@@ -76,7 +76,8 @@ class Backbone:
     """An onnxruntime session of the model cut at ``tensor``.
 
     ``row_shape`` is the input shape without the batch dimension, ``dtype`` the
-    input's NumPy dtype, ``provider`` the execution provider the session got.
+    input's NumPy dtype, ``provider`` the execution provider the session got,
+    ``layer`` the --layer that chose the cut (its keywords in lower case).
     """
 
     path: str
@@ -90,6 +91,7 @@ class Backbone:
     notices: list[str] = field(default_factory=list)
     in_flight: int = 1
     threads: int = 0
+    layer: str = "auto"
 
     @property
     def n_values(self) -> int:
@@ -141,7 +143,8 @@ def load_backbone(path: str, *, layer: str = "auto", device: str = "auto",
     fixed_batch, row_shape = resolve_shape(spec.shape, input_shape, path,
                                            spec.name)
     return Backbone(path, tensor, spec.name, row_shape, dtype, provider, session,
-                    fixed_batch, notices, in_flight, threads)
+                    fixed_batch, notices, in_flight, threads,
+                    onnx_graph.layer_keyword(model, layer))
 
 
 def cpu_layout(cores: int | None = None) -> tuple[int, int]:

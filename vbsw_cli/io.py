@@ -298,6 +298,7 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str, *,
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{chunked.null_count} empty (null) rows (first: row "
                         f"{first})")
+    _refuse_missing_inside(chunked, name, column, first_row)
 
     blocks, offset = [], first_row
     for chunk in chunked.chunks:
@@ -342,10 +343,48 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int,
             or pa.types.is_boolean(values.type)):
         raise DataError(f"{describe(name)}: column '{column}' holds lists of "
                         f"{values.type}, expected numbers")
-    if values.null_count:
-        raise DataError(f"{describe(name)}: column '{column}' has "
-                        f"{values.null_count} missing values inside its lists")
     return to_numpy(values).reshape(len(array), width)
+
+
+def _refuse_missing_inside(chunked: pa.ChunkedArray, name: str, column: str,
+                           first_row: int) -> None:
+    """Refuse nulls inside the rows' lists (numbers or, nested, inner lists),
+    naming the first one's row."""
+    counts = [sum(level.null_count for level in _list_levels(chunk)[1:])
+              for chunk in chunked.chunks]
+    missing = sum(counts)
+    if not missing:
+        return
+    at = next(i for i, count in enumerate(counts) if count)
+    row = first_row + sum(len(chunk) for chunk in chunked.chunks[:at])
+    row += _first_missing_row(chunked.chunk(at))
+    values = "value" if missing == 1 else "values"
+    raise DataError(f"{describe(name)}: column '{column}' has {missing} missing "
+                    f"{values} inside its lists (first: row {row})")
+
+
+def _list_levels(array: pa.Array) -> list[pa.Array]:
+    """A list array, its flattened values, theirs, ... down to the numbers."""
+    levels = [array]
+    while True:
+        if isinstance(levels[-1].type, pa.ExtensionType):
+            levels[-1] = levels[-1].storage
+        if not _is_list(levels[-1].type):
+            return levels
+        levels.append(levels[-1].flatten())
+
+
+def _first_missing_row(array: pa.Array) -> int:
+    """The row, counted from the array's start, of its first null inside."""
+    levels = _list_levels(array)
+    rows = []
+    for depth, level in enumerate(levels[1:], start=1):
+        if level.null_count:
+            index = pc.index(level.is_null(), True).as_py()
+            for outer in reversed(levels[:depth]):
+                index = pc.list_parent_indices(outer)[index].as_py()
+            rows.append(index)
+    return min(rows)
 
 
 def _different_widths(name, column, first, other):

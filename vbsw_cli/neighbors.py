@@ -170,7 +170,7 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
     """
     options = options or SearchOptions()
     progress = progress or NullProgress()
-    _check_options(options)
+    check_search_options(options)
     check_k(k, len(X), include_self)
     n_query = k if include_self else k + 1
     graph_reason = _graph_cannot(X, options)
@@ -219,7 +219,8 @@ def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
             "hnswlib")
 
 
-def _check_options(options: SearchOptions) -> None:
+def check_search_options(options: SearchOptions) -> None:
+    """Refuse search options no search accepts, naming the option (exit 2)."""
     if options.method not in METHODS:
         raise UsageError(f"--search {options.method}: choose one of "
                          + ", ".join(METHODS))

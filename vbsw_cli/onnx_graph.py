@@ -6,7 +6,8 @@ The paper's M* is the trained network without its last fully connected layer
 * :func:`find_cut` names the tensor to cut at: ``"auto"`` walks back from the
   output over Softmax-like activations to the last linear layer (a Gemm, or a
   MatMul followed by an Add) and returns that layer's input; ``"output"`` keeps
-  the whole model; any other value is a tensor name.
+  the whole model (both in any case, unless a tensor has exactly the name
+  given); any other value is a tensor name.
 * :func:`cut` returns the sub-model whose output is that tensor (M*).
 * :func:`merge` joins M* and a head into one model (M_f).
 """
@@ -25,6 +26,9 @@ from vbsw_cli.errors import DataError, UsageError
 # reads (onnx itself may write newer IR versions than onnxruntime accepts).
 IR_VERSION = 9
 OPSET = 17
+
+# The --layer values that are not tensor names.
+LAYER_KEYWORDS = ("auto", "output")
 
 # Element-wise or normalising steps that may follow the last linear layer.
 PASS_THROUGH = {"Softmax", "LogSoftmax", "Sigmoid", "Identity", "Dropout"}
@@ -142,16 +146,28 @@ def _matmul_add_layer(node, producers, weights) -> LinearLayer:
 
 def find_cut(model: onnx.ModelProto, layer: str = "auto") -> str:
     """The name of the tensor that becomes the feature output."""
+    layer = layer_keyword(model, layer)
     if layer == "auto":
         return last_linear(model).input
     if layer == "output":
         return model.graph.output[0].name
-    known = {t for node in model.graph.node for t in node.output}
-    known |= {i.name for i in model.graph.input}
-    if layer not in known:
+    if layer not in _tensor_names(model):
         raise UsageError(f"--layer {layer}: no tensor of that name in the model; "
                          "see --list-layers")
     return layer
+
+
+def layer_keyword(model: onnx.ModelProto, layer: str) -> str:
+    """``layer`` in lower case when it is a keyword in another case (AUTO),
+    unless a tensor has exactly that name (Output): then it names the tensor."""
+    if layer.lower() in LAYER_KEYWORDS and layer not in _tensor_names(model):
+        return layer.lower()
+    return layer
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    known = {t for node in model.graph.node for t in node.output}
+    return known | {i.name for i in model.graph.input}
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list]:

@@ -68,6 +68,14 @@ DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback of an error.")]
 
 
+def keyword(value: str | None, choices) -> str | None:
+    """An option's keyword in any case as ``choices`` spell it (EXACT is
+    exact); any other value as given, for the check that names the choices."""
+    if value is not None and value.lower() in choices:
+        return value.lower()
+    return value
+
+
 # ---------------------------------------------------------------------------
 # Errors
 

@@ -15,8 +15,9 @@ import typer
 
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, QuietOpt, Reporter, VerboseOpt,
-                                  command, resolve_output)
-from vbsw_cli.embed import (DEFAULT_BATCH, ImageOptions, check_batch_size,
+                                  command, keyword, resolve_output)
+from vbsw_cli.embed import (DEFAULT_BATCH, DEVICES, ImageOptions,
+                            check_batch_size,
                             check_column_roles, check_device,
                             check_options_apply, embed,
                             input_kind, load_backbone, open_input, parse_floats,
@@ -109,6 +110,7 @@ def embed_cli(
     list), ready for vbsw weigh.
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
+    device = keyword(device, DEVICES)
     check_device(device)
     check_batch_size(batch_size)
     compression = check_compression(compression)
@@ -244,7 +246,8 @@ def _report_model(reporter: Reporter, backbone, layer: str) -> None:
     reporter.say(f"model: {backbone.path}, input '{backbone.input_name}' "
                  f"{backbone.dtype} Nx{shape}")
     how = {"auto": "the input of the last linear layer",
-           "output": "the model's output"}.get(layer, "named with --layer")
+           "output": "the model's output"}.get(backbone.layer,
+                                               "named with --layer")
     reporter.say(f"features: tensor '{backbone.tensor}' ({how})")
     device = backbone.provider.replace("ExecutionProvider", "")
     if backbone.threads:
@@ -260,7 +263,8 @@ def _parameters(model, source, layer, device, batch_size, backbone, data,
                 images) -> dict:
     parameters = {
         "model": model, "model_sha256": _sha256(model), "input": source,
-        "input_kind": data.kind, "layer": layer, "tensor": backbone.tensor,
+        "input_kind": data.kind, "layer": backbone.layer,
+        "tensor": backbone.tensor,
         "model_input": backbone.input_name,
         "input_shape": list(backbone.row_shape), "dtype": str(backbone.dtype),
         "device": device, "provider": backbone.provider,

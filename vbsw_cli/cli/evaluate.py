@@ -13,7 +13,7 @@ import typer
 
 from vbsw_cli import __version__, io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
-                                  Reporter, VerboseOpt, command,
+                                  Reporter, VerboseOpt, command, keyword,
                                   named_errors, stderr)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
@@ -102,6 +102,7 @@ def evaluate_cli(
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
     paths = list(paths or [])
+    task = keyword(task, io.TASKS)
     if task not in io.TASKS:
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
     if batch_size < 1:

@@ -13,7 +13,7 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
-                                  VerboseOpt, command, named_errors,
+                                  VerboseOpt, command, keyword, named_errors,
                                   resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
@@ -98,6 +98,7 @@ def retrain_head_cli(
     from vbsw_cli.onnx_graph import load_model
 
     reporter = Reporter(verbose=verbose, quiet=quiet)
+    task, optimizer = keyword(task, io.TASKS), keyword(optimizer, OPTIMIZERS)
     options = HeadOptions(hidden=hidden, optimizer=optimizer,
                           learning_rate=learning_rate, epochs=epochs,
                           batch_size=batch_size, l2=l2, momentum=momentum,

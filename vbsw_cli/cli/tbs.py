@@ -10,9 +10,10 @@ import typer
 
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, OutputOpt, QuietOpt, Reporter,
-                                  SeedOpt, VerboseOpt, command, resolve_output)
+                                  SeedOpt, VerboseOpt, command, keyword,
+                                  resolve_output)
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.functions import Function, evaluate, load_function
+from vbsw_cli.functions import BUILT_INS, Function, evaluate, load_function
 from vbsw_cli.neighbors import SearchOptions
 from vbsw_cli import tbs
 
@@ -108,6 +109,8 @@ def tbs_cli(
     the labels when --function is given.
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
+    function = keyword(function, BUILT_INS)
+    design = keyword(design, tbs.DESIGNS)
     plan = _plan(points, function, gradient, hessian, label, initial, order,
                  new, components, k)
     reg = _reg_covar(reg_covar)
@@ -175,7 +178,7 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
 
 
 def _reg_covar(text: str) -> float | None:
-    if text == "auto":
+    if text.lower() == "auto":
         return None
     try:
         value = float(text)

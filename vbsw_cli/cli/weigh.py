@@ -13,13 +13,14 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, OutputOpt, QuietOpt, Reporter,
-                                  SeedOpt, VerboseOpt, command, named_errors,
-                                  resolve_output)
+                                  SeedOpt, VerboseOpt, command, keyword,
+                                  named_errors, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, SearchOptions,
-                                check_k, csr_graph, duplicate_rows, floor_text)
-from vbsw_cli.neighbors import _check_options as check_search_options
-from vbsw_cli.weigh import check_m, check_normalization, histogram, weigh
+from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
+                                SearchOptions, check_k, check_search_options,
+                                csr_graph, duplicate_rows, floor_text)
+from vbsw_cli.weigh import (NORMALIZATIONS, check_m, check_normalization,
+                            histogram, weigh)
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
            "-o weighted.parquet")
@@ -100,6 +101,8 @@ def weigh_cli(
     reporter = Reporter(verbose=verbose, quiet=quiet)
     timings = {}
     started = time.perf_counter()
+    search, task = keyword(search, METHODS), keyword(task, io.TASKS)
+    normalize = keyword(normalize, NORMALIZATIONS)
     _validate(k, m, normalize, task, threads, check_recall, graph)
     if exact and search not in ("auto", "exact"):
         raise UsageError(f"--exact contradicts --search {search}; give one")
