@@ -237,7 +237,7 @@ def test_error_nan_features_and_infinite_labels(tmp_path, rng):
 
 @pytest.mark.parametrize("bad_row, words", [
     (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),
-    (1003, "1 empty (null) rows (first: row 1003)")])
+    (1003, "1 empty (null) row (first: row 1003)")])
 def test_error_a_bad_row_in_a_later_row_group_is_named_by_its_row(
         tmp_path, rng, bad_row, words):
     rows = rng.standard_normal((2000, 3)).tolist()

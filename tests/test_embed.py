@@ -1041,7 +1041,7 @@ def test_a_null_row_in_a_later_batch_is_named_by_its_file_row(tmp_path, here):
     source = long_digits(tmp_path / "t.parquet", 2003, None)
     run = here("embed", BACKBONE, source, "-o", tmp_path / "f.parquet")
 
-    assert_failed(run, 1, "1 empty (null) rows (first: row 2003)", after_rows=True)
+    assert_failed(run, 1, "1 empty (null) row (first: row 2003)", after_rows=True)
 
 
 @pytest.mark.parametrize("bad_row", [3, 2003])

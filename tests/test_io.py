@@ -139,8 +139,19 @@ def test_label_types_are_read_by_kind():
 def test_nan_labels_and_nulls_are_refused():
     with pytest.raises(DataError, match="label column 'y'.*NaN"):
         io.read_labels(pa.table({"y": [1.0, np.nan]}), "t", ["y"])
-    with pytest.raises(DataError, match="missing values"):
+    with pytest.raises(DataError, match=r"label column 'y' has 1 missing value "
+                       r"\(first: row 1\)"):
         io.read_labels(pa.table({"y": pa.array([1, None])}), "t", ["y"])
+    with pytest.raises(DataError, match=r"'y'.*NaN or infinite values in 1 row "
+                       r"\(first: row 0\)"):
+        io.read_labels(pa.table({"y": [np.nan, 2.0]}), "t", ["y"])
+
+
+def test_missing_numbers_in_feature_columns_name_the_first_row():
+    table = pa.table({"a": [1.0, 2.0, None, None], "b": [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(DataError, match=r"column 'a' has 2 missing values "
+                       r"\(first: row 2\)"):
+        io.feature_matrix(table, "t", columns=["a", "b"])
 
 
 def test_corrupt_empty_and_rowless_files(tmp_path):

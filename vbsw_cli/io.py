@@ -289,15 +289,15 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str, *,
     if isinstance(kind, pa.ExtensionType):
         kind = kind.storage_type
     if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        return _numeric_column(chunked, name, column)[:, None]
+        return _numeric_column(chunked, name, column, first_row)[:, None]
     if not _is_list(kind):
         raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
                         "expected a list of numbers per row")
     if chunked.null_count:
         first = first_row + pc.index(chunked.is_null(), True).as_py()
         raise DataError(f"{describe(name)}: column '{column}' has "
-                        f"{chunked.null_count} empty (null) rows (first: row "
-                        f"{first})")
+                        f"{counted(chunked.null_count, 'empty (null) row')} "
+                        f"(first: row {first})")
     _refuse_missing_inside(chunked, name, column, first_row)
 
     blocks, offset = [], first_row
@@ -358,9 +358,9 @@ def _refuse_missing_inside(chunked: pa.ChunkedArray, name: str, column: str,
     at = next(i for i, count in enumerate(counts) if count)
     row = first_row + sum(len(chunk) for chunk in chunked.chunks[:at])
     row += _first_missing_row(chunked.chunk(at))
-    values = "value" if missing == 1 else "values"
-    raise DataError(f"{describe(name)}: column '{column}' has {missing} missing "
-                    f"{values} inside its lists (first: row {row})")
+    raise DataError(f"{describe(name)}: column '{column}' has "
+                    f"{counted(missing, 'missing value')} inside its lists "
+                    f"(first: row {row})")
 
 
 def _list_levels(array: pa.Array) -> list[pa.Array]:
@@ -412,16 +412,31 @@ def _is_list(kind: pa.DataType) -> bool:
             or pa.types.is_fixed_size_list(kind))
 
 
-def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str) -> np.ndarray:
+def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str,
+                    first_row: int = 0) -> np.ndarray:
     kind = chunked.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
             or pa.types.is_boolean(kind)):
         raise DataError(f"{describe(name)}: feature column '{column}' holds "
                         f"{kind}, expected numbers")
-    if chunked.null_count:
-        raise DataError(f"{describe(name)}: column '{column}' has "
-                        f"{chunked.null_count} missing values")
+    refuse_nulls(chunked, name, f"column '{column}'", first_row)
     return to_numpy(chunked)
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 row``, ``2 rows``: a count with its noun in the right number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def refuse_nulls(chunked: pa.ChunkedArray, name: str, what: str,
+                 first_row: int = 0) -> None:
+    """Refuse a column with missing values, naming the first one's row."""
+    if not chunked.null_count:
+        return
+    first = first_row + pc.index(chunked.is_null(), True).as_py()
+    raise DataError(f"{describe(name)}: {what} has "
+                    f"{counted(chunked.null_count, 'missing value')} "
+                    f"(first: row {first})")
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:
@@ -438,8 +453,8 @@ def check_finite(X: np.ndarray, name: str, column: str, role: str) -> None:
     rows = ~finite.reshape(len(X), -1).all(axis=1)
     first = int(np.argmax(rows))
     raise DataError(f"{describe(name)}: {role} column '{column}' has NaN or "
-                    f"infinite values in {int(rows.sum())} rows (first: row "
-                    f"{first})")
+                    f"infinite values in {counted(int(rows.sum()), 'row')} "
+                    f"(first: row {first})")
 
 
 # ---------------------------------------------------------------------------
@@ -474,9 +489,7 @@ def read_labels(table: pa.Table, name: str, columns: Sequence[str], *,
 
 def _one_label(chunked: pa.ChunkedArray, name: str, column: str, task: str
                ) -> Labels:
-    if chunked.null_count:
-        raise DataError(f"{describe(name)}: label column '{column}' has "
-                        f"{chunked.null_count} missing values")
+    refuse_nulls(chunked, name, f"label column '{column}'")
     kind = chunked.type
     if pa.types.is_dictionary(kind):
         chunked = chunked.cast(kind.value_type)

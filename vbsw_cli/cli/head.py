@@ -218,9 +218,7 @@ def _weights(table: pa.Table, name: str, column: str) -> np.ndarray:
     if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
         raise DataError(f"{io.describe(name)}: weight column '{column}' holds "
                         f"{values.type}, expected numbers")
-    if values.null_count:
-        raise DataError(f"{io.describe(name)}: weight column '{column}' has "
-                        f"{values.null_count} missing values")
+    io.refuse_nulls(values, name, f"weight column '{column}'")
     weight = values.to_numpy().astype(np.float64)
     io.check_finite(weight, name, column, "weight")
     if (weight < 0).any():
