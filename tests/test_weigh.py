@@ -216,6 +216,71 @@ def test_sample_recall_scores_the_neighbourhood_as_used():
     assert raw == pytest.approx(7 / 8)
 
 
+def test_sample_recall_of_reached_rows_leaves_the_others_out():
+    from vbsw_cli.neighbors import _sample_recall
+
+    # Row 0 (point 0) did not come back in its results; row 1 did.
+    sample = np.array([0, 5])
+    reference = np.array([[0.0, 1, 2], [0.0, 1, 1]])
+    labels = np.array([[7, 8, 9], [5, 4, 9]])
+    squared = np.array([[49.0, 64, 81], [0, 1, 16]], np.float32)
+    everyone, _ = _sample_recall((labels, squared), sample, reference)
+    reached, _ = _sample_recall((labels, squared), sample, reference,
+                                reached_only=True)
+    assert everyone == pytest.approx(3 / 6)
+    assert reached == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("exact_again", [1000, 0])
+def test_rows_a_graph_does_not_lead_back_are_searched_again(rng, monkeypatch,
+                                                          exact_again):
+    """Whole regions a graph misses get their neighbours from a second search,
+    exact for a few rows, among themselves for many; the recall reported is
+    that of the result."""
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(8, 16)) * 10
+    X = centres[rng.integers(8, size=4000)] + rng.normal(size=(4000, 16))
+    exact = nearest_neighbours(X, 10, options=SearchOptions(method="exact"))
+    # A graph that never enters the region nearest centre 0: its rows get
+    # the neighbours of another row, and do not find themselves.
+    lost = np.linalg.norm(X - centres[0], axis=1) < 6
+    stand_in = np.flatnonzero(~lost)[0]
+    real = search.query_index
+
+    def missing_a_region(index, X, n_query, ef, options, progress):
+        found = real(index, X, n_query, ef, options, progress)
+        if found is not None and len(X) == 4000:
+            found[0][lost], found[1][lost] = found[0][stand_in], 50.0
+        return found
+
+    monkeypatch.setattr(search, "query_index", missing_a_region)
+    monkeypatch.setattr(search, "EXACT_AGAIN", exact_again)
+    options = SearchOptions(method="hnsw", sample_size=400, seed=0, threads=1)
+    found = nearest_neighbours(X, 10, options=options)
+    assert found.method == "hnsw"
+    again = found.details["searched_again"]
+    assert 100 < lost.sum() <= again < lost.sum() + 50  # the graph's own misses
+    recall = search.recall_at_k(found.distances[lost], exact.distances[lost])
+    assert recall > 0.95
+    sampled = search.recall_at_k(found.distances, exact.distances)
+    assert found.details["sample_recall"] == pytest.approx(sampled, abs=0.03)
+
+
+def test_the_nearest_of_both_answers_counts_each_row_once(rng):
+    from vbsw_cli.neighbors import _nearest_of_both
+
+    for _ in range(50):
+        distance_of = rng.random(12)  # of each of 12 candidate rows
+        first = rng.choice(12, size=6, replace=False)
+        second = rng.choice(12, size=6, replace=False)
+        both = _nearest_of_both((first[None], distance_of[first][None]),
+                                (second[None], distance_of[second][None]), 4)
+        unique = np.union1d(first, second)
+        expected = unique[np.argsort(distance_of[unique])][:4]
+        assert both[0][0].tolist() == expected.tolist()
+        np.testing.assert_array_equal(both[1][0], distance_of[expected])
+
 # ---------------------------------------------------------------------------
 # Properties
 

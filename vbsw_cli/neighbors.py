@@ -67,6 +67,11 @@ CONTRAST_STRIDE = 8
 # otherwise a graph twice as dense is tried once.
 EXACT_PATIENCE = 3.0
 
+# Rows the graph does not lead back to themselves are searched again (see
+# _search_again): up to EXACT_AGAIN rows exactly among all rows, more among
+# themselves in a graph of their own.
+EXACT_AGAIN = 1000
+
 # Rows per call to the search libraries, so the progress bar moves, and rows
 # per block when neighbourhoods are rearranged.
 QUERY_CHUNK = 20_000
@@ -395,6 +400,20 @@ def _approximate_or_exact(X, n_query, options, progress):
         del index
         reason = f"hnswlib could not return {n_query} neighbours for every row"
         return _exact_instead(X, n_query, options, progress, details, reason)
+    del index
+    again = _search_again(X, *found, n_query, graph, ef, progress)
+    recall, low = _final_recall(*found, sample, reference)
+    details.update(searched_again=again, sample_recall=recall,
+                   sample_recall_low=low)
+    if options.ef is None and low < options.recall and "warning" not in details:
+        short = (f"hnswlib (M={graph.M}, ef_construction={graph.ef_construction},"
+                 f" ef={ef}) reached recall {floor_text(recall)} (at least "
+                 f"{floor_text(low)}), short of --recall {options.recall}")
+        if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
+            del found
+            return _exact_instead(X, n_query, options, progress, details, short)
+        details["warning"] = (f"{short}; exact search would take about "
+                              f"{predicted_exact:.0f} s (use --exact for it)")
     if options.ef is not None and low < options.recall:
         details["warning"] = (f"with --ef {options.ef} fixed, the sample recall "
                               f"is {floor_text(recall)} (at least "
@@ -433,6 +452,62 @@ def _hard_case(X, prepared, n_query, options, progress, contrast, predicted_exac
                                       prepared=prepared)
     return indices, distances, "exact", {"reason": reason,
                                          "relative_contrast": contrast}
+
+
+def _search_again(X, indices, distances, n_query, graph, ef, progress) -> int:
+    """Search again the rows the graph did not lead back to themselves, in
+    place; how many there were.
+
+    A graph built on several threads can leave regions that its searches
+    seldom enter, whatever ef: their rows miss most of their neighbours,
+    which lie in the same region. Those rows are searched among themselves
+    (a few are searched exactly among all rows), and each keeps the nearest
+    of both answers.
+    """
+    rows = np.flatnonzero(distances[:, 0] > 0)
+    if not len(rows):
+        return 0
+    task = progress.task("searching again", len(rows))
+    threads = thread_count(graph.threads)
+    if len(rows) <= EXACT_AGAIN or len(rows) <= n_query:
+        found = ExactSearch(X).neighbours(n_query, rows=rows, threads=threads)
+    else:
+        among = np.ascontiguousarray(X[rows], dtype=np.float32)
+        index = build_index(among, graph, NullProgress())
+        found = query_index(index, among, n_query, max(ef, 2 * n_query), graph,
+                            NullProgress())
+        if found is None:
+            task.close()
+            return 0
+        found = rows[found[0]], found[1]
+    indices[rows], distances[rows] = _nearest_of_both(
+        (indices[rows], distances[rows]), found, n_query)
+    task.advance(len(rows))
+    task.close()
+    return int(len(rows))
+
+
+def _nearest_of_both(first, second, n_query):
+    """The n_query nearest of two answers for the same rows, each row once."""
+    indices = np.concatenate([first[0], second[0].astype(first[0].dtype)], axis=1)
+    distances = np.concatenate([first[1], second[1].astype(first[1].dtype)],
+                               axis=1)
+    order = np.argsort(indices, axis=1, kind="stable")
+    ordered = np.take_along_axis(indices, order, axis=1)
+    repeated = np.zeros(indices.shape, bool)
+    np.put_along_axis(repeated, order[:, 1:], ordered[:, 1:] == ordered[:, :-1],
+                      axis=1)
+    distances[repeated] = np.inf
+    order = np.argsort(distances, axis=1, kind="stable")[:, :n_query]
+    return (np.take_along_axis(indices, order, axis=1),
+            np.take_along_axis(distances, order, axis=1))
+
+
+def _final_recall(indices, distances, sample, reference) -> tuple[float, float]:
+    """Recall bounds of the sampled rows' neighbourhoods as they will be used."""
+    _, used = _own_neighbourhood(indices[sample], distances[sample], True,
+                                 owners=sample)
+    return recall_bounds(used, reference)
 
 
 def _graph_attempts(options: SearchOptions) -> list[SearchOptions]:
@@ -486,6 +561,9 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
 def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
     """The smallest ef (growing by a quarter) whose sample recall reaches it.
 
+    The recall is that of the sampled rows the graph leads back to
+    themselves: the others are searched again after the query (see
+    ``_search_again``), and the recall of the result is measured then.
     Stops early once the predicted time of the whole query passes ``ceiling``
     (the predicted time of the exact search): a larger ef would only cost more.
     """
@@ -499,7 +577,7 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         found = _knn_query(index, queries, n_query, threads)
         per_row = (time.perf_counter() - started) / len(sample)
         recall, low = (0.0, 0.0) if found is None else _sample_recall(
-            found, sample, reference)
+            found, sample, reference, reached_only=True)
         too_slow = ceiling is not None and per_row * len(X) > ceiling
         # A sparse graph caps the recall: past 8 k, a step that gains under
         # PLATEAU says a larger ef will not get there.
@@ -511,16 +589,22 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
 
-def _sample_recall(found, sample, reference) -> tuple[float, float]:
+def _sample_recall(found, sample, reference, reached_only=False
+                   ) -> tuple[float, float]:
     """Recall bounds of the neighbourhoods as they will be used.
 
     A point the graph cannot reach does not come back in its own results; the
     neighbourhood used puts it back in front (dropping the farthest result),
-    so the sample is scored the same way.
+    so the sample is scored the same way. ``reached_only``: only the rows
+    that came back (or a duplicate, at distance 0) in their own results.
     """
     labels, squared = found
-    _, distances = _own_neighbourhood(labels, np.sqrt(np.maximum(squared, 0.0)),
-                                      True, owners=sample)
+    distances = np.sqrt(np.maximum(squared, 0.0))
+    if reached_only and (distances[:, 0] == 0).any():
+        reached = distances[:, 0] == 0
+        labels, distances = labels[reached], distances[reached]
+        sample, reference = sample[reached], reference[reached]
+    _, distances = _own_neighbourhood(labels, distances, True, owners=sample)
     return recall_bounds(distances, reference)
 
 

@@ -285,10 +285,13 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     details = result.neighbours.details
     search = result.neighbours.method
     if search == "hnsw":
+        again = details.get("searched_again", 0)
         search += (f" (M={details['M']}, ef_construction="
                    f"{details['ef_construction']}, ef={details['ef']}, "
                    f"sample recall {details['sample_recall']:.3f}, at least "
-                   f"{floor_text(details['sample_recall_low'])})")
+                   f"{floor_text(details['sample_recall_low'])}"
+                   + (f"; {again:,} rows the graph did not lead back to "
+                      "themselves searched again" if again else "") + ")")
     elif "ef" in details:  # a graph was tried: the note below says why not
         search += " (instead of the graph)"
     else:
