@@ -469,3 +469,12 @@ def test_features_beyond_float32_search_exactly_or_refuse_the_graph(tmp_path, rn
     assert run.code == 1
     assert "hnswlib's float32 distances" in run.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "h.parquet").exists()
+
+
+def test_rows_searched_again_read_in_the_right_number():
+    from vbsw_cli.cli.weigh import _searched_again
+
+    assert _searched_again(0) == ""
+    assert _searched_again(1) == ("; searched again: 1 row the graph did not "
+                                  "lead back to")
+    assert _searched_again(12_345).startswith("; searched again: 12,345 rows")

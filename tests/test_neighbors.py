@@ -256,6 +256,7 @@ def test_a_clear_low_contrast_is_told_from_part_of_the_sample(rng, monkeypatch):
         return real(X, n_query, options, progress, rows=rows, prepared=prepared)
 
     monkeypatch.setattr(search, "exact_search", counting)
+    monkeypatch.setattr(search, "CHEAP_EXACT_SECONDS", 0.0)
     options = SearchOptions(exact_below=500, sample_size=400, threads=1)
     noise = rng.normal(size=(3000, 48))
     found = search.nearest_neighbours(noise, 10, options=options)
@@ -272,21 +273,55 @@ def test_a_clear_low_contrast_is_told_from_part_of_the_sample(rng, monkeypatch):
     assert found.details["relative_contrast"] > search.HARD_CONTRAST
 
 
-def test_relative_contrast_and_its_error(rng):
-    """Against a direct computation; the error shrinks with the sample."""
-    from vbsw_cli.neighbors import relative_contrast
+def test_relative_contrast_is_a_median_that_outliers_do_not_move(rng):
+    """Against a direct computation; far outliers, in the sample or among the
+    random partners, leave it where it was."""
+    from vbsw_cli.neighbors import PARTNERS, relative_contrast
 
-    X = rng.normal(size=(2000, 16))
+    centres = rng.normal(size=(20, 16)) * 10
+    X = centres[rng.integers(20, size=2000)] + rng.normal(size=(2000, 16))
     sample = np.arange(0, 2000, 4)
     reference = brute_force(X, 5, sample)[1]
-    contrast, error = relative_contrast(X, sample, reference,
-                                        np.random.default_rng(1))
-    partners = np.random.default_rng(1).integers(len(X), size=len(sample))
-    spread = np.linalg.norm(X[sample] - X[partners], axis=1)
-    assert contrast == pytest.approx(spread.mean() / reference[:, -1].mean())
-    _, error_of_fewer = relative_contrast(X, sample[:50], reference[:50],
-                                          np.random.default_rng(1))
-    assert 0 < error < error_of_fewer
+    contrast = relative_contrast(X, sample, reference, np.random.default_rng(1))
+    partners = np.random.default_rng(1).integers(2000, size=(len(sample),
+                                                              PARTNERS))
+    spread = np.linalg.norm(X[sample][:, None] - X[partners], axis=-1)
+    direct = np.median(np.median(spread, axis=1) / reference[:, -1])
+    assert contrast == pytest.approx(direct)
+
+    X[rng.choice(2000, size=20, replace=False)] *= 1e4
+    reference = brute_force(X, 5, sample)[1]
+    with_outliers = relative_contrast(X, sample, reference,
+                                      np.random.default_rng(1))
+    assert with_outliers == pytest.approx(contrast, rel=0.1)
+
+
+def test_far_outliers_do_not_make_clustered_rows_look_hard(rng, monkeypatch):
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(50, 32)) * 3
+    X = centres[rng.integers(50, size=3000)] + 0.3 * rng.normal(size=(3000, 32))
+    X[:30] *= 1e4  # 1%: a few of them in any sample
+    monkeypatch.setattr(search, "CHEAP_EXACT_SECONDS", 0.0)
+    options = SearchOptions(exact_below=500, sample_size=400, threads=1)
+    found = search.nearest_neighbours(X, 10, options=options)
+    assert found.details["relative_contrast"] > 2 * search.HARD_CONTRAST
+    assert "relative contrast" not in found.details.get("reason", "")
+
+
+def test_an_exact_search_cheaper_than_a_graph_runs_at_once(rng, monkeypatch):
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(20, 8)) * 10
+    X = centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 8))
+    options = SearchOptions(exact_below=500, sample_size=400, threads=1)
+    monkeypatch.setattr(search, "CHEAP_EXACT_SECONDS", 1e9)
+    found = search.nearest_neighbours(X, 10, options=options)
+    assert found.method == "exact"
+    assert "less than a graph would take" in found.details["reason"]
+    monkeypatch.setattr(search, "CHEAP_EXACT_SECONDS", 0.0)
+    assert search.nearest_neighbours(X, 10, options=options).method == "hnsw"
+
 
 
 @pytest.mark.parametrize("options, words", [
@@ -299,3 +334,11 @@ def test_search_options_are_refused_by_the_public_check(options, words):
     check_search_options(SearchOptions())
     with pytest.raises(UsageError, match=words):
         check_search_options(options)
+
+
+def test_durations_are_printed_apart():
+    from vbsw_cli.neighbors import seconds_apart
+
+    assert seconds_apart(0.84, 0.79) == ("0.84", "0.79")
+    assert seconds_apart(12.34, 4.5) == ("12.3", "4.5")
+    assert seconds_apart(0.8004, 0.8001) == ("0.800", "0.800")

@@ -99,6 +99,8 @@ class ExactSearch:
         self.X = X
         self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
         self._columns: dict = {}
+        # Where a caller searches X with a tree instead, it keeps it here.
+        self.tree = None
 
     def neighbours(self, n_query: int, *, rows: np.ndarray | None = None,
                    threads: int = 1, advance=None

@@ -49,18 +49,24 @@ EF_LIMIT = 1024
 EF_GROWTH = 1.25
 PLATEAU = 0.002
 
-# Relative contrast: the mean distance between random points over the mean
-# distance to the k-th neighbour. Near 1, distances concentrate and a graph
-# search needs a very large ef (about 1.3 for 64-dimensional Gaussian noise,
-# against 2 for the digits pixels and 7 for clustered embeddings). Below
-# HARD_CONTRAST, when the exact search is predicted to take under
-# HARD_EXACT_SECONDS, no graph is built at all.
+# Relative contrast: for each sampled row, its distance to random rows (the
+# median over PARTNERS of them) over its distance to its k-th neighbour; the
+# median over the rows. Near 1, distances concentrate and a graph search needs
+# a very large ef (about 1.35 for 64-dimensional Gaussian noise, against 2 for
+# the digits pixels and 7 for clustered embeddings). Medians, so that a few
+# far outliers do not decide. Below HARD_CONTRAST, when the exact search is
+# predicted to take under HARD_EXACT_SECONDS, no graph is built at all.
 HARD_CONTRAST = 1.45
 HARD_EXACT_SECONDS = 60.0
+PARTNERS = 8
 # The contrast is first measured on every CONTRAST_STRIDE-th sampled row; when
-# it lies below HARD_CONTRAST by three standard errors, the rest of the sample
-# is not searched (on 50,000 x 64 Gaussian noise that saves about 0.2 s).
+# clearly more than half of them (by three standard deviations of a fair
+# coin's count) lie below HARD_CONTRAST, the rest of the sample is not
+# searched (on 50,000 x 64 Gaussian noise that saves about 0.2 s).
 CONTRAST_STRIDE = 8
+# An exact search predicted to take under CHEAP_EXACT_SECONDS is run at once:
+# building, tuning and querying a graph would take longer.
+CHEAP_EXACT_SECONDS = 1.0
 
 # When a graph misses the recall, exact search replaces it if it is predicted
 # to take under a minute or under EXACT_PATIENCE times what the graph cost;
@@ -261,11 +267,14 @@ def exact_search(X: np.ndarray, n_query: int, options: SearchOptions,
     """
     threads = thread_count(options.threads)
     blocked = prepared or ExactSearch(X)
-    tree = _tree(X, n_query, threads, blocked, probe=rows is None)
+    # A sample's few rows go to the tree on one thread: joblib's start would
+    # outweigh them (and spoil the time that predicts the whole search).
+    tree = _tree(X, n_query, threads if rows is None else 1, blocked,
+                 probe=rows is None)
     task = progress.task("exact search", len(X)) if rows is None else None
     queries = X if rows is None else X[rows]
     if tree is not None:
-        found = _tree_search(tree, queries, task)
+        found = _tree_search(tree, queries, n_query, task)
     else:
         found = blocked.neighbours(n_query, rows=rows, threads=threads,
                                    advance=task.advance if task else None)
@@ -288,10 +297,7 @@ def _tree(X, n_query, threads, blocked, probe):
     if len(X) <= TREE_ROWS or X.shape[1] > (PROBE_DIMENSIONS if probe
                                             else TREE_DIMENSIONS):
         return None
-    from sklearn.neighbors import NearestNeighbors
-
-    tree = NearestNeighbors(n_neighbors=n_query, algorithm="kd_tree",
-                            n_jobs=threads).fit(X)
+    tree = _fitted_tree(X, blocked, threads)
     if _tree_only(X):
         return tree
     rows = np.linspace(0, len(X) - 1, RECALL_SAMPLE).astype(np.int64)
@@ -302,19 +308,27 @@ def _tree(X, n_query, threads, blocked, probe):
     # them): its time per row has no fixed part, and it is slow where it loses.
     rows = rows[::len(rows) // TREE_PROBE_ROWS]
     started = time.perf_counter()
-    tree.set_params(n_jobs=1).kneighbors(X[rows])
+    tree.set_params(n_jobs=1).kneighbors(X[rows], n_query)
     by_tree = (time.perf_counter() - started) / len(rows) / threads
     return tree.set_params(n_jobs=threads) if by_tree < per_row else None
 
 
-def _tree_search(tree, queries, task):
+def _fitted_tree(X, blocked, threads):
+    """scikit-learn's k-d tree of X, fitted once for the searches of X."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if blocked.tree is None:
+        blocked.tree = NearestNeighbors(algorithm="kd_tree").fit(X)
+    return blocked.tree.set_params(n_jobs=threads)
+
+
+def _tree_search(tree, queries, n_query, task):
     """A k-d tree's neighbours of queries by chunks, so that progress moves."""
-    n_query = tree.n_neighbors
     indices = np.empty((len(queries), n_query), dtype=np.int64)
     distances = np.empty((len(queries), n_query), dtype=np.float64)
     for start, stop in chunks(len(queries), QUERY_CHUNK):
         distances[start:stop], indices[start:stop] = tree.kneighbors(
-            queries[start:stop])
+            queries[start:stop], n_query)
         if task:
             task.advance(stop - start)
     return indices, distances
@@ -342,21 +356,22 @@ def _approximate_or_exact(X, n_query, options, progress):
     reference = np.empty((len(sample), n_query), np.float64)
     seconds = _timed_reference(X, prepared, n_query, options, sample,
                                first, reference)
-    contrast, error = relative_contrast(X, sample[first], reference[first], rng)
-    predicted_exact = _predicted_exact(X, seconds / first.sum())
-    if options.method == "auto" and contrast + 3 * error < HARD_CONTRAST \
-            and predicted_exact < HARD_EXACT_SECONDS:
-        return _hard_case(X, prepared, n_query, options, progress, contrast,
-                          predicted_exact)
+    ratios = contrast_ratios(X, sample[first], reference[first], rng)
+    predicted_exact = _predicted_exact(X, seconds / first.sum(), options)
+    reason = _exact_at_once(options, ratios, predicted_exact, part=True)
+    if reason:
+        return _exact_first(X, prepared, n_query, options, progress, reason,
+                            float(np.median(ratios)))
 
     seconds += _timed_reference(X, prepared, n_query, options, sample,
                                 ~first, reference)
-    contrast, _ = relative_contrast(X, sample, reference, rng)
-    predicted_exact = _predicted_exact(X, seconds / len(sample))
-    if options.method == "auto" and contrast < HARD_CONTRAST \
-            and predicted_exact < HARD_EXACT_SECONDS:
-        return _hard_case(X, prepared, n_query, options, progress, contrast,
-                          predicted_exact)
+    ratios = contrast_ratios(X, sample, reference, rng)
+    contrast = float(np.median(ratios))
+    predicted_exact = _predicted_exact(X, seconds / len(sample), options)
+    reason = _exact_at_once(options, ratios, predicted_exact, part=False)
+    if reason:
+        return _exact_first(X, prepared, n_query, options, progress, reason,
+                            contrast)
     del prepared  # the graph needs the memory more
 
     details = {"recall_sample": int(len(sample)), "relative_contrast": contrast,
@@ -376,9 +391,10 @@ def _approximate_or_exact(X, n_query, options, progress):
                        predicted_query_s=predicted_hnsw)
         spent += details["build_s"] + predicted_hnsw
         if ceiling is not None and predicted_hnsw > ceiling:
-            reason = (f"hnswlib at ef={ef} (recall {recall:.3f}, predicted "
-                      f"{predicted_hnsw:.1f} s) is slower than exact search "
-                      f"(predicted {ceiling:.1f} s)")
+            graph_s, exact_s = seconds_apart(predicted_hnsw, ceiling)
+            reason = (f"hnswlib at ef={ef} (recall {floor_text(recall)}, "
+                      f"predicted {graph_s} s) is slower than exact search "
+                      f"(predicted {exact_s} s)")
             return _exact_instead(X, n_query, options, progress, details, reason)
         if low >= options.recall or options.ef is not None:
             break
@@ -434,21 +450,40 @@ def _timed_reference(X, prepared, n_query, options, sample, chosen, reference
     return time.perf_counter() - started
 
 
-def _predicted_exact(X, per_row: float) -> float:
+def _predicted_exact(X, per_row: float, options: SearchOptions) -> float:
     """Seconds the exact search of every row should take, from the time per
     sampled row."""
-    if _tree_only(X):
-        return per_row * len(X)
+    if _tree_only(X):  # the sample ran on one thread, the whole on all
+        return per_row * len(X) / thread_count(options.threads)
     # The sample was searched by blocked products, which do the whole set
     # faster per row (where a probe then picks a tree, faster still).
     return per_row * len(X) / SELF_JOIN_SPEED_UP
 
 
-def _hard_case(X, prepared, n_query, options, progress, contrast, predicted_exact):
-    """Exact search where distances concentrate too much for a graph."""
-    reason = (f"relative contrast {contrast:.2f} < {HARD_CONTRAST}: a graph "
-              f"would need a huge ef; exact search predicted "
-              f"{predicted_exact:.1f} s")
+def _exact_at_once(options, ratios, predicted_exact, part) -> str | None:
+    """Why the exact search should run without trying a graph, if it should.
+
+    ``part``: the ratios come from part of the sample, so a low contrast must
+    be clear: more rows under HARD_CONTRAST than a fair coin would give by
+    three standard deviations.
+    """
+    if options.method != "auto":
+        return None
+    if predicted_exact < CHEAP_EXACT_SECONDS:
+        return (f"exact search predicted {predicted_exact:.2f} s, less than "
+                "a graph would take")
+    below = int((ratios < HARD_CONTRAST).sum())
+    clear = len(ratios) / 2 + 1.5 * np.sqrt(len(ratios)) if part \
+        else len(ratios) / 2
+    if below > clear and predicted_exact < HARD_EXACT_SECONDS:
+        return (f"relative contrast {np.median(ratios):.2f} < {HARD_CONTRAST}: "
+                f"a graph would need a huge ef; exact search predicted "
+                f"{predicted_exact:.1f} s")
+    return None
+
+
+def _exact_first(X, prepared, n_query, options, progress, reason, contrast):
+    """The exact search, chosen before any graph was built."""
     indices, distances = exact_search(X, n_query, options, progress,
                                       prepared=prepared)
     return indices, distances, "exact", {"reason": reason,
@@ -525,20 +560,20 @@ def _exact_instead(X, n_query, options, progress, details, reason):
     return indices, distances, "exact", {**details, "reason": reason}
 
 
-def relative_contrast(X, sample, reference, rng) -> tuple[float, float]:
-    """Mean distance to a random row over mean distance to the k-th neighbour,
-    and the standard error of that ratio over the sampled rows."""
-    partners = rng.integers(len(X), size=len(sample))
-    spread = np.sqrt(((X[sample].astype(np.float64) - X[partners]) ** 2).sum(1))
+def contrast_ratios(X, sample, reference, rng) -> np.ndarray:
+    """For each sampled row, its median distance to PARTNERS random rows over
+    its distance to its k-th neighbour (inf where that is 0)."""
+    partners = rng.integers(len(X), size=(len(sample), PARTNERS))
+    rows = X[sample].astype(np.float64)[:, None, :]
+    spread = np.median(np.sqrt(((rows - X[partners]) ** 2).sum(-1)), axis=1)
     kth = reference[:, -1]
-    if kth.mean() <= 0:
-        return float("inf"), 0.0
-    contrast = spread.mean() / kth.mean()
-    # First-order error of a ratio of means: the spread of spread - c * kth.
-    residual = (spread - contrast * kth) / kth.mean()
-    error = residual.std(ddof=1) / np.sqrt(len(sample)) if len(sample) > 1 \
-        else float("inf")
-    return float(contrast), float(error)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(kth > 0, spread / np.where(kth > 0, kth, 1), np.inf)
+
+
+def relative_contrast(X, sample, reference, rng) -> float:
+    """The median over sampled rows of :func:`contrast_ratios`."""
+    return float(np.median(contrast_ratios(X, sample, reference, rng)))
 
 
 def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
@@ -687,6 +722,15 @@ def _hits(found: np.ndarray, reference: np.ndarray) -> np.ndarray:
     radius = reference.max(axis=1, keepdims=True)
     tolerance = 1e-5 * np.maximum(radius, 1e-12)
     return found <= radius + tolerance
+
+
+def seconds_apart(first: float, second: float) -> tuple[str, str]:
+    """Two durations with as many decimals (one to three) as tell them apart."""
+    for digits in (1, 2):
+        texts = f"{first:.{digits}f}", f"{second:.{digits}f}"
+        if texts[0] != texts[1]:
+            return texts
+    return f"{first:.3f}", f"{second:.3f}"
 
 
 def floor_text(value: float, digits: int = 3) -> str:

@@ -278,6 +278,13 @@ def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
     return given
 
 
+def _searched_again(count: int) -> str:
+    if not count:
+        return ""
+    rows = "1 row" if count == 1 else f"{count:,} rows"
+    return f"; searched again: {rows} the graph did not lead back to"
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
              check_recall, include_self, graph_given):
     if reporter.quiet:
@@ -285,13 +292,11 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     details = result.neighbours.details
     search = result.neighbours.method
     if search == "hnsw":
-        again = details.get("searched_again", 0)
         search += (f" (M={details['M']}, ef_construction="
                    f"{details['ef_construction']}, ef={details['ef']}, "
-                   f"sample recall {details['sample_recall']:.3f}, at least "
-                   f"{floor_text(details['sample_recall_low'])}"
-                   + (f"; {again:,} rows the graph did not lead back to "
-                      "themselves searched again" if again else "") + ")")
+                   f"sample recall {floor_text(details['sample_recall'])}, "
+                   f"at least {floor_text(details['sample_recall_low'])}"
+                   f"{_searched_again(details.get('searched_again', 0))})")
     elif "ef" in details:  # a graph was tried: the note below says why not
         search += " (instead of the graph)"
     else:
