@@ -234,6 +234,30 @@ def test_error_nan_features_and_infinite_labels(tmp_path, rng):
     _fails(tmp_path, [bad], 1, "label column 'label'", "row 5")
 
 
+def _numeric_columns(path, X, **extra):
+    """A Parquet file with the columns of ``X`` as x0, x1, ... and labels."""
+    columns = {f"x{j}": X[:, j] for j in range(X.shape[1])}
+    pq.write_table(pa.table({**columns, **extra}), path)
+    return path
+
+
+def test_error_nan_in_numeric_columns_names_the_first_bad_values_column(
+        tmp_path, rng):
+    X = rng.random((500, 8))
+    X[411, 3] = np.nan
+    path = _numeric_columns(tmp_path / "f.parquet", X,
+                            label=rng.integers(3, size=500))
+    line = _fails(tmp_path, [path, "--feature-columns", "x*"], 1)
+    assert line.endswith("f.parquet: feature column 'x3' has NaN or infinite "
+                         "values in 1 row (first: row 411)"), line
+    X[[30, 30, 411], [6, 2, 3]] = [np.inf, np.nan, np.nan]
+    path = _numeric_columns(tmp_path / "f.parquet", X,
+                            label=rng.integers(3, size=500))
+    line = _fails(tmp_path, [path, "--feature-columns", "x*"], 1)
+    assert line.endswith("feature column 'x2' has NaN or infinite values in 1 "
+                         "row (first: row 30); also in 2 other columns"), line
+
+
 
 @pytest.mark.parametrize("bad_row, words", [
     (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),

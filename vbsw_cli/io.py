@@ -263,7 +263,7 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
         X = list_column_matrix(table.column(column), name, column)
 
     X = _as_float(X)
-    check_finite(X, name, ", ".join(used), "feature")
+    check_finite(X, name, used if columns else column, "feature")
     return X, used
 
 
@@ -445,16 +445,33 @@ def _as_float(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float64)
 
 
-def check_finite(X: np.ndarray, name: str, column: str, role: str) -> None:
-    """Refuse NaN or infinite values, naming the first bad row."""
+def check_finite(X: np.ndarray, name: str, column: str | Sequence[str],
+                 role: str) -> None:
+    """Refuse NaN or infinite values, naming the first bad row.
+
+    ``column`` is the name of the column ``X`` came from, or one name per
+    column of ``X`` (several numeric columns): the message then names the
+    column of the first bad value, and counts the other bad columns.
+    """
     finite = np.isfinite(X)
     if finite.all():
         return
-    rows = ~finite.reshape(len(X), -1).all(axis=1)
-    first = int(np.argmax(rows))
+    bad, also = ~finite.reshape(len(X), -1), ""
+    if not isinstance(column, str):
+        column, bad, also = _first_bad_column(bad, column)
+    rows = bad.any(axis=1)
     raise DataError(f"{describe(name)}: {role} column '{column}' has NaN or "
                     f"infinite values in {counted(int(rows.sum()), 'row')} "
-                    f"(first: row {first})")
+                    f"(first: row {int(np.argmax(rows))}){also}")
+
+
+def _first_bad_column(bad: np.ndarray, columns: Sequence[str]):
+    """The name and the bad values of the column of the first bad value
+    (row by row), and a note of how many other columns have some."""
+    at = int(np.argmax(bad[int(np.argmax(bad.any(axis=1)))]))
+    others = int(bad.any(axis=0).sum()) - 1
+    also = f"; also in {counted(others, 'other column')}" if others else ""
+    return columns[at], bad[:, at:at + 1], also
 
 
 # ---------------------------------------------------------------------------
