@@ -258,6 +258,18 @@ def test_error_nan_in_numeric_columns_names_the_first_bad_values_column(
                          "row (first: row 30); also in 2 other columns"), line
 
 
+def test_error_nulls_in_numeric_columns_name_the_first_row_of_any(tmp_path, rng):
+    nulls = {"x1": 100, "x3": 5, "x6": 5}
+    columns = {name: pa.array(rng.random(500),
+                              mask=np.arange(500) == nulls.get(name, -1))
+               for name in [f"x{j}" for j in range(8)]}
+    pq.write_table(pa.table({**columns, "label": rng.integers(3, size=500)}),
+                   tmp_path / "f.parquet")
+    line = _fails(tmp_path, [tmp_path / "f.parquet", "--feature-columns", "x*"], 1)
+    assert line.endswith("f.parquet: column 'x3' has 1 missing value (first: "
+                         "row 5); also in 2 other columns"), line
+
+
 
 @pytest.mark.parametrize("bad_row, words", [
     (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),

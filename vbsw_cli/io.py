@@ -250,8 +250,7 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     if columns:
         used = expand_columns(table, columns, name, "feature", skip=exclude)
         _refuse_overlap(used, exclude, name)
-        parts = [_numeric_column(table.column(c), name, c) for c in used]
-        X = np.column_stack(parts)
+        X = np.column_stack(_numeric_columns(table, used, name))
     else:
         column = column or DEFAULT_FEATURES
         _refuse_overlap([column], exclude, name)
@@ -294,7 +293,7 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str, *,
         raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
                         "expected a list of numbers per row")
     if chunked.null_count:
-        first = first_row + pc.index(chunked.is_null(), True).as_py()
+        first = first_row + _first_null(chunked)
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{counted(chunked.null_count, 'empty (null) row')} "
                         f"(first: row {first})")
@@ -414,13 +413,33 @@ def _is_list(kind: pa.DataType) -> bool:
 
 def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str,
                     first_row: int = 0) -> np.ndarray:
+    _require_numbers(chunked, name, column)
+    refuse_nulls(chunked, name, f"column '{column}'", first_row)
+    return to_numpy(chunked)
+
+
+def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str
+                     ) -> list[np.ndarray]:
+    """Several numeric columns as arrays; missing values are named by the
+    first row that has one in any of them."""
+    chunked = [table.column(c) for c in columns]
+    for values, column in zip(chunked, columns):
+        _require_numbers(values, name, column)
+    missing = [(_first_null(values), at) for at, values in enumerate(chunked)
+               if values.null_count]
+    if missing:
+        at = min(missing)[1]
+        refuse_nulls(chunked[at], name, f"column '{columns[at]}'",
+                     others=len(missing) - 1)
+    return [to_numpy(values) for values in chunked]
+
+
+def _require_numbers(chunked: pa.ChunkedArray, name: str, column: str) -> None:
     kind = chunked.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
             or pa.types.is_boolean(kind)):
         raise DataError(f"{describe(name)}: feature column '{column}' holds "
                         f"{kind}, expected numbers")
-    refuse_nulls(chunked, name, f"column '{column}'", first_row)
-    return to_numpy(chunked)
 
 
 def counted(count: int, noun: str) -> str:
@@ -429,14 +448,27 @@ def counted(count: int, noun: str) -> str:
 
 
 def refuse_nulls(chunked: pa.ChunkedArray, name: str, what: str,
-                 first_row: int = 0) -> None:
-    """Refuse a column with missing values, naming the first one's row."""
+                 first_row: int = 0, others: int = 0) -> None:
+    """Refuse a column with missing values, naming the first one's row.
+
+    ``others``: how many other columns have some too (said after it).
+    """
     if not chunked.null_count:
         return
-    first = first_row + pc.index(chunked.is_null(), True).as_py()
+    first = first_row + _first_null(chunked)
     raise DataError(f"{describe(name)}: {what} has "
                     f"{counted(chunked.null_count, 'missing value')} "
-                    f"(first: row {first})")
+                    f"(first: row {first}){_also(others)}")
+
+
+def _first_null(chunked: pa.ChunkedArray) -> int:
+    """The row of a column's first missing value (it has one)."""
+    return pc.index(chunked.is_null(), True).as_py()
+
+
+def _also(others: int) -> str:
+    """``; also in 2 other columns``, or nothing for none."""
+    return f"; also in {counted(others, 'other column')}" if others else ""
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:
@@ -470,8 +502,7 @@ def _first_bad_column(bad: np.ndarray, columns: Sequence[str]):
     (row by row), and a note of how many other columns have some."""
     at = int(np.argmax(bad[int(np.argmax(bad.any(axis=1)))]))
     others = int(bad.any(axis=0).sum()) - 1
-    also = f"; also in {counted(others, 'other column')}" if others else ""
-    return columns[at], bad[:, at:at + 1], also
+    return columns[at], bad[:, at:at + 1], _also(others)
 
 
 # ---------------------------------------------------------------------------
