@@ -270,6 +270,36 @@ def test_error_nulls_in_numeric_columns_name_the_first_row_of_any(tmp_path, rng)
                          "row 5); also in 2 other columns"), line
 
 
+@pytest.mark.parametrize("rows", [[], [[]]])
+def test_error_a_list_column_of_empty_rows_is_refused(tmp_path, rng, rows):
+    features = pa.array([rows] * 500, type=pa.list_(pa.float32()) if not rows
+                        else pa.list_(pa.list_(pa.float32())))
+    pq.write_table(pa.table({"features": features,
+                             "label": rng.integers(3, size=500)}),
+                   tmp_path / "f.parquet")
+    line = _fails(tmp_path, [tmp_path / "f.parquet"], 1)
+    assert line.endswith("f.parquet: column 'features' has no values per row "
+                         "(width 0)"), line
+
+
+@pytest.mark.parametrize("shape", [(500, 0), (500, 3, 0), (0, 0)])
+def test_error_an_npy_of_no_values_per_row_is_refused(tmp_path, rng, shape):
+    np.save(tmp_path / "x.npy", np.zeros(shape))
+    np.save(tmp_path / "y.npy", rng.integers(3, size=shape[0]))
+    line = _fails(tmp_path, [tmp_path / "x.npy", "--labels", tmp_path / "y.npy"],
+                  1)
+    assert line.endswith(f"x.npy: the array of shape {shape} has no values per "
+                         "row (width 0)"), line
+
+
+def test_error_an_npy_of_no_rows_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((0, 5)))
+    np.save(tmp_path / "y.npy", np.zeros(0))
+    line = _fails(tmp_path, [tmp_path / "x.npy", "--labels", tmp_path / "y.npy"],
+                  1)
+    assert line.endswith("x.npy: the file has no rows"), line
+
+
 
 @pytest.mark.parametrize("bad_row, words", [
     (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),

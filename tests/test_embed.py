@@ -1014,6 +1014,18 @@ def test_ragged_rows_and_missing_output_folder_print_one_line(tmp_path, here):
     no_files_left(tmp_path, "f.parquet")
 
 
+def test_a_tensor_column_of_empty_rows_is_refused(tmp_path, here):
+    pq.write_table(pa.table({"image": pa.array([[]] * 20,
+                                               type=pa.list_(pa.float32()))}),
+                   tmp_path / "t.parquet")
+    run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
+               tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "t.parquet: column 'image' has no values per row "
+                  "(width 0)")
+    no_files_left(tmp_path, "f.parquet")
+
+
 
 def long_digits(path: Path, bad_row: int, bad) -> Path:
     """3,000 digit rows in row groups of 1,000; ``bad_row`` replaced by ``bad``."""

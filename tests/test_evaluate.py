@@ -351,6 +351,21 @@ def test_cli_errors(capfdbinary, tmp_path, rng, trained, make_args, code, text):
     assert not out.exists()
 
 
+def test_cli_refuses_features_of_width_0(capfdbinary, tmp_path, trained):
+    model = trained[0]
+    pq.write_table(pa.table({
+        "features": pa.array([[]] * 5, type=pa.list_(pa.float32())),
+        "kind": ["low"] * 5}), tmp_path / "empty.parquet")
+    out = tmp_path / "out.json"
+    run = vbsw(capfdbinary, "evaluate", model, tmp_path / "empty.parquet",
+               "--label", "kind", "--json", out)
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"vbsw evaluate: error: {tmp_path / 'empty.parquet'}: column "
+        "'features' has no values per row (width 0)"]
+    assert run.stdout == b"" and not out.exists()
+
+
 # ---------------------------------------------------------------------------
 # A new user's trial
 

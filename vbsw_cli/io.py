@@ -148,7 +148,11 @@ def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
                         "(integers or floats)")
     if array.ndim == 1:
         return pa.table({DEFAULT_FEATURES: array})
-    flat = np.ascontiguousarray(array.reshape(len(array), -1))
+    width = int(np.prod(array.shape[1:]))
+    if width == 0:
+        raise DataError(f"{name}: the array of shape {array.shape} has no values "
+                        "per row (width 0)")
+    flat = np.ascontiguousarray(array.reshape(len(array), width))
     return pa.table({DEFAULT_FEATURES: fixed_size_list(flat)})
 
 
@@ -337,6 +341,9 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int,
         bad = int(np.argmax(lengths != width))
         _different_widths(name, column, (width, where),
                           (int(lengths[bad]), offset + bad))
+    if width == 0:
+        raise DataError(f"{describe(name)}: column '{column}' has no values per "
+                        "row (width 0)")
     values = pc.list_flatten(array)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
             or pa.types.is_boolean(values.type)):
