@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -451,6 +453,17 @@ def test_output_path_problems_are_named_before_any_work(tmp_path, small):
     assert run.code == 2 and "is a folder" in one_line(run)
     run = run_vbsw("weigh", small, "-o", tmp_path / "missing" / "w.parquet")
     assert run.code == 1 and "does not exist" in one_line(run)
+
+
+def test_dev_null_takes_the_output_and_the_graph(tmp_path, small):
+    """Users time a run with -o /dev/null: all the work, nothing kept."""
+    run = run_vbsw("weigh", small, "--k", "5", "-o", os.devnull,
+                   "--graph", os.devnull)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "weight (mean 1)" in run.stderr
+    assert f"wrote {os.devnull}" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def test_huge_m_keeps_finite_weights(tmp_path, rng):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as bytes_io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -1025,6 +1026,15 @@ def test_a_tensor_column_of_empty_rows_is_refused(tmp_path, here):
                   "(width 0)")
     no_files_left(tmp_path, "f.parquet")
 
+
+
+def test_dev_null_takes_the_output(tmp_path, here):
+    run = here("embed", BACKBONE, TEST, "-o", os.devnull)
+
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert f"wrote {os.devnull}" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def long_digits(path: Path, bad_row: int, bad) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -224,6 +226,17 @@ def test_cli_evaluates_a_head_with_string_labels(trained):
     for name, value in expected.items():
         assert result["metrics"][name] == pytest.approx(value, abs=1e-5)
     assert "accuracy" in run.stderr and "macro_f1" in run.stderr
+
+
+def test_cli_dev_null_takes_the_predictions_and_the_record(capfdbinary,
+                                                          trained):
+    model, data, _, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", os.devnull, "--json", os.devnull)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "accuracy" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def test_cli_predictions_round_trip(capfdbinary, tmp_path, trained):

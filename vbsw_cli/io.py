@@ -8,7 +8,8 @@ Conventions (see DESIGN.md):
   equal width) or several numeric columns;
 * labels are one or more columns, kept as they were in every output;
 * outputs are written atomically (a temporary file beside the target, then a
-  rename) and carry their provenance in the Parquet key-value metadata.
+  rename) and carry their provenance in the Parquet key-value metadata; the
+  null device (``-o /dev/null``, to time a run) is written directly.
 """
 
 from __future__ import annotations
@@ -685,8 +686,13 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     """Yield a temporary path beside ``path``; rename it into place on success.
 
     On any error, or an interrupt, the temporary file is removed and ``path`` is
-    left as it was. Refuses to overwrite one of the ``inputs``.
+    left as it was. Refuses to overwrite one of the ``inputs``. The null
+    device is yielded itself: nothing can be renamed onto it.
     """
+    if is_devnull(path):
+        yield os.devnull
+        check_stop()
+        return
     target = Path(path)
     _refuse_input_overwrite(target, inputs)
     folder = target.parent if str(target.parent) else Path(".")
@@ -713,6 +719,13 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
         if isinstance(error, OSError) and not isinstance(error, BrokenPipeError):
             raise DataError(f"{target}: cannot write ({error.strerror or error})")
         raise
+
+
+def is_devnull(path: str | os.PathLike | None) -> bool:
+    """Whether an output path is the null device (``-o /dev/null``)."""
+    if path is None or str(path) in ("", STDIO):
+        return False
+    return os.path.realpath(path) == os.devnull
 
 
 def check_output_path(path: str | None, option: str) -> None:
@@ -862,10 +875,13 @@ def write_array(array: np.ndarray, path: str | os.PathLike, *,
 
 
 def output_kind(path: str | os.PathLike, default: str = "parquet") -> str:
-    """``"npy"`` or ``"parquet"`` from an output path's suffix."""
+    """``"npy"`` or ``"parquet"`` from an output path's suffix; ``default``
+    for stdout and the null device."""
+    if str(path) == STDIO or is_devnull(path):
+        return default
     suffix = Path(str(path)).suffix.lower()
     if suffix == ".npy":
         return "npy"
-    if suffix in (".parquet", ".pq") or str(path) == STDIO:
-        return default if str(path) == STDIO else "parquet"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
     raise UsageError(f"-o {path}: unknown output type; use .parquet or .npy")
