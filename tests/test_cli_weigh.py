@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -234,6 +236,72 @@ def test_error_nan_features_and_infinite_labels(tmp_path, rng):
     _fails(tmp_path, [bad], 1, "label column 'label'", "row 5")
 
 
+def _numeric_columns(path, X, **extra):
+    """A Parquet file with the columns of ``X`` as x0, x1, ... and labels."""
+    columns = {f"x{j}": X[:, j] for j in range(X.shape[1])}
+    pq.write_table(pa.table({**columns, **extra}), path)
+    return path
+
+
+def test_error_nan_in_numeric_columns_names_the_first_bad_values_column(
+        tmp_path, rng):
+    X = rng.random((500, 8))
+    X[411, 3] = np.nan
+    path = _numeric_columns(tmp_path / "f.parquet", X,
+                            label=rng.integers(3, size=500))
+    line = _fails(tmp_path, [path, "--feature-columns", "x*"], 1)
+    assert line.endswith("f.parquet: feature column 'x3' has NaN or infinite "
+                         "values in 1 row (first: row 411)"), line
+    X[[30, 30, 411], [6, 2, 3]] = [np.inf, np.nan, np.nan]
+    path = _numeric_columns(tmp_path / "f.parquet", X,
+                            label=rng.integers(3, size=500))
+    line = _fails(tmp_path, [path, "--feature-columns", "x*"], 1)
+    assert line.endswith("feature column 'x2' has NaN or infinite values in 1 "
+                         "row (first: row 30); also in 2 other columns"), line
+
+
+def test_error_nulls_in_numeric_columns_name_the_first_row_of_any(tmp_path, rng):
+    nulls = {"x1": 100, "x3": 5, "x6": 5}
+    columns = {name: pa.array(rng.random(500),
+                              mask=np.arange(500) == nulls.get(name, -1))
+               for name in [f"x{j}" for j in range(8)]}
+    pq.write_table(pa.table({**columns, "label": rng.integers(3, size=500)}),
+                   tmp_path / "f.parquet")
+    line = _fails(tmp_path, [tmp_path / "f.parquet", "--feature-columns", "x*"], 1)
+    assert line.endswith("f.parquet: column 'x3' has 1 missing value (first: "
+                         "row 5); also in 2 other columns"), line
+
+
+@pytest.mark.parametrize("rows", [[], [[]]])
+def test_error_a_list_column_of_empty_rows_is_refused(tmp_path, rng, rows):
+    features = pa.array([rows] * 500, type=pa.list_(pa.float32()) if not rows
+                        else pa.list_(pa.list_(pa.float32())))
+    pq.write_table(pa.table({"features": features,
+                             "label": rng.integers(3, size=500)}),
+                   tmp_path / "f.parquet")
+    line = _fails(tmp_path, [tmp_path / "f.parquet"], 1)
+    assert line.endswith("f.parquet: column 'features' has no values per row "
+                         "(width 0)"), line
+
+
+@pytest.mark.parametrize("shape", [(500, 0), (500, 3, 0), (0, 0)])
+def test_error_an_npy_of_no_values_per_row_is_refused(tmp_path, rng, shape):
+    np.save(tmp_path / "x.npy", np.zeros(shape))
+    np.save(tmp_path / "y.npy", rng.integers(3, size=shape[0]))
+    line = _fails(tmp_path, [tmp_path / "x.npy", "--labels", tmp_path / "y.npy"],
+                  1)
+    assert line.endswith(f"x.npy: the array of shape {shape} has no values per "
+                         "row (width 0)"), line
+
+
+def test_error_an_npy_of_no_rows_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((0, 5)))
+    np.save(tmp_path / "y.npy", np.zeros(0))
+    line = _fails(tmp_path, [tmp_path / "x.npy", "--labels", tmp_path / "y.npy"],
+                  1)
+    assert line.endswith("x.npy: the file has no rows"), line
+
+
 
 @pytest.mark.parametrize("bad_row, words", [
     (1000, "(3 in row 0, 2 in row 1000)"), (1005, "(3 in row 0, 2 in row 1005)"),
@@ -385,6 +453,17 @@ def test_output_path_problems_are_named_before_any_work(tmp_path, small):
     assert run.code == 2 and "is a folder" in one_line(run)
     run = run_vbsw("weigh", small, "-o", tmp_path / "missing" / "w.parquet")
     assert run.code == 1 and "does not exist" in one_line(run)
+
+
+def test_dev_null_takes_the_output_and_the_graph(tmp_path, small):
+    """Users time a run with -o /dev/null: all the work, nothing kept."""
+    run = run_vbsw("weigh", small, "--k", "5", "-o", os.devnull,
+                   "--graph", os.devnull)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "weight (mean 1)" in run.stderr
+    assert f"wrote {os.devnull}" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def test_huge_m_keeps_finite_weights(tmp_path, rng):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as bytes_io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -1013,6 +1014,27 @@ def test_ragged_rows_and_missing_output_folder_print_one_line(tmp_path, here):
     assert_failed(no_folder, 1, "-o", "the folder", "does not exist")
     no_files_left(tmp_path, "f.parquet")
 
+
+def test_a_tensor_column_of_empty_rows_is_refused(tmp_path, here):
+    pq.write_table(pa.table({"image": pa.array([[]] * 20,
+                                               type=pa.list_(pa.float32()))}),
+                   tmp_path / "t.parquet")
+    run = here("embed", BACKBONE, tmp_path / "t.parquet", "-o",
+               tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "t.parquet: column 'image' has no values per row "
+                  "(width 0)")
+    no_files_left(tmp_path, "f.parquet")
+
+
+
+def test_dev_null_takes_the_output(tmp_path, here):
+    run = here("embed", BACKBONE, TEST, "-o", os.devnull)
+
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert f"wrote {os.devnull}" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def long_digits(path: Path, bad_row: int, bad) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -226,6 +228,17 @@ def test_cli_evaluates_a_head_with_string_labels(trained):
     assert "accuracy" in run.stderr and "macro_f1" in run.stderr
 
 
+def test_cli_dev_null_takes_the_predictions_and_the_record(capfdbinary,
+                                                          trained):
+    model, data, _, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", os.devnull, "--json", os.devnull)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert "accuracy" in run.stderr
+    assert Path(os.devnull).is_char_device()
+
+
 def test_cli_predictions_round_trip(capfdbinary, tmp_path, trained):
     model, data, _, _ = trained
     saved = tmp_path / "pred.parquet"
@@ -349,6 +362,21 @@ def test_cli_errors(capfdbinary, tmp_path, rng, trained, make_args, code, text):
     assert len(run.stderr.strip().splitlines()) == 1
     assert run.stdout == b""
     assert not out.exists()
+
+
+def test_cli_refuses_features_of_width_0(capfdbinary, tmp_path, trained):
+    model = trained[0]
+    pq.write_table(pa.table({
+        "features": pa.array([[]] * 5, type=pa.list_(pa.float32())),
+        "kind": ["low"] * 5}), tmp_path / "empty.parquet")
+    out = tmp_path / "out.json"
+    run = vbsw(capfdbinary, "evaluate", model, tmp_path / "empty.parquet",
+               "--label", "kind", "--json", out)
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"vbsw evaluate: error: {tmp_path / 'empty.parquet'}: column "
+        "'features' has no values per row (width 0)"]
+    assert run.stdout == b"" and not out.exists()
 
 
 # ---------------------------------------------------------------------------

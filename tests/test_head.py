@@ -372,6 +372,20 @@ def test_cli_data_errors(capfdbinary, tmp_path, rng):
         assert not out.exists()
 
 
+def test_cli_refuses_features_of_width_0(capfdbinary, tmp_path, rng):
+    pq.write_table(pa.table({
+        "features": pa.array([[]] * 40, type=pa.list_(pa.float32())),
+        "label": rng.integers(3, size=40), "weight": np.ones(40)}),
+        tmp_path / "empty.parquet")
+    out = tmp_path / "h.onnx"
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "empty.parquet", "-o", out)
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"vbsw retrain-head: error: {tmp_path / 'empty.parquet'}: column "
+        "'features' has no values per row (width 0)"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, column", [
     (["--label", "features"], "features"),
     (["--feature-columns", "a0,a1", "--label", "a1"], "a1"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 from math import factorial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -349,6 +351,15 @@ def test_cli_runge_writes_points_labels_and_provenance(tmp_path):
     record = io.read_provenance(out)
     assert record["command"] == "tbs-sample"
     assert record["parameters"]["components_used"] == 3
+
+
+def test_cli_dev_null_takes_the_output():
+    run = run_vbsw("tbs-sample", "--function", "runge", "--initial", "8",
+                   "--new", "8", "--components", "3", "-o", os.devnull)
+    assert run.code == 0, run.stderr
+    assert run.stdout == b""
+    assert f"wrote {os.devnull}" in run.stderr
+    assert Path(os.devnull).is_char_device()
 
 
 def test_cli_keyword_options_are_taken_in_any_case():

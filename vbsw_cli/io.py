@@ -8,7 +8,8 @@ Conventions (see DESIGN.md):
   equal width) or several numeric columns;
 * labels are one or more columns, kept as they were in every output;
 * outputs are written atomically (a temporary file beside the target, then a
-  rename) and carry their provenance in the Parquet key-value metadata.
+  rename) and carry their provenance in the Parquet key-value metadata; the
+  null device (``-o /dev/null``, to time a run) is written directly.
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
                         "(integers or floats)")
     if array.ndim == 1:
         return pa.table({DEFAULT_FEATURES: array})
-    flat = np.ascontiguousarray(array.reshape(len(array), -1))
+    width = int(np.prod(array.shape[1:]))
+    if width == 0:
+        raise DataError(f"{name}: the array of shape {array.shape} has no values "
+                        "per row (width 0)")
+    flat = np.ascontiguousarray(array.reshape(len(array), width))
     return pa.table({DEFAULT_FEATURES: fixed_size_list(flat)})
 
 
@@ -250,8 +255,7 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     if columns:
         used = expand_columns(table, columns, name, "feature", skip=exclude)
         _refuse_overlap(used, exclude, name)
-        parts = [_numeric_column(table.column(c), name, c) for c in used]
-        X = np.column_stack(parts)
+        X = np.column_stack(_numeric_columns(table, used, name))
     else:
         column = column or DEFAULT_FEATURES
         _refuse_overlap([column], exclude, name)
@@ -263,7 +267,7 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
         X = list_column_matrix(table.column(column), name, column)
 
     X = _as_float(X)
-    check_finite(X, name, ", ".join(used), "feature")
+    check_finite(X, name, used if columns else column, "feature")
     return X, used
 
 
@@ -294,7 +298,7 @@ def list_column_matrix(chunked: pa.ChunkedArray, name: str, column: str, *,
         raise DataError(f"{describe(name)}: column '{column}' holds {kind}, "
                         "expected a list of numbers per row")
     if chunked.null_count:
-        first = first_row + pc.index(chunked.is_null(), True).as_py()
+        first = first_row + _first_null(chunked)
         raise DataError(f"{describe(name)}: column '{column}' has "
                         f"{counted(chunked.null_count, 'empty (null) row')} "
                         f"(first: row {first})")
@@ -338,6 +342,9 @@ def _chunk_matrix(array: pa.Array, name: str, column: str, offset: int,
         bad = int(np.argmax(lengths != width))
         _different_widths(name, column, (width, where),
                           (int(lengths[bad]), offset + bad))
+    if width == 0:
+        raise DataError(f"{describe(name)}: column '{column}' has no values per "
+                        "row (width 0)")
     values = pc.list_flatten(array)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
             or pa.types.is_boolean(values.type)):
@@ -414,13 +421,33 @@ def _is_list(kind: pa.DataType) -> bool:
 
 def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str,
                     first_row: int = 0) -> np.ndarray:
+    _require_numbers(chunked, name, column)
+    refuse_nulls(chunked, name, f"column '{column}'", first_row)
+    return to_numpy(chunked)
+
+
+def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str
+                     ) -> list[np.ndarray]:
+    """Several numeric columns as arrays; missing values are named by the
+    first row that has one in any of them."""
+    chunked = [table.column(c) for c in columns]
+    for values, column in zip(chunked, columns):
+        _require_numbers(values, name, column)
+    missing = [(_first_null(values), at) for at, values in enumerate(chunked)
+               if values.null_count]
+    if missing:
+        at = min(missing)[1]
+        refuse_nulls(chunked[at], name, f"column '{columns[at]}'",
+                     others=len(missing) - 1)
+    return [to_numpy(values) for values in chunked]
+
+
+def _require_numbers(chunked: pa.ChunkedArray, name: str, column: str) -> None:
     kind = chunked.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
             or pa.types.is_boolean(kind)):
         raise DataError(f"{describe(name)}: feature column '{column}' holds "
                         f"{kind}, expected numbers")
-    refuse_nulls(chunked, name, f"column '{column}'", first_row)
-    return to_numpy(chunked)
 
 
 def counted(count: int, noun: str) -> str:
@@ -429,14 +456,27 @@ def counted(count: int, noun: str) -> str:
 
 
 def refuse_nulls(chunked: pa.ChunkedArray, name: str, what: str,
-                 first_row: int = 0) -> None:
-    """Refuse a column with missing values, naming the first one's row."""
+                 first_row: int = 0, others: int = 0) -> None:
+    """Refuse a column with missing values, naming the first one's row.
+
+    ``others``: how many other columns have some too (said after it).
+    """
     if not chunked.null_count:
         return
-    first = first_row + pc.index(chunked.is_null(), True).as_py()
+    first = first_row + _first_null(chunked)
     raise DataError(f"{describe(name)}: {what} has "
                     f"{counted(chunked.null_count, 'missing value')} "
-                    f"(first: row {first})")
+                    f"(first: row {first}){_also(others)}")
+
+
+def _first_null(chunked: pa.ChunkedArray) -> int:
+    """The row of a column's first missing value (it has one)."""
+    return pc.index(chunked.is_null(), True).as_py()
+
+
+def _also(others: int) -> str:
+    """``; also in 2 other columns``, or nothing for none."""
+    return f"; also in {counted(others, 'other column')}" if others else ""
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:
@@ -445,16 +485,32 @@ def _as_float(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float64)
 
 
-def check_finite(X: np.ndarray, name: str, column: str, role: str) -> None:
-    """Refuse NaN or infinite values, naming the first bad row."""
+def check_finite(X: np.ndarray, name: str, column: str | Sequence[str],
+                 role: str) -> None:
+    """Refuse NaN or infinite values, naming the first bad row.
+
+    ``column`` is the name of the column ``X`` came from, or one name per
+    column of ``X`` (several numeric columns): the message then names the
+    column of the first bad value, and counts the other bad columns.
+    """
     finite = np.isfinite(X)
     if finite.all():
         return
-    rows = ~finite.reshape(len(X), -1).all(axis=1)
-    first = int(np.argmax(rows))
+    bad, also = ~finite.reshape(len(X), -1), ""
+    if not isinstance(column, str):
+        column, bad, also = _first_bad_column(bad, column)
+    rows = bad.any(axis=1)
     raise DataError(f"{describe(name)}: {role} column '{column}' has NaN or "
                     f"infinite values in {counted(int(rows.sum()), 'row')} "
-                    f"(first: row {first})")
+                    f"(first: row {int(np.argmax(rows))}){also}")
+
+
+def _first_bad_column(bad: np.ndarray, columns: Sequence[str]):
+    """The name and the bad values of the column of the first bad value
+    (row by row), and a note of how many other columns have some."""
+    at = int(np.argmax(bad[int(np.argmax(bad.any(axis=1)))]))
+    others = int(bad.any(axis=0).sum()) - 1
+    return columns[at], bad[:, at:at + 1], _also(others)
 
 
 # ---------------------------------------------------------------------------
@@ -630,8 +686,13 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     """Yield a temporary path beside ``path``; rename it into place on success.
 
     On any error, or an interrupt, the temporary file is removed and ``path`` is
-    left as it was. Refuses to overwrite one of the ``inputs``.
+    left as it was. Refuses to overwrite one of the ``inputs``. The null
+    device is yielded itself: nothing can be renamed onto it.
     """
+    if is_devnull(path):
+        yield os.devnull
+        check_stop()
+        return
     target = Path(path)
     _refuse_input_overwrite(target, inputs)
     folder = target.parent if str(target.parent) else Path(".")
@@ -658,6 +719,13 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
         if isinstance(error, OSError) and not isinstance(error, BrokenPipeError):
             raise DataError(f"{target}: cannot write ({error.strerror or error})")
         raise
+
+
+def is_devnull(path: str | os.PathLike | None) -> bool:
+    """Whether an output path is the null device (``-o /dev/null``)."""
+    if path is None or str(path) in ("", STDIO):
+        return False
+    return os.path.realpath(path) == os.devnull
 
 
 def check_output_path(path: str | None, option: str) -> None:
@@ -807,10 +875,13 @@ def write_array(array: np.ndarray, path: str | os.PathLike, *,
 
 
 def output_kind(path: str | os.PathLike, default: str = "parquet") -> str:
-    """``"npy"`` or ``"parquet"`` from an output path's suffix."""
+    """``"npy"`` or ``"parquet"`` from an output path's suffix; ``default``
+    for stdout and the null device."""
+    if str(path) == STDIO or is_devnull(path):
+        return default
     suffix = Path(str(path)).suffix.lower()
     if suffix == ".npy":
         return "npy"
-    if suffix in (".parquet", ".pq") or str(path) == STDIO:
-        return default if str(path) == STDIO else "parquet"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
     raise UsageError(f"-o {path}: unknown output type; use .parquet or .npy")

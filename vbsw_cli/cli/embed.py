@@ -173,10 +173,12 @@ def _image_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _check_destination(destination: str) -> None:
-    """A writable Parquet path or stdout (embed writes no .npy)."""
+    """A writable Parquet path, stdout or the null device (embed writes no
+    .npy)."""
     io.check_output_path(destination, "-o")
     suffix = Path(destination).suffix.lower()
-    if destination != io.STDIO and suffix not in PARQUET_SUFFIXES:
+    if suffix not in PARQUET_SUFFIXES and not (
+            destination == io.STDIO or io.is_devnull(destination)):
         raise UsageError(f"-o {destination}: vbsw embed writes Parquet; give a "
                          ".parquet file name, or - for stdout")
 

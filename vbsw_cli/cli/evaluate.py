@@ -137,12 +137,13 @@ def _check_outputs(json_path, save_predictions, inputs) -> None:
     io.check_output_path(json_path, "--json")
     io.check_output_path(save_predictions, "--save-predictions")
     if save_predictions and Path(save_predictions).suffix.lower() not in (
-            ".parquet", ".pq"):
+            ".parquet", ".pq") and not io.is_devnull(save_predictions):
         raise UsageError(f"--save-predictions {save_predictions}: predictions "
                          "are written as .parquet")
     io.refuse_overwrite(json_path, "--json", inputs)
     io.refuse_overwrite(save_predictions, "--save-predictions", inputs)
-    if json_path and save_predictions and json_path != io.STDIO:
+    if json_path and save_predictions and json_path != io.STDIO \
+            and not io.is_devnull(json_path):
         if io.same_path(json_path, save_predictions):
             raise UsageError(f"--json {json_path} and --save-predictions "
                              f"{save_predictions}: the same file; give two names")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from io import BytesIO
 from typing import Annotated, Optional
 
 import numpy as np
@@ -193,7 +194,8 @@ def _validate(k, m, normalize, task, threads, check_recall, graph):
         raise UsageError(f"--threads {threads}: must be at least 1")
     if check_recall is not None and check_recall < 1:
         raise UsageError(f"--check-recall {check_recall}: must be at least 1")
-    if graph is not None and not graph.endswith(".npz"):
+    if graph is not None and not (graph.endswith(".npz")
+                                  or io.is_devnull(graph)):
         raise UsageError(f"--graph {graph}: the graph is written as .npz")
 
 
@@ -256,9 +258,12 @@ def _write(result, table, destination, kind, weights_only, parameters, inputs,
 def _write_graph(result, temporary, include_self):
     from scipy.sparse import save_npz
 
-    matrix = csr_graph(result.neighbours, include_self)
+    # Zipped in memory: the zip writer seeks back, which /dev/null only
+    # pretends to do.
+    buffer = BytesIO()
+    save_npz(buffer, csr_graph(result.neighbours, include_self))
     with open(temporary, "wb") as handle:
-        save_npz(handle, matrix)
+        handle.write(buffer.getbuffer())
 
 
 def _jsonable(details: dict) -> dict:
