@@ -466,6 +466,24 @@ def test_dev_null_takes_the_output_and_the_graph(tmp_path, small):
     assert Path(os.devnull).is_char_device()
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link to a file", "link to a fifo"])
+def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, small, kind):
+    """The output is renamed into place: it would replace a pipe or a link
+    (as root even /dev/stdout), not write through it."""
+    fifo, kept = tmp_path / "pipe", tmp_path / "kept.parquet"
+    os.mkfifo(fifo)
+    kept.write_bytes(b"old")
+    target = tmp_path / "out.parquet"
+    if kind == "fifo":
+        target = fifo
+    else:
+        target.symlink_to(kept if kind == "link to a file" else fifo)
+    run = run_vbsw("weigh", small, "--k", "5", "-o", target)
+    assert run.code == 2
+    assert "is not a regular file" in one_line(run)
+    assert kept.read_bytes() == b"old" and fifo.is_fifo()
+    assert target.is_fifo() if kind == "fifo" else target.is_symlink()
+
 def test_huge_m_keeps_finite_weights(tmp_path, rng):
     path = write_features(tmp_path / "f.parquet", rng.normal(size=(40, 2)),
                           rng.integers(2, size=40))

@@ -737,6 +737,12 @@ def check_output_path(path: str | None, option: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if os.path.lexists(target) and not is_devnull(target) \
+            and (target.is_symlink() or not target.is_file()):
+        # The output replaces the old file by a rename: it would replace a
+        # link, a device or a pipe, not write through it.
+        raise UsageError(f"{option} {path}: exists and is not a regular file; "
+                         "give a file name (or - for stdout)")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"{option} {path}: the folder {folder} does not exist")
