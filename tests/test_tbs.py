@@ -495,3 +495,23 @@ def test_cli_help_shows_the_example_and_the_bateman_domain():
     text = " ".join(run.stdout.decode().split())  # undo the help's wrapping
     assert "vbsw tbs-sample --function runge --initial 8" in text
     assert "[0,1] x [0,1] x [0,10]" in text
+
+
+@pytest.mark.parametrize("where", ["missing folder", "fifo"])
+def test_cli_an_output_that_cannot_be_written_is_refused_first(tmp_path, where):
+    """Before the function is evaluated (a simulation can take hours), not
+    at the write."""
+    (tmp_path / "sim.py").write_text(
+        "import pathlib\n"
+        "def f(X):\n    pathlib.Path('called').touch()\n    return X[:, 0]\n")
+    target = tmp_path / "nowhere" / "out.parquet"
+    if where == "fifo":
+        target = tmp_path / "pipe.parquet"
+        os.mkfifo(target)
+    run = run_vbsw("tbs-sample", "--function", "sim:f", "--bounds", "0:1",
+                   "--initial", "8", "--new", "4", "-o", target, cwd=tmp_path)
+    assert run.code in (1, 2)
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert str(target) in run.stderr
+    assert not (tmp_path / "called").exists()
+    assert where != "fifo" or target.is_fifo()

@@ -700,6 +700,8 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
         raise DataError(f"{target}: the folder {folder} does not exist")
     if target.is_dir():
         raise DataError(f"{target}: is a folder; give a file name")
+    if _not_regular(target):
+        raise DataError(f"{target}: exists and is not a regular file")
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
                                              suffix=".tmp", dir=folder)
@@ -737,15 +739,20 @@ def check_output_path(path: str | None, option: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{option} {path}: is a folder; give a file name")
-    if os.path.lexists(target) and not is_devnull(target) \
-            and (target.is_symlink() or not target.is_file()):
-        # The output replaces the old file by a rename: it would replace a
-        # link, a device or a pipe, not write through it.
+    if _not_regular(target):
         raise UsageError(f"{option} {path}: exists and is not a regular file; "
                          "give a file name (or - for stdout)")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"{option} {path}: the folder {folder} does not exist")
+
+
+def _not_regular(target: Path) -> bool:
+    """Whether an output exists as something else than a regular file: the
+    rename that puts the output in place would replace a link, a device or a
+    pipe, not write through it. The null device is written directly."""
+    return os.path.lexists(target) and not is_devnull(target) \
+        and (target.is_symlink() or not target.is_file())
 
 
 def _umask() -> int:

@@ -117,6 +117,7 @@ def tbs_cli(
     destination = resolve_output(output, points or "tbs_sample", ".tbs.parquet")
     if destination != "-" and io.output_kind(destination) != "parquet":
         raise UsageError(f"-o {destination}: tbs-sample writes Parquet")
+    io.check_output_path(destination, "-o")
     rng = np.random.default_rng(seed)
     fn = load_function(function) if function else None
 
