@@ -342,3 +342,15 @@ def test_durations_are_printed_apart():
     assert seconds_apart(0.84, 0.79) == ("0.84", "0.79")
     assert seconds_apart(12.34, 4.5) == ("12.3", "4.5")
     assert seconds_apart(0.8004, 0.8001) == ("0.800", "0.800")
+
+
+def test_no_shortcut_to_exact_where_the_whole_search_probes_a_tree():
+    """In 6 to 15 dimensions the whole exact search first times a tree, which
+    the prediction leaves out."""
+    from vbsw_cli.neighbors import _exact_at_once
+
+    ratios = np.full(100, 5.0)  # a high contrast: a graph would do
+    for d, cheap in [(12, False), (64, True), (4, True)]:
+        X = np.zeros((40_000, d), np.float32)
+        reason = _exact_at_once(SearchOptions(), X, ratios, 0.5, part=False)
+        assert (reason is not None) == cheap, d

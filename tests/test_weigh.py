@@ -267,6 +267,20 @@ def test_rows_a_graph_does_not_lead_back_are_searched_again(rng, monkeypatch,
     assert found.details["sample_recall"] == pytest.approx(sampled, abs=0.03)
 
 
+def test_without_the_point_the_sample_recall_scores_only_the_others(rng):
+    """With the point left out, it is no free hit: the sample recall is that
+    of the k other rows, as an independent recall check measures it."""
+    from vbsw_cli.neighbors import measure_recall
+
+    X = rng.normal(size=(4000, 24))
+    options = SearchOptions(method="hnsw", recall=0.5, M=4, ef_construction=10,
+                            ef=4, sample_size=1000, seed=0, threads=1)
+    found = nearest_neighbours(X, 2, include_self=False, options=options)
+    assert found.method == "hnsw"
+    checked = measure_recall(X, found, 1000, include_self=False,
+                             options=SearchOptions(seed=5))
+    assert found.details["sample_recall"] == pytest.approx(checked, abs=0.03)
+
 def test_the_nearest_of_both_answers_counts_each_row_once(rng):
     from vbsw_cli.neighbors import _nearest_of_both
 

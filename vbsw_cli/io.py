@@ -740,8 +740,9 @@ def check_output_path(path: str | None, option: str) -> None:
     if target.is_dir():
         raise UsageError(f"{option} {path}: is a folder; give a file name")
     if _not_regular(target):
+        stdout = " (or - for stdout)" if option == "-o" else ""
         raise UsageError(f"{option} {path}: exists and is not a regular file; "
-                         "give a file name (or - for stdout)")
+                         f"give a file name{stdout}")
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"{option} {path}: the folder {folder} does not exist")

@@ -196,7 +196,7 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
         method = "exact"
     else:
         indices, distances, method, details = _approximate_or_exact(
-            X, n_query, options, progress)
+            X, n_query, options, progress, include_self)
 
     indices, distances = _own_neighbourhood(indices, distances, include_self)
     return Neighbours(indices, distances, method, details)
@@ -338,8 +338,12 @@ def _tree_search(tree, queries, n_query, task):
 # Approximate search
 
 
-def _approximate_or_exact(X, n_query, options, progress):
-    """hnswlib with a measured recall, or the exact search when that is better."""
+def _approximate_or_exact(X, n_query, options, progress, include_self=True):
+    """hnswlib with a measured recall, or the exact search when that is better.
+
+    Recall is that of the neighbourhoods as used: without the point itself
+    when ``include_self`` is false.
+    """
     rng = np.random.default_rng(options.seed)
     sample = np.sort(rng.choice(len(X), size=min(options.sample_size, len(X)),
                                 replace=False))
@@ -358,7 +362,7 @@ def _approximate_or_exact(X, n_query, options, progress):
                                first, reference)
     ratios = contrast_ratios(X, sample[first], reference[first], rng)
     predicted_exact = _predicted_exact(X, seconds / first.sum(), options)
-    reason = _exact_at_once(options, ratios, predicted_exact, part=True)
+    reason = _exact_at_once(options, X, ratios, predicted_exact, part=True)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
                             float(np.median(ratios)))
@@ -368,7 +372,7 @@ def _approximate_or_exact(X, n_query, options, progress):
     ratios = contrast_ratios(X, sample, reference, rng)
     contrast = float(np.median(ratios))
     predicted_exact = _predicted_exact(X, seconds / len(sample), options)
-    reason = _exact_at_once(options, ratios, predicted_exact, part=False)
+    reason = _exact_at_once(options, X, ratios, predicted_exact, part=False)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
                             contrast)
@@ -385,7 +389,8 @@ def _approximate_or_exact(X, n_query, options, progress):
                        build_s=time.perf_counter() - started)
         ceiling = predicted_exact if options.method == "auto" else None
         ef, recall, low, per_row = _choose_ef(index, X, sample, reference,
-                                              n_query, graph, ceiling)
+                                              n_query, graph, ceiling,
+                                              include_self)
         predicted_hnsw = per_row * len(X)
         details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
                        predicted_query_s=predicted_hnsw)
@@ -419,7 +424,7 @@ def _approximate_or_exact(X, n_query, options, progress):
         return _exact_instead(X, n_query, options, progress, details, reason)
     del index
     again = _search_again(X, *found, n_query, graph, ef, progress)
-    recall, low = _final_recall(*found, sample, reference)
+    recall, low = _final_recall(*found, sample, reference, include_self)
     details.update(searched_again=again, sample_recall=recall,
                    sample_recall_low=low)
     if options.ef is None and low < options.recall and "warning" not in details:
@@ -460,7 +465,7 @@ def _predicted_exact(X, per_row: float, options: SearchOptions) -> float:
     return per_row * len(X) / SELF_JOIN_SPEED_UP
 
 
-def _exact_at_once(options, ratios, predicted_exact, part) -> str | None:
+def _exact_at_once(options, X, ratios, predicted_exact, part) -> str | None:
     """Why the exact search should run without trying a graph, if it should.
 
     ``part``: the ratios come from part of the sample, so a low contrast must
@@ -469,7 +474,11 @@ def _exact_at_once(options, ratios, predicted_exact, part) -> str | None:
     """
     if options.method != "auto":
         return None
-    if predicted_exact < CHEAP_EXACT_SECONDS:
+    # In 6 to 15 dimensions the whole search first times a tree against the
+    # products, which the prediction leaves out: no shortcut there.
+    probes = len(X) > TREE_ROWS and TREE_DIMENSIONS < X.shape[1] \
+        <= PROBE_DIMENSIONS
+    if predicted_exact < CHEAP_EXACT_SECONDS and not probes:
         return (f"exact search predicted {predicted_exact:.2f} s, less than "
                 "a graph would take")
     below = int((ratios < HARD_CONTRAST).sum())
@@ -539,10 +548,11 @@ def _nearest_of_both(first, second, n_query):
             np.take_along_axis(distances, order, axis=1))
 
 
-def _final_recall(indices, distances, sample, reference) -> tuple[float, float]:
+def _final_recall(indices, distances, sample, reference, include_self=True
+                  ) -> tuple[float, float]:
     """Recall bounds of the sampled rows' neighbourhoods as they will be used."""
-    _, used = _own_neighbourhood(indices[sample], distances[sample], True,
-                                 owners=sample)
+    _, used = _own_neighbourhood(indices[sample], distances[sample],
+                                 include_self, owners=sample)
     return recall_bounds(used, reference)
 
 
@@ -594,7 +604,8 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
     return index
 
 
-def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
+def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None,
+               include_self=True):
     """The smallest ef (growing by a quarter) whose sample recall reaches it.
 
     The recall is that of the sampled rows the graph leads back to
@@ -613,7 +624,8 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         found = _knn_query(index, queries, n_query, threads)
         per_row = (time.perf_counter() - started) / len(sample)
         recall, low = (0.0, 0.0) if found is None else _sample_recall(
-            found, sample, reference, reached_only=True)
+            found, sample, reference, reached_only=True,
+            include_self=include_self)
         too_slow = ceiling is not None and per_row * len(X) > ceiling
         # A sparse graph caps the recall: past 8 k, a step that gains under
         # PLATEAU says a larger ef will not get there.
@@ -625,8 +637,8 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None):
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
 
-def _sample_recall(found, sample, reference, reached_only=False
-                   ) -> tuple[float, float]:
+def _sample_recall(found, sample, reference, reached_only=False,
+                   include_self=True) -> tuple[float, float]:
     """Recall bounds of the neighbourhoods as they will be used.
 
     A point the graph cannot reach does not come back in its own results; the
@@ -640,7 +652,8 @@ def _sample_recall(found, sample, reference, reached_only=False
         reached = distances[:, 0] == 0
         labels, distances = labels[reached], distances[reached]
         sample, reference = sample[reached], reference[reached]
-    _, distances = _own_neighbourhood(labels, distances, True, owners=sample)
+    _, distances = _own_neighbourhood(labels, distances, include_self,
+                                      owners=sample)
     return recall_bounds(distances, reference)
 
 
