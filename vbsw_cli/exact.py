@@ -274,7 +274,7 @@ class _Candidates:
         self.space, self.k, self.width = space, n_query, 2 * n_query
         self.self_join = rows is None
         self.queries = np.arange(n) if rows is None else np.asarray(rows)
-        self.left, self.slack = space.left, space.slack
+        self.slack = space.slack
         count = len(self.queries)
         self.keys = np.full((count, self.width), EMPTY, np.uint64)
         self.threshold = np.full(count, np.inf, space.left.dtype)
@@ -311,7 +311,7 @@ class _Candidates:
         """Offer one tile's entries to its query block (and column block)."""
         lo, hi = self.blocks[block]
         start, stop = self.columns[column]
-        tile = self.left[lo:hi] @ self.space.right[start:stop].T
+        tile = self.space.left[lo:hi] @ self.space.right[start:stop].T
         both = self.self_join and column != block
 
         # One pass finds the entries under either block's thresholds.
@@ -325,10 +325,10 @@ class _Candidates:
         i, j = np.divmod(flat, tile.shape[1])
 
         mine = values <= bound[i] if both else slice(None)
-        self._offer(block, i[mine], values[mine], j[mine] + start, bound)
+        self.offer(block, i[mine], values[mine], j[mine] + start, bound)
         if both:
             theirs = values <= column_bound[j]
-            self._offer(column, j[theirs], values[theirs], i[theirs] + lo,
+            self.offer(column, j[theirs], values[theirs], i[theirs] + lo,
                         column_bound)
 
     def _bound(self, block: int, tile: np.ndarray, transposed: bool
@@ -346,14 +346,12 @@ class _Candidates:
             threshold[fresh] = _kth_bound(part, self.k) + 2 * self.slack[lo:hi][fresh]
         return threshold
 
-    def _offer(self, block, rows, values, columns, threshold) -> None:
-        rows = rows.astype(np.int16)  # a radix sort groups them in the merge
-        self.offer(block, rows, _keys(values, columns), threshold)
-
-    def offer(self, block: int, rows: np.ndarray, keys: np.ndarray,
-              threshold: np.ndarray) -> None:
+    def offer(self, block: int, rows: np.ndarray, values: np.ndarray,
+              columns: np.ndarray, threshold: np.ndarray) -> None:
         """Queue candidates (rows within the block); merge when enough wait."""
         lo, hi = self.blocks[block]
+        rows = rows.astype(np.int16)  # a radix sort groups them in the merge
+        keys = _keys(values, columns)
         with self.locks[block]:
             np.fmin(self.threshold[lo:hi], threshold, out=self.threshold[lo:hi])
             if len(rows):

@@ -288,18 +288,24 @@ def _tree_only(X: np.ndarray) -> bool:
     return len(X) > TREE_ROWS and X.shape[1] <= TREE_DIMENSIONS
 
 
+def _probes(X: np.ndarray) -> bool:
+    """Whether a whole exact search of X first times a tree against the
+    products (which a prediction from a sample leaves out)."""
+    return len(X) > TREE_ROWS and \
+        TREE_DIMENSIONS < X.shape[1] <= PROBE_DIMENSIONS
+
+
 def _tree(X, n_query, threads, blocked, probe):
     """scikit-learn's k-d tree fitted on X, where it beats the blocked search.
 
     ``probe``: in up to PROBE_DIMENSIONS, time both searches on a sample of
     rows (the whole search is worth it); otherwise trust the dimension alone.
     """
-    if len(X) <= TREE_ROWS or X.shape[1] > (PROBE_DIMENSIONS if probe
-                                            else TREE_DIMENSIONS):
+    if _tree_only(X):
+        return _fitted_tree(X, blocked, threads)
+    if not (probe and _probes(X)):
         return None
     tree = _fitted_tree(X, blocked, threads)
-    if _tree_only(X):
-        return tree
     rows = np.linspace(0, len(X) - 1, RECALL_SAMPLE).astype(np.int64)
     started = time.perf_counter()
     blocked.neighbours(n_query, rows=rows, threads=threads)
@@ -424,7 +430,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True):
         return _exact_instead(X, n_query, options, progress, details, reason)
     del index
     again = _search_again(X, *found, n_query, graph, ef, progress)
-    recall, low = _final_recall(*found, sample, reference, include_self)
+    recall, low = _recall_as_used(found[0][sample], found[1][sample], sample,
+                                  reference, include_self)
     details.update(searched_again=again, sample_recall=recall,
                    sample_recall_low=low)
     if options.ef is None and low < options.recall and "warning" not in details:
@@ -474,11 +481,7 @@ def _exact_at_once(options, X, ratios, predicted_exact, part) -> str | None:
     """
     if options.method != "auto":
         return None
-    # In 6 to 15 dimensions the whole search first times a tree against the
-    # products, which the prediction leaves out: no shortcut there.
-    probes = len(X) > TREE_ROWS and TREE_DIMENSIONS < X.shape[1] \
-        <= PROBE_DIMENSIONS
-    if predicted_exact < CHEAP_EXACT_SECONDS and not probes:
+    if predicted_exact < CHEAP_EXACT_SECONDS and not _probes(X):
         return (f"exact search predicted {predicted_exact:.2f} s, less than "
                 "a graph would take")
     below = int((ratios < HARD_CONTRAST).sum())
@@ -548,11 +551,13 @@ def _nearest_of_both(first, second, n_query):
             np.take_along_axis(distances, order, axis=1))
 
 
-def _final_recall(indices, distances, sample, reference, include_self=True
-                  ) -> tuple[float, float]:
-    """Recall bounds of the sampled rows' neighbourhoods as they will be used."""
-    _, used = _own_neighbourhood(indices[sample], distances[sample],
-                                 include_self, owners=sample)
+def _recall_as_used(indices, distances, owners, reference, include_self
+                    ) -> tuple[float, float]:
+    """Recall bounds of the results of rows ``owners`` (Euclidean distances)
+    once made the neighbourhoods used: the point put first exactly once, or
+    left out."""
+    _, used = _own_neighbourhood(indices, distances, include_self,
+                                 owners=owners)
     return recall_bounds(used, reference)
 
 
@@ -579,11 +584,6 @@ def contrast_ratios(X, sample, reference, rng) -> np.ndarray:
     kth = reference[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(kth > 0, spread / np.where(kth > 0, kth, 1), np.inf)
-
-
-def relative_contrast(X, sample, reference, rng) -> float:
-    """The median over sampled rows of :func:`contrast_ratios`."""
-    return float(np.median(contrast_ratios(X, sample, reference, rng)))
 
 
 def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
@@ -652,9 +652,7 @@ def _sample_recall(found, sample, reference, reached_only=False,
         reached = distances[:, 0] == 0
         labels, distances = labels[reached], distances[reached]
         sample, reference = sample[reached], reference[reached]
-    _, distances = _own_neighbourhood(labels, distances, include_self,
-                                      owners=sample)
-    return recall_bounds(distances, reference)
+    return _recall_as_used(labels, distances, sample, reference, include_self)
 
 
 def _knn_query(index, queries, n_query, threads):
