@@ -116,6 +116,34 @@ def test_one_far_outlier_leaves_the_others_exact(rng, outlier):
     assert_exact(X, 10, indices, distances)
 
 
+@pytest.mark.parametrize("outlier, dtype", [(1e6, np.float32), (1e18, np.float64)])
+def test_a_few_far_outliers_leave_the_other_rows_to_the_products(
+        rng, small_tiles, monkeypatch, outlier, dtype):
+    # Centred on the mean (or scaled for the outliers' sake), every row used to
+    # fail its proof and went to the slow search by differences.
+    X = rng.normal(size=(600, 8)).astype(np.float32)
+    X[[5, 300, 599]] *= outlier
+    direct, rows = blocked.direct_neighbours, []
+    monkeypatch.setattr(blocked, "direct_neighbours", lambda X, queries, *a:
+                        rows.extend(queries) or direct(X, queries, *a))
+    calls = calls_of_unsure(monkeypatch)
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(10, threads=2)
+    assert_exact(X, 10, indices, distances)
+    assert search.dtype == dtype and search.scale == 1.0
+    assert len(calls[0]) <= 3 and set(rows) <= {5, 300, 599}
+
+
+@pytest.mark.parametrize("pairs", [0, 10**9])
+def test_rows_searched_by_differences_in_a_tree_or_from_every_row(rng, pairs,
+                                                                  monkeypatch):
+    monkeypatch.setattr(blocked, "BRUTE_PAIRS", pairs)
+    X = np.round(rng.normal(size=(300, 5)), 1)  # ties too
+    rows = np.array([0, 17, 17, 299])
+    indices, distances = blocked.direct_neighbours(X, rows, 12, threads=1)
+    assert_exact(X, 12, indices, distances, rows)
+
+
 @pytest.mark.parametrize("scale", [1e-100, 1e-30, 1e25, 1e100])
 def test_extreme_scales_are_exact_and_quiet(rng, scale, recwarn, monkeypatch):
     X = (rng.normal(size=(300, 6)) * scale).astype(np.float64)

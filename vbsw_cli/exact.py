@@ -47,6 +47,14 @@ PENDING_PER_ROW = 64
 # Rows centred in float64 at a time when the tiles' operands are made.
 SPACE_ROWS = 65_536
 
+# Rows whose median is the centre (a sample, evenly spread).
+CENTRE_ROWS = 4096
+
+# Rows the products cannot prove are searched by differences from every row
+# while (rows x n_samples) stays under this, else in a tree (whose import and
+# build cost more than a few rows' differences).
+BRUTE_PAIRS = 20_000_000
+
 # Columns whose minimum stands for them when a first tile sets a threshold.
 GROUPS = 8
 
@@ -89,14 +97,21 @@ class ExactSearch:
     """
 
     def __init__(self, X: np.ndarray):
-        # Neighbours do not change when every feature is multiplied by a
-        # power of two, and the product is exact: far out of float32's range,
-        # bring the features back to it rather than search in float64.
+        # Distances do not change under a shift, and small norms keep the
+        # products' rounding small: centre on the median of a sample of rows,
+        # which a few far outliers do not drag away from the others.
+        self.centre, typical = robust_centre(X)
         span = column_span(X)
-        self.scale = unit_scale(span, X.shape[1])
+        # Nor do neighbours change when every feature is multiplied by a
+        # power of two, and the product is exact: where most rows lie far
+        # out of float32's range, bring them back to it.
+        self.scale = 1.0 if _fits_float32(span, X.shape[1]) \
+            else unit_scale(typical, X.shape[1])
         if self.scale != 1.0:
             X, span = np.asarray(X, np.float64) * self.scale, span * self.scale
+            self.centre = self.centre * self.scale
         self.X = X
+        # A few rows far beyond the others need float64 (no scale fits both).
         self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
         self._columns: dict = {}
         # Where a caller searches X with a tree instead, it keeps it here.
@@ -118,7 +133,7 @@ class ExactSearch:
     def columns(self, dtype) -> _Columns:
         """The column operand in ``dtype``, built on first use."""
         if dtype not in self._columns:
-            self._columns[dtype] = _Columns.of(self.X, dtype)
+            self._columns[dtype] = _Columns.of(self.X, dtype, self.centre)
         return self._columns[dtype]
 
     def _search(self, n_query, rows, threads, advance):
@@ -166,9 +181,23 @@ def column_span(X: np.ndarray) -> float:
         return float(np.max(X.max(axis=0) - X.min(axis=0), initial=0.0))
 
 
+def robust_centre(X: np.ndarray) -> tuple[np.ndarray, float]:
+    """The median row of a sample of CENTRE_ROWS rows (float64), and the
+    median distance of those rows from it (a typical norm once centred)."""
+    rows = np.unique(np.linspace(0, len(X) - 1, CENTRE_ROWS).astype(np.int64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        sample = np.asarray(X[rows], np.float64)
+        centre = np.median(sample, axis=0)
+        typical = np.median(np.sqrt(((sample - centre) ** 2).sum(axis=1)))
+    return centre, float(typical)
+
+
 def direct_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int,
                       threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """The slow, sure way for a few rows: a tree of float64 differences."""
+    """The slow, sure way for a few rows: float64 differences, from every
+    row where that is cheap, else in a tree."""
+    if len(queries) * len(X) <= BRUTE_PAIRS:
+        return _brute_neighbours(X, queries, n_query)
     from sklearn.neighbors import NearestNeighbors
 
     tree = "kd_tree" if X.shape[1] <= 16 else "ball_tree"
@@ -176,6 +205,23 @@ def direct_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int,
                               n_jobs=threads).fit(np.asarray(X, np.float64))
     distances, indices = search.kneighbors(np.asarray(X[queries], np.float64))
     return indices.astype(np.int64), distances
+
+
+def _brute_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each query row's distance to every row, a chunk of rows at a time."""
+    indices = np.empty((len(queries), n_query), np.int64)
+    distances = np.empty((len(queries), n_query), np.float64)
+    squared = np.empty(len(X))
+    for position, row in enumerate(queries):
+        query = np.asarray(X[row], np.float64)
+        for start, stop in chunks(len(X), SPACE_ROWS):
+            difference = np.asarray(X[start:stop], np.float64) - query
+            squared[start:stop] = np.einsum("ij,ij->i", difference, difference)
+        nearest = np.argpartition(squared, n_query - 1)[:n_query]
+        nearest = nearest[np.argsort(squared[nearest], kind="stable")]
+        indices[position], distances[position] = nearest, np.sqrt(squared[nearest])
+    return indices, distances
 
 
 @dataclass
@@ -188,29 +234,26 @@ class _Columns:
     right : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in the working
         dtype.
     squared : (n,) float64 squared norms of the centred rows.
-    mean : (d,) float64 the centre.
+    centre : (d,) float64 the centre.
     """
 
     exact: np.ndarray
     right: np.ndarray
     squared: np.ndarray
-    mean: np.ndarray
+    centre: np.ndarray
 
     @classmethod
-    def of(cls, X: np.ndarray, dtype) -> _Columns:
+    def of(cls, X: np.ndarray, dtype, centre: np.ndarray) -> _Columns:
         n, d = X.shape
-        # Distances do not change under a shift, and small norms keep the
-        # product's rounding (relative to |x| + |y|) small: centre first.
-        mean = X.mean(axis=0, dtype=np.float64)
         right = np.empty((n, d + 2), dtype)
         squared = np.empty(n)
         for start, stop in chunks(n, SPACE_ROWS):  # float64 a chunk at a time
-            centred = X[start:stop].astype(np.float64) - mean
+            centred = X[start:stop].astype(np.float64) - centre
             squared[start:stop] = np.einsum("ij,ij->i", centred, centred)
             right[start:stop, :d] = -2 * centred
             right[start:stop, d] = 1
             right[start:stop, d + 1] = squared[start:stop]
-        return cls(X, right, squared, mean)
+        return cls(X, right, squared, centre)
 
 
 @dataclass
@@ -243,7 +286,7 @@ class _Space:
             left[:, :d] = right[:, :d] / -2  # exact: a power of two
             left[:, d], left[:, d + 1] = squared, 1
         else:
-            centred = columns.exact[queries].astype(np.float64) - columns.mean
+            centred = columns.exact[queries].astype(np.float64) - columns.centre
             left = np.empty((len(queries), d + 2), dtype)
             left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
             squared = squared[queries]
