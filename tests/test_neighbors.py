@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import vbsw_cli.copies as copies_module
 import vbsw_cli.exact as blocked
 from vbsw_cli.exact import exact_neighbours
 from vbsw_cli.errors import UsageError
@@ -245,13 +246,15 @@ def test_any_small_input_property(data):
                                           max_size=n, unique=True))
     rows = None if rows is None else np.array(rows)
     threads = data.draw(st.sampled_from([1, 2]))
+    copies = data.draw(st.sampled_from([0, 4]))  # 0: identical rows grouped
     X = X.astype(np.float32)
-    original = blocked.BLOCK
-    blocked.BLOCK = block  # no monkeypatch: hypothesis runs many examples
+    original = blocked.BLOCK, copies_module.COPIES
+    # No monkeypatch: hypothesis runs many examples.
+    blocked.BLOCK, copies_module.COPIES = block, copies
     try:
         indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
     finally:
-        blocked.BLOCK = original
+        blocked.BLOCK, copies_module.COPIES = original
     assert_exact(X, k, indices, distances, rows)
 
 

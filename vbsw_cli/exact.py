@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vbsw_cli.copies import Copies, identical_rows
 from vbsw_cli.progress import chunks
 
 # 1024 x 1024 float32 tiles (4 MiB) stay in the L3 cache, and the Python work
@@ -97,6 +98,9 @@ class ExactSearch:
     """
 
     def __init__(self, X: np.ndarray):
+        self.given = X
+        self._copies: Copies | None = None
+        self._distinct: ExactSearch | None = None
         # Distances do not change under a shift, and small norms keep the
         # products' rounding small: centre on the median of a sample of rows,
         # which a few far outliers do not drag away from the others.
@@ -123,12 +127,52 @@ class ExactSearch:
         """As :func:`exact_neighbours`, on the prepared rows."""
         from threadpoolctl import threadpool_limits
 
+        if self.grouped(n_query):
+            total = len(self.given) if rows is None else len(rows)
+
+            def search(distinct, n_groups, wanted):
+                steps = len(distinct.given) if wanted is None else len(wanted)
+                return distinct.neighbours(
+                    n_groups, rows=wanted, threads=threads,
+                    advance=_rescaled(advance, steps, total))
+            return self.by_groups(n_query, rows, search)
+
         # Overflow or underflow shows up as rows that fail their check, which
         # are searched again: numpy's warnings would only be noise on stderr.
         with threadpool_limits(limits=1, user_api="blas"), \
                 np.errstate(all="ignore"):
             indices, distances = self._search(n_query, rows, threads, advance)
         return indices, distances / self.scale
+
+    def copies(self) -> Copies:
+        """The groups of identical rows, found on first use."""
+        if self._copies is None:
+            self._copies = identical_rows(self.given)
+        return self._copies
+
+    def grouped(self, n_query: int) -> bool:
+        """Whether searches for n_query neighbours go by groups of copies."""
+        return self.copies().massed(n_query)
+
+    def by_groups(self, n_query: int, rows: np.ndarray | None, search
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Search the distinct rows once, then give each row its nearest
+        groups' rows.
+
+        ``search(distinct, n_groups, wanted)``: the ``n_groups`` nearest
+        distinct rows of the distinct rows ``wanted`` (None: all), given
+        their :class:`ExactSearch`.
+        """
+        copies = self.copies()
+        queried = copies.group if rows is None else copies.group[rows]
+        wanted, place = np.unique(queried, return_inverse=True)
+        if self._distinct is None:
+            self._distinct = ExactSearch(self.given[copies.first])
+        n_groups = len(copies.first)
+        groups, distances = search(self._distinct, min(n_query, n_groups),
+                                   None if len(wanted) == n_groups else wanted)
+        indices, distances = copies.expand(groups, distances, n_query)
+        return indices[place.reshape(-1)], distances[place.reshape(-1)]
 
     def columns(self, dtype) -> _Columns:
         """The column operand in ``dtype``, built on first use."""
@@ -159,6 +203,20 @@ class ExactSearch:
                                             threads)
             indices[unsure], distances[unsure] = found_again
         return indices, distances
+
+
+def _rescaled(advance, steps: int, total: int):
+    """``advance`` for a task of ``steps`` that stands for ``total`` rows."""
+    if advance is None:
+        return None
+    done = {"steps": 0, "rows": 0}
+
+    def step(count: int) -> None:
+        done["steps"] += count
+        rows = done["steps"] * total // steps
+        advance(rows - done["rows"])
+        done["rows"] = rows
+    return step
 
 
 def unit_scale(span: float, n_features: int) -> float:

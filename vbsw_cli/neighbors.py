@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from vbsw_cli.copies import identical_rows
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.exact import ExactSearch, column_span
 from vbsw_cli.progress import NullProgress, Progress, chunks
@@ -185,21 +186,40 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
     check_search_options(options)
     check_k(k, len(X), include_self)
     n_query = k if include_self else k + 1
-    graph_reason = _graph_cannot(X, options)
+    copies = identical_rows(X)
 
-    if options.method == "exact" or graph_reason or (
-            options.method == "auto" and len(X) <= options.exact_below):
-        reason = "asked for" if options.method == "exact" else graph_reason or (
-            f"{len(X)} rows <= {options.exact_below}: an index would not pay off")
-        indices, distances = exact_search(X, n_query, options, progress)
-        details = {"reason": reason}
-        method = "exact"
+    if copies.massed(n_query):
+        # Masses of identical rows: each distinct row is searched once, and
+        # every row gets the rows of its nearest groups.
+        distinct = len(copies.first)
+        indices, distances, method, details = _search(
+            X[copies.first], min(n_query, distinct), options, progress,
+            include_self, rows="distinct rows")
+        indices, distances = copies.expand(indices, distances, n_query)
+        indices = indices.astype(index_dtype(len(X)))[copies.group]
+        distances = distances[copies.group]
+        details["distinct_rows"] = distinct
     else:
-        indices, distances, method, details = _approximate_or_exact(
-            X, n_query, options, progress, include_self)
+        indices, distances, method, details = _search(X, n_query, options,
+                                                      progress, include_self)
 
     indices, distances = _own_neighbourhood(indices, distances, include_self)
     return Neighbours(indices, distances, method, details)
+
+
+def _search(X, n_query, options, progress, include_self, rows="rows"):
+    """The n_query nearest rows of every row, by the method chosen: indices,
+    distances, the method used and details of the choice. ``rows``: what the
+    rows of X are called in the reason."""
+    graph_reason = _graph_cannot(X, options)
+    if options.method == "exact" or graph_reason or (
+            options.method == "auto" and len(X) <= options.exact_below):
+        reason = "asked for" if options.method == "exact" else graph_reason or (
+            f"{len(X)} {rows} <= {options.exact_below}: an index would not pay "
+            "off")
+        indices, distances = exact_search(X, n_query, options, progress)
+        return indices, distances, "exact", {"reason": reason}
+    return _approximate_or_exact(X, n_query, options, progress, include_self)
 
 
 def feature_span(X: np.ndarray) -> float:
@@ -267,6 +287,11 @@ def exact_search(X: np.ndarray, n_query: int, options: SearchOptions,
     """
     threads = thread_count(options.threads)
     blocked = prepared or ExactSearch(X)
+    if blocked.grouped(n_query):  # masses of identical rows: each group once
+        found = blocked.by_groups(n_query, rows, lambda distinct, n, wanted:
+                                  exact_search(distinct.given, n, options,
+                                               progress, wanted, distinct))
+        return found[0].astype(index_dtype(len(X)), copy=False), found[1]
     # A sample's few rows go to the tree on one thread: joblib's start would
     # outweigh them (and spoil the time that predicts the whole search).
     tree = _tree(X, n_query, threads if rows is None else 1, blocked,

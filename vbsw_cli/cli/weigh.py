@@ -324,8 +324,11 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
                      f"(on {rows} rows)")
     duplicates = duplicate_rows(result.neighbours)
     if duplicates:
-        reporter.notice(f"{duplicates} rows have a duplicate feature vector "
-                        "among their neighbours (each point is counted once)")
+        distinct = details.get("distinct_rows")
+        once = "" if distinct is None else (
+            f"; the {distinct:,} distinct feature vectors were searched once each")
+        reporter.notice(f"{duplicates:,} rows have a duplicate feature vector "
+                        f"among their neighbours (each point is counted once{once})")
     if result.all_equal:
         covered = k + (0 if include_self else 1) >= len(X)
         why = "every neighbourhood holds every row" if covered \
