@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,10 @@ from scipy.sparse import load_npz
 
 from conftest import SAMPLE, run_vbsw, write_features
 from test_weigh import reference_neighbours, reference_variance, reference_weights
+from vbsw_cli.cli.weigh import _summary
+from vbsw_cli.io import Labels
+from vbsw_cli.neighbors import SearchOptions
+from vbsw_cli.weigh import weigh
 
 BREAST_CANCER = SAMPLE / "breast_cancer.parquet"
 
@@ -453,6 +458,31 @@ def test_output_path_problems_are_named_before_any_work(tmp_path, small):
     assert run.code == 2 and "is a folder" in one_line(run)
     run = run_vbsw("weigh", small, "-o", tmp_path / "missing" / "w.parquet")
     assert run.code == 1 and "does not exist" in one_line(run)
+    (tmp_path / "file.txt").write_text("x")
+    run = run_vbsw("weigh", small, "-o", tmp_path / "file.txt" / "w.parquet")
+    assert run.code == 1 and one_line(run).endswith(
+        f"{tmp_path / 'file.txt'} is not a folder")
+    run = run_vbsw("weigh", small, "-o", "/dev/null/w.parquet")
+    assert run.code == 1 and "/dev/null is not a folder" in one_line(run)
+
+
+@pytest.mark.parametrize("method", ["exact", "hnsw"])
+def test_the_ef_note_only_when_the_graph_was_kept(rng, method):
+    X = rng.normal(size=(60, 3))
+    labels = [Labels("label", "regression", rng.normal(size=(60, 1)))]
+    result = weigh(X, labels, k=5, m=10, search=SearchOptions(method="exact"))
+    result.neighbours.method = method
+    result.neighbours.details.update(
+        M=12, ef_construction=40, ef=40, sample_recall=0.9, sample_recall_low=0.8,
+        reason="hnswlib at ef=40 is slower than exact search")
+    lines = []
+    reporter = SimpleNamespace(quiet=False, say=lines.append,
+                               notice=lambda text: lines.append(f"note: {text}"))
+    _summary(reporter, X, 5, result, {"search_s": 0.1}, "-", "mean", 10, None,
+             True, [])
+    raised = [line for line in lines if "--ef 10 raised to 40" in line]
+    fell_back = [line for line in lines if "fell back to exact search" in line]
+    assert (len(raised), len(fell_back)) == ((1, 0) if method == "hnsw" else (0, 1))
 
 
 def test_dev_null_takes_the_output_and_the_graph(tmp_path, small):

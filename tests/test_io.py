@@ -254,3 +254,8 @@ def test_weighing_a_file_does_not_import_pandas(tmp_path, rng):
                            "--k", "5", "-q", "-o", str(tmp_path / "w.parquet")],
                           capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stderr
+
+
+def test_counts_read_with_their_noun_and_thousands():
+    assert io.counted(1, "row") == "1 row"
+    assert io.counted(2500, "missing value") == "2,500 missing values"

@@ -451,8 +451,8 @@ def _require_numbers(chunked: pa.ChunkedArray, name: str, column: str) -> None:
 
 
 def counted(count: int, noun: str) -> str:
-    """``1 row``, ``2 rows``: a count with its noun in the right number."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+    """``1 row``, ``2,500 rows``: a count with its noun in the right number."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def refuse_nulls(chunked: pa.ChunkedArray, name: str, what: str,
@@ -696,8 +696,9 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     target = Path(path)
     _refuse_input_overwrite(target, inputs)
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise DataError(f"{target}: the folder {folder} does not exist")
+    problem = _folder_problem(target)
+    if problem:
+        raise DataError(f"{target}: {problem}")
     if target.is_dir():
         raise DataError(f"{target}: is a folder; give a file name")
     if _not_regular(target):
@@ -743,9 +744,19 @@ def check_output_path(path: str | None, option: str) -> None:
         stdout = " (or - for stdout)" if option == "-o" else ""
         raise UsageError(f"{option} {path}: exists and is not a regular file; "
                          f"give a file name{stdout}")
+    problem = _folder_problem(target)
+    if problem:
+        raise DataError(f"{option} {path}: {problem}")
+
+
+def _folder_problem(target: Path) -> str | None:
+    """Why the folder of an output cannot hold it, if it cannot."""
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise DataError(f"{option} {path}: the folder {folder} does not exist")
+    if folder.is_dir():
+        return None
+    if os.path.lexists(folder):
+        return f"{folder} is not a folder"
+    return f"the folder {folder} does not exist"
 
 
 def _not_regular(target: Path) -> bool:

@@ -286,8 +286,8 @@ def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
 def _searched_again(count: int) -> str:
     if not count:
         return ""
-    rows = "1 row" if count == 1 else f"{count:,} rows"
-    return f"; searched again: {rows} the graph did not lead back to"
+    return (f"; searched again: {io.counted(count, 'row')} the graph did not "
+            "lead back to")
 
 
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
@@ -310,7 +310,8 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     if graph_given and result.neighbours.method == "exact" \
             and "ef" not in details:  # no graph was tried
         reporter.notice(f"{', '.join(graph_given)} not used: exact search ran")
-    elif ef is not None and details.get("ef", ef) != ef:
+    elif ef is not None and details.get("ef", ef) != ef \
+            and result.neighbours.method == "hnsw":
         reporter.notice(f"--ef {ef} raised to {details['ef']}: hnswlib searches "
                         "with ef at least the neighbours it returns")
     if "reason" in details and result.neighbours.method == "exact" \
