@@ -2,6 +2,10 @@
 
     python benchmarks/weigh.py            # the full run (about 15 minutes)
     python benchmarks/weigh.py --quick    # smaller sizes, a couple of minutes
+    python benchmarks/weigh.py --hard-only  # far outliers, identical rows
+
+First, inputs that once slowed the exact search down a hundredfold (a few far
+outliers; masses of identical rows), against scikit-learn's brute force.
 
 Two kinds of synthetic features, d = 64, k = 20, ten classes:
 
@@ -67,7 +71,7 @@ def isotropic(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
 
 
 def write_parquet(path: Path, X: np.ndarray, y: np.ndarray) -> None:
-    values = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), D)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])
     pq.write_table(pa.table({"id": np.arange(len(X)), "features": values,
                              "label": y}), path)
 
@@ -211,12 +215,40 @@ def growth(sizes, folder, rng):
         out.unlink()
 
 
+def hard_inputs(folder, rng):
+    """Inputs that used to slow the exact search down, against scikit-learn's
+    brute force on the same array (its k neighbours only: a lower bound)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    cases = []
+    X = rng.normal(size=(30_000, 8)).astype(np.float32)
+    X[:3] *= 1e18
+    cases.append(("3 rows at 1e18 among 30,000 x 8", X))
+    for n, d in ((50_000, 32), (200_000, 16)):
+        X = rng.normal(size=(n, d)).astype(np.float32)
+        X[:int(0.95 * n)] = X[0]
+        cases.append((f"{n:,} x {d}, 95% identical rows", X[rng.permutation(n)]))
+    for label, X in cases:
+        path, out = folder / "hard.parquet", folder / "hard_w.parquet"
+        write_parquet(path, X, rng.integers(CLASSES, size=len(X)))
+        command = run_command(path, out)
+        started = time.perf_counter()
+        NearestNeighbors(n_neighbors=K, algorithm="brute", n_jobs=-1).fit(
+            X).kneighbors(X)
+        brute = time.perf_counter() - started
+        print(f"{label:36s} vbsw weigh {command['s']:6.2f} s  scikit-learn brute "
+              f"force {brute:6.2f} s  ratio {brute / command['s']:5.1f}x  "
+              f"[{command['search']}]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--full-baseline", action="store_true",
                         help="query every point in the k-d tree loop")
     parser.add_argument("--skip-million", action="store_true")
+    parser.add_argument("--hard-only", action="store_true",
+                        help="only the far outliers and identical rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     threads = len(os.sched_getaffinity(0))
@@ -226,6 +258,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="vbsw-bench-") as name:
         folder = Path(name)
+        print("\n== hard inputs for the exact search")
+        hard_inputs(folder, np.random.default_rng(1))  # leaves rng as it was
+        if args.hard_only:
+            return
         print("\n== against the k-d tree loop (the paper's reference approach)")
         against_reference("clustered", clustered, n_mid, 2000, folder, rng,
                           args.full_baseline)
