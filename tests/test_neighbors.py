@@ -145,6 +145,21 @@ def test_rows_searched_by_differences_in_a_tree_or_from_every_row(rng, pairs,
     assert_exact(X, 12, indices, distances, rows)
 
 
+@pytest.mark.parametrize("far", [1e20, 1e140])
+def test_tiny_rows_with_far_outliers_keep_their_relative_precision(rng, far):
+    X = rng.normal(size=(300, 6)) * 1e-100
+    X[:3] *= far  # 1e140: no scale fits both, the whole span is brought near 1
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(10, threads=2)
+    _, expected = brute_force(X, 10)
+    np.testing.assert_allclose(distances, expected, rtol=1e-9, atol=0)
+    again = np.sqrt(((X[indices] - X[:, None, :]) ** 2).sum(axis=-1))
+    np.testing.assert_allclose(distances, again, rtol=1e-9, atol=0)
+    # The typical row's norm near 1, or (1e140) the whole span near 1.
+    brought = blocked.robust_centre(X)[1] if far == 1e20 else blocked.column_span(X)
+    assert 1 <= brought * search.scale < 2
+
+
 @pytest.mark.parametrize("scale", [1e-100, 1e-30, 1e25, 1e100])
 def test_extreme_scales_are_exact_and_quiet(rng, scale, recwarn, monkeypatch):
     X = (rng.normal(size=(300, 6)) * scale).astype(np.float64)

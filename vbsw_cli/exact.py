@@ -51,6 +51,10 @@ SPACE_ROWS = 65_536
 # Rows whose median is the centre (a sample, evenly spread).
 CENTRE_ROWS = 4096
 
+# The largest span a scale may leave: its squared distances stay far inside
+# float64's range.
+FAR_SPAN = 2.0 ** 400
+
 # Rows the products cannot prove are searched by differences from every row
 # while (rows x n_samples) stays under this, else in a tree (whose import and
 # build cost more than a few rows' differences).
@@ -109,8 +113,7 @@ class ExactSearch:
         # Nor do neighbours change when every feature is multiplied by a
         # power of two, and the product is exact: where most rows lie far
         # out of float32's range, bring them back to it.
-        self.scale = 1.0 if _fits_float32(span, X.shape[1]) \
-            else unit_scale(typical, X.shape[1])
+        self.scale = _chosen_scale(span, typical, X.shape[1])
         if self.scale != 1.0:
             X, span = np.asarray(X, np.float64) * self.scale, span * self.scale
             self.centre = self.centre * self.scale
@@ -198,10 +201,13 @@ class ExactSearch:
             unsure = unsure[again.unsure()]
         if len(unsure):
             # Rows far from the others' centre against their neighbours'
-            # distances: products cannot tell those apart, differences can.
-            found_again = direct_neighbours(X, found.queries[unsure], n_query,
-                                            threads)
-            indices[unsure], distances[unsure] = found_again
+            # distances: products cannot tell those apart, differences can
+            # (of the features as given: a scale may have left float64's
+            # resolution behind for them).
+            found_again = direct_neighbours(self.given, found.queries[unsure],
+                                            n_query, threads)
+            indices[unsure] = found_again[0]
+            distances[unsure] = found_again[1] * self.scale
         return indices, distances
 
 
@@ -217,6 +223,18 @@ def _rescaled(advance, steps: int, total: int):
         advance(rows - done["rows"])
         done["rows"] = rows
     return step
+
+
+def _chosen_scale(span: float, typical: float, n_features: int) -> float:
+    """1 where every row fits float32; else the power of two that brings the
+    typical row near 1, unless the farthest would then leave FAR_SPAN (rows
+    too far apart for any one scale: the whole span is brought near 1)."""
+    if _fits_float32(span, n_features):
+        return 1.0
+    scale = unit_scale(typical, n_features)
+    if not span * scale <= FAR_SPAN:
+        return unit_scale(span, n_features)
+    return scale
 
 
 def unit_scale(span: float, n_features: int) -> float:
