@@ -605,3 +605,17 @@ def test_rows_searched_again_read_in_the_right_number():
     assert _searched_again(1) == ("; searched again: 1 row the graph did not "
                                   "lead back to")
     assert _searched_again(12_345).startswith("; searched again: 12,345 rows")
+
+
+def test_labels_beyond_float64_variance_fail_in_one_line_and_write_nothing(
+        tmp_path, rng):
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(60, 3)),
+                          rng.normal(size=60) * 1e160)
+    out = tmp_path / "w.parquet"
+    run = run_vbsw("weigh", path, "--k", "5", "-o", out, "--graph",
+                   tmp_path / "g.npz")
+    assert run.code == 1
+    assert one_line(run) == (f"vbsw weigh: error: {path}: label column 'label' "
+                             "spans " + one_line(run).split("spans ")[1])
+    assert "its variance would leave float64's range" in run.stderr
+    assert not out.exists() and not (tmp_path / "g.npz").exists()

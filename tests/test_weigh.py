@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vbsw_cli.errors import DataError
 from vbsw_cli.io import Labels
 from vbsw_cli.neighbors import SearchOptions, nearest_neighbours
-from vbsw_cli.weigh import (class_variance, local_variance, value_variance,
-                            weigh, weights_from_variance)
+from vbsw_cli.weigh import (class_variance, local_variance, standardize,
+                            value_variance, weigh, weights_from_variance)
 
 EXACT = SearchOptions(method="exact")
 
@@ -370,6 +371,57 @@ def test_standardize_searches_in_unit_variance_space(rng):
     np.testing.assert_allclose(result.local_variance, expected, rtol=1e-9)
     raw = weigh(X, [regression(y)], k=6, m=5, search=EXACT)
     assert not np.allclose(raw.local_variance, result.local_variance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(powers=st.lists(st.integers(-170, 200), min_size=3, max_size=3),
+       seed=st.integers(0, 2**16))
+def test_standardize_ignores_any_scale_of_a_column(powers, seed):
+    # A column of 1e200 used to become 0 (its variance overflowed to inf).
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(40, 3))
+    scaled = X * 10.0 ** np.array(powers, dtype=float)
+    np.testing.assert_allclose(standardize(scaled), standardize(X), rtol=1e-9,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("scale, near", [(1e160, 1e146), (1e-200, 1e-146)])
+def test_labels_whose_variance_leaves_float64_are_refused(rng, scale, near):
+    X = rng.normal(size=(50, 2))
+    y = rng.normal(size=50)
+    with pytest.raises(DataError, match="label column 'label' spans .*: its "
+                       "variance would leave float64's range"):
+        weigh(X, [regression(y * scale)], k=5, search=EXACT)
+    fine = weigh(X, [regression(y * near)], k=5, search=EXACT)
+    plain = weigh(X, [regression(y)], k=5, search=EXACT)
+    np.testing.assert_allclose(fine.weight, plain.weight, rtol=1e-9)
+
+
+def test_a_weight_that_is_not_a_number_is_never_handed_on(rng, monkeypatch):
+    import vbsw_cli.weigh as core
+
+    broken = core.local_variance
+
+    def with_nan(indices, labels):
+        variance = broken(indices, labels)
+        variance[[7, 9]] = np.nan
+        return variance
+
+    monkeypatch.setattr(core, "local_variance", with_nan)
+    with pytest.raises(DataError, match=r"^2 rows got a local variance that is "
+                       r"not finite \(first: row 7\)"):
+        weigh(rng.normal(size=(30, 2)), [regression(rng.normal(size=30))], k=4,
+              search=EXACT)
+
+
+def test_a_huge_m_keeps_the_weights_finite(rng):
+    variance = rng.uniform(0, 3, size=100)
+    weight, _ = weights_from_variance(variance, 1e308)
+    assert np.isfinite(weight).all()
+    np.testing.assert_allclose(weight.mean(), 1.0)
+    t = (variance - variance.min()) / np.ptp(variance)
+    expected = (1 / 1e308 + t) / (1 / 1e308 + t).mean()  # 1 + (m - 1) t, over m
+    np.testing.assert_allclose(weight, expected, rtol=1e-12)
 
 
 def test_a_sparse_graph_is_retried_denser_then_kept_with_a_warning(rng,

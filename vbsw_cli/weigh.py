@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vbsw_cli.errors import UsageError
-from vbsw_cli.io import Labels
+from vbsw_cli.errors import DataError, UsageError
+from vbsw_cli.io import Labels, counted
 from vbsw_cli.neighbors import (Neighbours, SearchOptions, measure_recall,
                                 nearest_neighbours)
 from vbsw_cli.progress import NullProgress, Progress, chunks
@@ -28,6 +28,10 @@ NORMALIZATIONS = ("mean", "sum")
 
 # Rows per block when gathering neighbour labels, to bound memory.
 BLOCK = 65_536
+
+# Real labels must span less than this, and more than its inverse (unless
+# constant): their squared differences then stay inside float64's range.
+LABEL_SPAN = 1e150
 
 # Local variances closer than this, relative to the largest, are taken as equal
 # (floating-point noise must not spread the weights over [1, m]).
@@ -60,10 +64,31 @@ def check_normalization(normalization: str) -> None:
 
 def standardize(X: np.ndarray) -> np.ndarray:
     """Features centred and scaled to unit variance (constant ones left at 0)."""
-    X = np.asarray(X, dtype=np.float64)
+    X = near_one(np.asarray(X, dtype=np.float64))
     scale = X.std(axis=0)
     scale[scale == 0] = 1.0
     return (X - X.mean(axis=0)) / scale
+
+
+def near_one(X: np.ndarray) -> np.ndarray:
+    """Each column multiplied by the power of two that brings its largest
+    magnitude into [0.5, 1): exact, and its squares can neither overflow
+    (a column of 1e200) nor vanish (1e-170)."""
+    _, exponent = np.frexp(np.abs(X).max(axis=0, initial=0.0))
+    return np.ldexp(X, -exponent)
+
+
+def check_label_span(labels: list[Labels]) -> None:
+    """Refuse real labels whose variance would leave float64's range."""
+    for column in labels:
+        if column.kind != "regression" or not len(column.values):
+            continue
+        values = np.asarray(column.values, np.float64)
+        span = float(np.max(np.ptp(values.reshape(len(values), -1), axis=0)))
+        if span > LABEL_SPAN or 0 < span < 1 / LABEL_SPAN:
+            raise DataError(f"label column '{column.column}' spans {span:.3g}: "
+                            "its variance would leave float64's range; rescale "
+                            "the labels")
 
 
 def weigh(X: np.ndarray, labels: list[Labels], *, k: int = 20, m: float = 40,
@@ -89,6 +114,7 @@ def weigh(X: np.ndarray, labels: list[Labels], *, k: int = 20, m: float = 40,
     """
     check_m(m)
     check_normalization(normalization)
+    check_label_span(labels)
     progress = progress or NullProgress()
     timings = {}
 
@@ -105,8 +131,19 @@ def weigh(X: np.ndarray, labels: list[Labels], *, k: int = 20, m: float = 40,
     started = time.perf_counter()
     variance = local_variance(neighbours.indices, labels)
     weight, all_equal = weights_from_variance(variance, m, normalization)
+    require_finite(variance, weight)
     timings["variance_s"] = time.perf_counter() - started
     return WeighResult(variance, weight, neighbours, timings, all_equal, recall)
+
+
+def require_finite(variance: np.ndarray, weight: np.ndarray) -> None:
+    """Refuse to hand on a local variance or weight that is not a number."""
+    for name, values in (("local variance", variance), ("weight", weight)):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise DataError(f"{counted(int(bad.sum()), 'row')} got a {name} that "
+                            f"is not finite (first: row {int(np.argmax(bad))}); "
+                            "nothing was written")
 
 
 def local_variance(indices: np.ndarray, labels: list[Labels]) -> np.ndarray:
@@ -176,7 +213,7 @@ def weights_from_variance(variance: np.ndarray, m: float,
         raw = np.ones_like(variance, dtype=np.float64)
         all_equal = True
     else:
-        raw = 1.0 + (m - 1.0) * (variance - low) / spread
+        raw = 1.0 + (m - 1.0) * ((variance - low) / spread)  # m up to 1e308
         all_equal = False
     return normalise(raw, normalization), all_equal
 

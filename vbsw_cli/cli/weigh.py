@@ -20,8 +20,8 @@ from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
                                 SearchOptions, check_k, check_search_options,
                                 csr_graph, duplicate_rows, floor_text)
-from vbsw_cli.weigh import (NORMALIZATIONS, check_m, check_normalization,
-                            histogram, weigh)
+from vbsw_cli.weigh import (NORMALIZATIONS, check_label_span, check_m,
+                            check_normalization, histogram, weigh)
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
            "-o weighted.parquet")
@@ -144,6 +144,8 @@ def weigh_cli(
     timings["read_s"] = time.perf_counter() - started
     with named_errors(features):
         check_k(k, len(X), not exclude_self)
+    with named_errors(label_source):
+        check_label_span(labels)
     # Said before the search, so a long run shows at once what it works on.
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
     reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
