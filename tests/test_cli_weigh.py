@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.sparse import load_npz
 
-from conftest import SAMPLE, run_vbsw, write_features
+from conftest import SAMPLE, run_vbsw, vectors, write_features
 from test_weigh import reference_neighbours, reference_variance, reference_weights
 from vbsw_cli.cli.weigh import _summary
 from vbsw_cli.io import Labels
@@ -619,3 +619,65 @@ def test_labels_beyond_float64_variance_fail_in_one_line_and_write_nothing(
                              "spans " + one_line(run).split("spans ")[1])
     assert "its variance would leave float64's range" in run.stderr
     assert not out.exists() and not (tmp_path / "g.npz").exists()
+
+
+def test_labels_from_another_file_are_joined_on_id(tmp_path, rng):
+    X, y = rng.normal(size=(80, 3)), rng.integers(3, size=80)
+    order = rng.permutation(80)
+    features = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"id": order, "features": vectors(X[order])}), features)
+    labels = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"id": np.arange(80), "y": y}), labels)
+    joined = run_vbsw("weigh", features, "--labels", labels, "--label", "y",
+                      "--k", "5", "--exact", "-o", "-")
+    assert joined.code == 0, joined.stderr
+    together = write_features(tmp_path / "t.parquet", X, y)  # rows in id order
+    plain = run_vbsw("weigh", together, "--k", "5", "--exact", "-o", "-")
+    weight = read(joined.stdout).column("weight").to_numpy()
+    np.testing.assert_allclose(weight, read(plain.stdout).column("weight")
+                               .to_numpy()[order], rtol=1e-12)
+    assert "matched by row position" not in joined.stderr
+
+    pq.write_table(pa.table({"y": y}), tmp_path / "no_id.parquet")
+    by_row = run_vbsw("weigh", features, "--labels", tmp_path / "no_id.parquet",
+                      "--label", "y", "--k", "5", "-o", "-")
+    assert by_row.code == 0, by_row.stderr
+    assert f"note: {features} has an 'id' column and {tmp_path / 'no_id.parquet'}" \
+        " has none: labels matched by row position" in by_row.stderr
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.r_[np.arange(79), 5], "id 5 appears more than once"),
+    (np.arange(1, 81), "no labels for 1 id of"),
+])
+def test_ids_that_cannot_be_joined_are_refused(tmp_path, rng, ids, message):
+    features = write_features(tmp_path / "f.parquet", rng.normal(size=(80, 2)),
+                              rng.integers(2, size=80))
+    labels = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"id": ids, "y": rng.integers(2, size=80)}), labels)
+    out = tmp_path / "w.parquet"
+    run = run_vbsw("weigh", features, "--labels", labels, "--label", "y", "-o", out)
+    assert run.code == 1 and message in one_line(run)
+    assert not out.exists()
+
+
+def test_input_columns_the_output_reuses_are_noticed(tmp_path, rng):
+    X = rng.normal(size=(40, 2))
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(2, size=40))
+    first = run_vbsw("weigh", path, "--k", "4", "-o", tmp_path / "w.parquet")
+    assert first.code == 0 and "replaced" not in first.stderr
+    again = run_vbsw("weigh", tmp_path / "w.parquet", "--k", "4", "-o", "-")
+    assert again.code == 0, again.stderr
+    assert f"note: 'local_variance' and 'weight' of {tmp_path / 'w.parquet'} " \
+        "replaced by the new values" in again.stderr
+    assert read(again.stdout).column_names.count("weight") == 1
+
+    table = pa.table({"features": vectors(X), "label": rng.integers(2, size=40),
+                      "row": np.arange(40)[::-1] * 10})
+    pq.write_table(table, tmp_path / "r.parquet")
+    only = run_vbsw("weigh", tmp_path / "r.parquet", "--k", "4", "--weights-only",
+                    "-o", "-")
+    assert only.code == 0, only.stderr
+    assert "note: the output's 'row' is the row number, not the 'row' column" \
+        in only.stderr
+    assert read(only.stdout).column("row").to_pylist() == list(range(40))

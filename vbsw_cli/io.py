@@ -798,6 +798,41 @@ def refuse_overwrite(path: str | None, option: str, inputs) -> None:
                              "file")
 
 
+def match_label_rows(table: pa.Table, name: str, other: pa.Table,
+                     labels_file: str) -> tuple[pa.Table, list[str]]:
+    """The rows of ``other`` (from ``--labels``) for the rows of ``table``:
+    joined on ``id`` when both have one, else row for row. Returns them
+    and notes on how they were matched."""
+    mine = ID_COLUMN in table.column_names
+    theirs = ID_COLUMN in other.column_names
+    if mine and theirs:
+        return _joined_on_id(table, name, other, labels_file), []
+    if other.num_rows != table.num_rows:
+        raise DataError(f"{labels_file}: {other.num_rows} label rows for "
+                        f"{table.num_rows} rows in {describe(name)}")
+    if mine == theirs:
+        return other, []
+    has, lacks = (labels_file, name) if theirs else (name, labels_file)
+    return other, [f"{describe(has)} has an '{ID_COLUMN}' column and "
+                   f"{describe(lacks)} has none: labels matched by row position"]
+
+
+def _joined_on_id(table, name, other, labels_file) -> pa.Table:
+    """The label rows in the order of the data's ids (each id once there)."""
+    theirs: dict = {}
+    for position, value in enumerate(other.column(ID_COLUMN).to_pylist()):
+        if value in theirs:
+            raise DataError(f"{labels_file}: id {value!r} appears more than "
+                            "once; the labels are joined on id")
+        theirs[value] = position
+    ids = table.column(ID_COLUMN).to_pylist()
+    missing = [value for value in ids if value not in theirs]
+    if missing:
+        raise DataError(f"{labels_file}: no labels for {counted(len(missing), 'id')}"
+                        f" of {describe(name)} (first: {missing[0]!r})")
+    return other.take(pa.array([theirs[value] for value in ids], pa.int64()))
+
+
 def dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth dictionary-encoding: text and categories, not numbers.
 

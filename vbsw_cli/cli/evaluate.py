@@ -287,32 +287,8 @@ def _label_table(table: pa.Table, name: str, labels_file: str | None):
     other = io.read_table(labels_file)
     if other.column_names in (["values"], ["features"]):
         other = other.rename_columns([io.DEFAULT_LABEL])
-    mine = io.ID_COLUMN in table.column_names
-    theirs = io.ID_COLUMN in other.column_names
-    if mine and theirs:
-        return _joined(table, name, other, labels_file), labels_file, []
-    if other.num_rows != table.num_rows:
-        raise DataError(f"{labels_file}: {other.num_rows} label rows for "
-                        f"{table.num_rows} rows in {io.describe(name)}")
-    notes = []
-    if mine != theirs:
-        has, lacks = (labels_file, name) if theirs else (name, labels_file)
-        notes.append(f"{io.describe(has)} has an '{io.ID_COLUMN}' column and "
-                     f"{io.describe(lacks)} has none: labels matched by row "
-                     "position")
+    other, notes = io.match_label_rows(table, name, other, labels_file)
     return other, labels_file, notes
-
-
-def _joined(table, name, other, labels_file) -> pa.Table:
-    """The label rows in the order of the data's ids."""
-    ids = table.column(io.ID_COLUMN).to_pylist()
-    theirs = {value: i for i, value in enumerate(
-        other.column(io.ID_COLUMN).to_pylist())}
-    missing = [value for value in ids if value not in theirs]
-    if missing:
-        raise DataError(f"{labels_file}: no labels for {len(missing)} ids of "
-                        f"{io.describe(name)} (first: {missing[0]!r})")
-    return other.take(pa.array([theirs[value] for value in ids]))
 
 
 def _score(outputs, labels, metadata, name) -> tuple[dict, dict]:

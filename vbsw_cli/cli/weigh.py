@@ -42,7 +42,8 @@ def weigh_cli(
     labels_file: Annotated[Optional[str], typer.Option(
         "--labels", metavar="FILE",
         help="Labels from another file (.npy, or Parquet with the --label "
-             "columns), row for row; needed for .npy features.")] = None,
+             "columns), joined on id when both files have one, else row for "
+             "row; needed for .npy features.")] = None,
     task: Annotated[str, typer.Option(
         "--task", metavar="auto|classification|regression",
         help="auto: float labels are regression targets, integers, strings and "
@@ -130,8 +131,8 @@ def weigh_cli(
 
     table = io.read_table(features)
     io.require_rows(table, features)
-    label_table, label_source = _label_table(table, features, labels_file,
-                                             label_names)
+    label_table, label_source, notes = _label_table(table, features,
+                                                    labels_file, label_names)
     label_columns = io.expand_columns(label_table, label_names, label_source,
                                       "label")
     own = label_columns if labels_file is None else []
@@ -139,6 +140,7 @@ def weigh_cli(
         table, features, column=features_column, columns=feature_patterns,
         exclude=[io.ID_COLUMN, *own])
     labels = io.read_labels(label_table, label_source, label_columns, task=task)
+    notes += _shadowed(table.column_names, features, weights_only, kind)
     table = _output_rows(table, label_table, label_columns, weights_only or
                          kind == "npy")
     timings["read_s"] = time.perf_counter() - started
@@ -149,6 +151,8 @@ def weigh_cli(
     # Said before the search, so a long run shows at once what it works on.
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
     reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
+    for note in notes:
+        reporter.notice(note)
 
     with named_errors(features):
         result = weigh(X, labels, k=k, m=m, include_self=not exclude_self,
@@ -201,6 +205,23 @@ def _validate(k, m, normalize, task, threads, check_recall, graph):
         raise UsageError(f"--graph {graph}: the graph is written as .npz")
 
 
+def _shadowed(columns, features, weights_only, kind) -> list[str]:
+    """Notes on input columns whose names the output gives to other values."""
+    if kind == "npy":
+        return []
+    if weights_only:
+        if "row" in columns and io.ID_COLUMN not in columns:
+            return [f"the output's 'row' is the row number, not the 'row' column "
+                    f"of {io.describe(features)} (name that one '{io.ID_COLUMN}' "
+                    "to carry it)"]
+        return []
+    replaced = [c for c in ("local_variance", "weight") if c in columns]
+    if not replaced:
+        return []
+    names = " and ".join(f"'{c}'" for c in replaced)
+    return [f"{names} of {io.describe(features)} replaced by the new values"]
+
+
 def _output_rows(table, label_table, label_columns, only_id):
     """The columns that go out: id only, or every input column plus the
     labels read from another file."""
@@ -215,21 +236,20 @@ def _output_rows(table, label_table, label_columns, only_id):
 
 def _label_table(table: pa.Table, features: str, labels_file: str | None,
                  label_names: list[str]):
-    """The table the labels come from: the features file, or --labels."""
+    """The table the labels come from (the features file, or --labels joined
+    on id), its name, and notes on how its rows were matched."""
     bare = [io.DEFAULT_FEATURES]
     if labels_file is None:
         if table.column_names == bare and label_names != bare:
             raise DataError(f"{io.describe(features)}: an array holds no labels; "
                             "give them with --labels FILE")
-        return table, features
+        return table, features, []
     other = io.read_table(labels_file)
     if other.column_names == bare and len(label_names) == 1:
         # A bare array (.npy): its one column is the label.
         other = other.rename_columns(label_names)
-    if other.num_rows != table.num_rows:
-        raise DataError(f"{labels_file}: {other.num_rows} label rows for "
-                        f"{table.num_rows} feature rows in {io.describe(features)}")
-    return other, labels_file
+    other, notes = io.match_label_rows(table, features, other, labels_file)
+    return other, labels_file, notes
 
 
 def _write(result, table, destination, kind, weights_only, parameters, inputs,
