@@ -135,3 +135,16 @@ def test_weigh_says_the_distinct_rows_were_searched_once(tmp_path, rng):
     assert "400 rows have a duplicate feature vector among their neighbours " \
         "(each point is counted once; the 4 distinct feature vectors were " \
         "searched once each)" in run.stderr
+
+
+@pytest.mark.parametrize("method", ["exact", "hnsw", "auto"])
+def test_rows_are_hashed_once_per_search(rng, monkeypatch, method):
+    import vbsw_cli.copies as copies
+
+    calls = []
+    hashes = copies.row_hashes
+    monkeypatch.setattr(copies, "row_hashes",
+                        lambda X: calls.append(len(X)) or hashes(X))
+    X = rng.normal(size=(12_000, 6)).astype(np.float32)
+    nearest_neighbours(X, 10, options=SearchOptions(method=method, threads=2))
+    assert calls == [12_000]

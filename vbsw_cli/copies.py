@@ -77,7 +77,7 @@ class Copies:
 def identical_rows(X: np.ndarray) -> Copies:
     """The groups of identical rows of X (each row alone where it has none)."""
     if not len(X):
-        return _alone(0)
+        return alone(0)
     hashes = row_hashes(X)
     _, first, inverse, sizes = np.unique(hashes, return_index=True,
                                          return_inverse=True, return_counts=True)
@@ -91,11 +91,11 @@ def identical_rows(X: np.ndarray) -> Copies:
     start = np.concatenate([[0], np.cumsum(sizes[order])])
     copies = Copies(first[order], group, members, start)
     if not _same_as_first(X, copies):  # two rows with one hash: a collision
-        return _alone(len(X))
+        return alone(len(X))
     return copies
 
 
-def _alone(n: int) -> Copies:
+def alone(n: int) -> Copies:
     """n rows, each in a group of its own."""
     return Copies(np.arange(n), np.arange(n), np.arange(n), np.arange(n + 1))
 

@@ -101,9 +101,10 @@ class ExactSearch:
     column operand of the tile products, the costliest part to prepare.
     """
 
-    def __init__(self, X: np.ndarray):
+    def __init__(self, X: np.ndarray, copies: Copies | None = None):
+        """``copies``: the groups of identical rows of X, where known."""
         self.given = X
-        self._copies: Copies | None = None
+        self._copies = copies
         self._distinct: ExactSearch | None = None
         # Distances do not change under a shift, and small norms keep the
         # products' rounding small: centre on the median of a sample of rows,

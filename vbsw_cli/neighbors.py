@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from vbsw_cli.copies import identical_rows
+from vbsw_cli.copies import alone, identical_rows
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.exact import ExactSearch, column_span
 from vbsw_cli.progress import NullProgress, Progress, chunks
@@ -84,6 +84,11 @@ EXACT_AGAIN = 2e9
 # per block when neighbourhoods are rearranged.
 QUERY_CHUNK = 20_000
 OWN_BLOCK = 65_536
+
+# Features (values) up to which the exact search prepared for the sample is
+# kept for the rows searched again (its operand is about 8 bytes a value):
+# above, the graph needs the memory more.
+KEEP_PREPARED = 8_000_000
 
 # Feature spans (see feature_span) whose squared distances stay well inside
 # float32 (hnswlib) and float64 (any search).
@@ -194,32 +199,35 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
         distinct = len(copies.first)
         indices, distances, method, details = _search(
             X[copies.first], min(n_query, distinct), options, progress,
-            include_self, rows="distinct rows")
+            include_self, alone(distinct), rows="distinct rows")
         indices, distances = copies.expand(indices, distances, n_query)
         indices = indices.astype(index_dtype(len(X)))[copies.group]
         distances = distances[copies.group]
         details["distinct_rows"] = distinct
     else:
-        indices, distances, method, details = _search(X, n_query, options,
-                                                      progress, include_self)
+        indices, distances, method, details = _search(
+            X, n_query, options, progress, include_self, copies)
 
     indices, distances = _own_neighbourhood(indices, distances, include_self)
     return Neighbours(indices, distances, method, details)
 
 
-def _search(X, n_query, options, progress, include_self, rows="rows"):
+def _search(X, n_query, options, progress, include_self, copies, rows="rows"):
     """The n_query nearest rows of every row, by the method chosen: indices,
-    distances, the method used and details of the choice. ``rows``: what the
-    rows of X are called in the reason."""
+    distances, the method used and details of the choice. ``copies``: the
+    groups of identical rows of X; ``rows``: what they are called in the
+    reason."""
     graph_reason = _graph_cannot(X, options)
     if options.method == "exact" or graph_reason or (
             options.method == "auto" and len(X) <= options.exact_below):
         reason = "asked for" if options.method == "exact" else graph_reason or (
             f"{len(X)} {rows} <= {options.exact_below}: an index would not pay "
             "off")
-        indices, distances = exact_search(X, n_query, options, progress)
+        indices, distances = exact_search(X, n_query, options, progress,
+                                          prepared=ExactSearch(X, copies))
         return indices, distances, "exact", {"reason": reason}
-    return _approximate_or_exact(X, n_query, options, progress, include_self)
+    return _approximate_or_exact(X, n_query, options, progress, include_self,
+                                 copies)
 
 
 def feature_span(X: np.ndarray) -> float:
@@ -369,7 +377,8 @@ def _tree_search(tree, queries, n_query, task):
 # Approximate search
 
 
-def _approximate_or_exact(X, n_query, options, progress, include_self=True):
+def _approximate_or_exact(X, n_query, options, progress, include_self=True,
+                          copies=None):
     """hnswlib with a measured recall, or the exact search when that is better.
 
     Recall is that of the neighbourhoods as used: without the point itself
@@ -380,7 +389,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True):
                                 replace=False))
     # A first small call pays the thread pool's start, which the timed ones
     # must not count: their time per row predicts the whole exact search.
-    prepared = ExactSearch(X)
+    prepared = ExactSearch(X, copies)
     exact_search(X, n_query, options, progress, rows=sample[:8],
                  prepared=prepared)
 
@@ -407,7 +416,11 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True):
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
                             contrast)
-    del prepared  # the graph needs the memory more
+    # The graph needs the prepared operand's memory more, unless it is small;
+    # else the rows searched again build it anew (the groups of copies kept).
+    kept = prepared if X.size <= KEEP_PREPARED \
+        else ExactSearch(X, prepared.copies())
+    del prepared
 
     details = {"recall_sample": int(len(sample)), "relative_contrast": contrast,
                "predicted_exact_s": predicted_exact}
@@ -454,7 +467,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True):
         reason = f"hnswlib could not return {n_query} neighbours for every row"
         return _exact_instead(X, n_query, options, progress, details, reason)
     del index
-    again = _search_again(X, *found, n_query, graph, ef, progress)
+    again = _search_again(X, *found, n_query, graph, ef, progress, kept)
     recall, low = _recall_as_used(found[0][sample], found[1][sample], sample,
                                   reference, include_self)
     details.update(searched_again=again, sample_recall=recall,
@@ -527,15 +540,16 @@ def _exact_first(X, prepared, n_query, options, progress, reason, contrast):
                                          "relative_contrast": contrast}
 
 
-def _search_again(X, indices, distances, n_query, graph, ef, progress) -> int:
+def _search_again(X, indices, distances, n_query, graph, ef, progress,
+                  prepared) -> int:
     """Search again the rows the graph did not lead back to themselves, in
     place; how many there were.
 
     A graph built on several threads can leave regions that its searches
     seldom enter, whatever ef: their rows miss most of their neighbours,
     which lie in the same region. Those rows are searched exactly among all
-    rows where that is cheap, else among themselves, and each keeps the
-    nearest of both answers.
+    rows where that is cheap (``prepared``: X ready for it), else among
+    themselves, and each keeps the nearest of both answers.
     """
     rows = np.flatnonzero(distances[:, 0] > 0)
     if not len(rows):
@@ -543,7 +557,7 @@ def _search_again(X, indices, distances, n_query, graph, ef, progress) -> int:
     task = progress.task("searching again", len(rows))
     threads = thread_count(graph.threads)
     if len(rows) * len(X) <= EXACT_AGAIN or len(rows) <= n_query:
-        found = ExactSearch(X).neighbours(n_query, rows=rows, threads=threads)
+        found = prepared.neighbours(n_query, rows=rows, threads=threads)
     else:
         among = np.ascontiguousarray(X[rows], dtype=np.float32)
         index = build_index(among, graph, NullProgress())
