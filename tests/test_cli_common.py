@@ -219,3 +219,37 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
     assert lines[-1] == "vbsw weigh: error: interrupted; no output was written"
     assert "Traceback" not in stderr.decode()
     assert list(out.iterdir()) == []
+
+
+def _duplicate_label_file(path: Path, tensor: str) -> Path:
+    """Sample digits with their label column twice (and the tensor renamed)."""
+    from conftest import SAMPLE
+
+    table = pq.read_table(SAMPLE / "digits_test.parquet").slice(0, 40)
+    columns = [table.column("image"), table.column("label"),
+               table.column("label")]
+    pq.write_table(pa.Table.from_arrays(columns,
+                                        names=[tensor, "label", "label"]), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["embed", "weigh", "retrain-head", "evaluate"])
+def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
+    from conftest import SAMPLE, run_here
+
+    backbone = SAMPLE / "digits_backbone.onnx"
+    tensor = "image" if name in ("embed", "evaluate") else "features"
+    data = _duplicate_label_file(tmp_path / "dup.parquet", tensor)
+    models = [backbone] if name in ("embed", "evaluate") else []
+    out = tmp_path / "out"
+    out.mkdir()
+    output = {"evaluate": ["--json", out / "o.json"],
+              "retrain-head": ["-o", out / "o.onnx"]}.get(
+                  name, ["-o", out / "o.parquet"])
+    run = run_here(capfd, name, *models, data, *output)
+
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip() == (
+        f"vbsw {name}: error: {data}: column 'label' appears 2 times; column "
+        "names must be unique")
+    assert list(out.iterdir()) == []

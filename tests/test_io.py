@@ -259,3 +259,18 @@ def test_weighing_a_file_does_not_import_pandas(tmp_path, rng):
 def test_counts_read_with_their_noun_and_thousands():
     assert io.counted(1, "row") == "1 row"
     assert io.counted(2500, "missing value") == "2,500 missing values"
+
+
+def test_a_parquet_file_with_a_column_named_twice_is_refused(tmp_path,
+                                                             monkeypatch):
+    label = pa.array([0, 1])
+    table = pa.Table.from_arrays([vectors(np.ones((2, 2))), label, label],
+                                 names=["features", "label", "label"])
+    pq.write_table(table, tmp_path / "dup.parquet")
+    words = "column 'label' appears 2 times; column names must be unique"
+    with pytest.raises(DataError, match=f"dup.parquet: {words}"):
+        io.read_table(tmp_path / "dup.parquet")
+    monkeypatch.setattr("sys.stdin", stdio.TextIOWrapper(
+        stdio.BytesIO((tmp_path / "dup.parquet").read_bytes())))
+    with pytest.raises(DataError, match=f"stdin: {words}"):
+        io.read_table("-")

@@ -111,6 +111,7 @@ def _read_parquet(source, name: str, columns) -> pa.Table:
     try:
         handle = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
         schema = handle.schema_arrow
+        refuse_duplicate_columns(schema, name)
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns],
                                metadata=schema.metadata)
@@ -118,6 +119,17 @@ def _read_parquet(source, name: str, columns) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError) as error:
         raise DataError(f"{name}: not a readable Parquet file ({_short(error)})")
     return pa.Table.from_batches(batches, schema=schema)
+
+
+def refuse_duplicate_columns(schema: pa.Schema, name: str) -> None:
+    """Refuse a file whose columns are not named uniquely: a name would not
+    say which of them is meant."""
+    names = schema.names
+    twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"{describe(name)}: column '{twice}' appears "
+                        f"{names.count(twice)} times; column names must be "
+                        "unique")
 
 
 def _load_npy(source, name: str) -> np.ndarray:
