@@ -253,3 +253,29 @@ def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
         f"vbsw {name}: error: {data}: column 'label' appears 2 times; column "
         "names must be unique")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("role", ["features", "labels"])
+@pytest.mark.parametrize("name", ["weigh", "evaluate"])
+def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
+                                                              name, role):
+    import numpy as np
+
+    from conftest import SAMPLE, run_here
+
+    np.save(tmp_path / "one.npy", np.float64(3))
+    np.save(tmp_path / "x.npy", np.zeros((10, 64), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.arange(10) % 2)
+    data, labels = (("one.npy", "y.npy") if role == "features"
+                    else ("x.npy", "one.npy"))
+    models = [SAMPLE / "digits_backbone.onnx"] if name == "evaluate" else []
+    out = tmp_path / ("o.json" if name == "evaluate" else "o.parquet")
+    output = ["--json" if name == "evaluate" else "-o", out]
+    run = run_here(capfd, name, *models, tmp_path / data, "--labels",
+                   tmp_path / labels, *output)
+
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip() == (
+        f"vbsw {name}: error: {tmp_path / 'one.npy'}: holds a single value (a "
+        "0-dimensional array); expected one row per sample")
+    assert not out.exists()

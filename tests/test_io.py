@@ -274,3 +274,10 @@ def test_a_parquet_file_with_a_column_named_twice_is_refused(tmp_path,
         stdio.BytesIO((tmp_path / "dup.parquet").read_bytes())))
     with pytest.raises(DataError, match=f"stdin: {words}"):
         io.read_table("-")
+
+
+def test_a_single_value_npy_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.float64(3))
+    with pytest.raises(DataError, match=r"x.npy: holds a single value \(a "
+                       r"0-dimensional array\); expected one row per sample"):
+        io.read_table(tmp_path / "x.npy")

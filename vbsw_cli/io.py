@@ -156,6 +156,9 @@ def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
     if array.dtype.names is not None:
         raise DataError(f"{name}: structured arrays are not supported; use "
                         "Parquet")
+    if array.ndim == 0:
+        raise DataError(f"{name}: holds a single value (a 0-dimensional array); "
+                        "expected one row per sample")
     if array.dtype.kind not in "biuf":
         raise DataError(f"{name}: holds {array.dtype} values; expected numbers "
                         "(integers or floats)")
