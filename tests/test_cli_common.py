@@ -279,3 +279,35 @@ def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
         f"vbsw {name}: error: {tmp_path / 'one.npy'}: holds a single value (a "
         "0-dimensional array); expected one row per sample")
     assert not out.exists()
+
+
+def test_string_labels_in_npy_give_what_they_give_in_parquet(tmp_path, capfd):
+    import json
+
+    import numpy as np
+
+    from conftest import SAMPLE, run_here
+
+    table = pq.read_table(SAMPLE / "breast_cancer.parquet")
+    names = np.array(["benign", "malignant"])[
+        table.column("label").to_numpy().astype(int)]
+    np.save(tmp_path / "y.npy", names)
+    pq.write_table(pa.table({"label": names}), tmp_path / "y.parquet")
+    np.save(tmp_path / "x.npy", np.stack(table.column("features").to_numpy(
+        zero_copy_only=False)))
+    x = tmp_path / "x.npy"
+    results = {}
+    for kind in ("npy", "parquet"):
+        labels, weighted = tmp_path / f"y.{kind}", tmp_path / f"w-{kind}.parquet"
+        head, metrics = tmp_path / f"h-{kind}.onnx", tmp_path / f"e-{kind}.json"
+        for args in (("weigh", x, "--labels", labels, "-o", weighted),
+                     ("retrain-head", weighted, "-o", head),
+                     ("evaluate", head, x, "--labels", labels, "--json",
+                      metrics)):
+            run = run_here(capfd, *args, "-q")
+            assert run.code == 0, run.stderr
+        results[kind] = (pq.read_table(weighted), json.loads(metrics.read_text()))
+
+    assert results["npy"][0].column("label").to_pylist() == names.tolist()
+    assert results["npy"][0].equals(results["parquet"][0])
+    assert results["npy"][1]["metrics"] == results["parquet"][1]["metrics"]

@@ -281,3 +281,32 @@ def test_a_single_value_npy_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"x.npy: holds a single value \(a "
                        r"0-dimensional array\); expected one row per sample"):
         io.read_table(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("values", [np.array(["b", "a", "b"]),
+                                    np.array([b"b", b"a", b"b"])])
+def test_a_text_npy_is_read_as_strings_for_labels_only(tmp_path, values):
+    np.save(tmp_path / "y.npy", values)
+    table = io.read_table(tmp_path / "y.npy", text=True)
+    assert table.column("features").type == pa.string()
+    labels = io.read_labels(table, "y.npy", ["features"])[0]
+    assert labels.kind == "classification" and labels.classes == ["a", "b"]
+    np.testing.assert_array_equal(labels.values, [1, 0, 1])
+    with pytest.raises(DataError, match=r"y.npy: holds [<|][US]1 values; "
+                       "expected numbers"):
+        io.read_table(tmp_path / "y.npy")
+
+
+def test_text_npy_labels_must_be_1d_utf8_and_never_objects(tmp_path):
+    np.save(tmp_path / "wide.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(DataError, match=r"wide.npy: an array of text of shape "
+                       r"\(2, 2\); text labels need one value per row"):
+        io.read_table(tmp_path / "wide.npy", text=True)
+    np.save(tmp_path / "latin.npy", np.array([b"caf\xe9"]))
+    with pytest.raises(DataError, match="latin.npy: holds bytes that are not "
+                       "UTF-8 text"):
+        io.read_table(tmp_path / "latin.npy", text=True)
+    np.save(tmp_path / "objects.npy", np.array(["a", 1], dtype=object))
+    with pytest.raises(DataError, match="objects.npy: not a readable .npy file "
+                       r"\(Object arrays cannot be loaded"):
+        io.read_table(tmp_path / "objects.npy", text=True)
