@@ -60,7 +60,7 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
     assert any(out.iterdir()), "the temporary output never appeared"
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + signal.SIGTERM, stderr
     assert list(out.iterdir()) == []
 
 
@@ -149,7 +149,7 @@ def test_sigterm_while_training_a_head_writes_no_model(tmp_path):
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
 
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + signal.SIGTERM, stderr
     assert b"interrupted; no output was written" in stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -178,6 +178,33 @@ def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
     assert run.stderr.strip().splitlines()[-1] == (
         "vbsw weigh: error: interrupted; no output was written")
     assert ("Traceback" in run.stderr) == debug
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143),
+                                        ("SIGHUP", 129)])
+def test_a_signal_exits_with_128_plus_its_number(tmp_path, capfd,
+                                                 monkeypatch, name, code):
+    import os
+    import signal
+
+    from conftest import SAMPLE, run_here
+    from vbsw_cli import stopping
+    import vbsw_cli.cli.weigh as weigh_cli
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, name))
+
+    monkeypatch.setattr(weigh_cli, "weigh", signalled)
+    try:
+        run = run_here(capfd, "weigh", SAMPLE / "breast_cancer.parquet", "-q",
+                       "-o", tmp_path / "w.parquet")
+    finally:
+        stopping.clear_stop()  # the stop is remembered; later tests run on
+
+    assert run.code == code, run.stderr
+    assert run.stderr.strip() == (
+        "vbsw weigh: error: interrupted; no output was written")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -215,7 +242,7 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
     if child.returncode == 0:  # finished before the signal: a fast machine
         assert (out / "w.parquet").exists()
         return
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + getattr(signal, name), stderr
     assert lines[-1] == "vbsw weigh: error: interrupted; no output was written"
     assert "Traceback" not in stderr.decode()
     assert list(out.iterdir()) == []

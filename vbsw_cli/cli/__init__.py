@@ -16,8 +16,8 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
 from vbsw_cli import __version__, io
-from vbsw_cli.stopping import (interrupted_line, stop_cleanly_on_signals,
-                               stop_requested)
+from vbsw_cli.stopping import (interrupted_code, interrupted_line,
+                               stop_cleanly_on_signals, stop_requested)
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
@@ -46,15 +46,17 @@ def main(argv: list[str] | None = None) -> None:
         if not stop_requested():
             raise
         code = 130  # an interrupt that came out as another error
-    if code == 130:  # typer turns every interrupt into this code, silently
+    if code == 130:  # typer turns every interrupt into this code, silently;
+        # interrupted() exits with the code of the signal that stopped the run.
         interrupted(args)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def interrupted(args) -> None:
-    """The one line every interrupt ends with, wherever it came: exit 130."""
+    """The one line every interrupt ends with, wherever it came; exit 128 + the
+    signal's number (130 for SIGINT)."""
     stderr.print(interrupted_line(args, partial=io.stdout_started), markup=False)
-    sys.exit(130)
+    sys.exit(interrupted_code())
 
 
 def _dispatch(args: list[str]):
