@@ -338,3 +338,17 @@ def test_string_labels_in_npy_give_what_they_give_in_parquet(tmp_path, capfd):
     assert results["npy"][0].column("label").to_pylist() == names.tolist()
     assert results["npy"][0].equals(results["parquet"][0])
     assert results["npy"][1]["metrics"] == results["parquet"][1]["metrics"]
+
+
+def test_vbsw_alone_prints_the_help_on_stderr_without_an_error(capfd):
+    from conftest import run_here
+
+    help_text = run_here(capfd, "--help")
+    run = run_here(capfd)  # no arguments at all
+
+    # As click does for a group called without a command: the help on
+    # stderr, exit 2 (it did not run anything), and no error line.
+    assert run.code == 2 and run.stdout == ""
+    assert run.stderr.strip() == help_text.stdout.strip()
+    assert run.stderr.startswith("Usage: vbsw [OPTIONS] COMMAND")
+    assert "error" not in run.stderr

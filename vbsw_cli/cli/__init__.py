@@ -64,12 +64,21 @@ def _dispatch(args: list[str]):
     try:
         return command.main(args=args, prog_name="vbsw", standalone_mode=False)
     except UsageError as error:
-        where = error.ctx.command_path if error.ctx else "vbsw"
-        stderr.print(f"{where}: error: {error.format_message()} (see {where} "
-                     "--help)", markup=False)
-        sys.exit(2)
+        _usage_error(error)
     except typer.Abort:  # click turns an interrupt in its own code into this
         raise KeyboardInterrupt
     except ClickException as error:
         stderr.print(f"vbsw: error: {error.format_message()}", markup=False)
         sys.exit(error.exit_code)
+
+
+def _usage_error(error: UsageError) -> None:
+    """One error line, exit 2; ``vbsw`` alone prints its help instead (on
+    stderr, exit 2, as click does), which is no error."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # click >= 8.2
+        stderr.print(error.format_message(), markup=False)
+        sys.exit(2)
+    where = error.ctx.command_path if error.ctx else "vbsw"
+    stderr.print(f"{where}: error: {error.format_message()} (see {where} "
+                 "--help)", markup=False)
+    sys.exit(2)
