@@ -60,7 +60,7 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
     assert any(out.iterdir()), "the temporary output never appeared"
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + signal.SIGTERM, stderr
     assert list(out.iterdir()) == []
 
 
@@ -149,7 +149,7 @@ def test_sigterm_while_training_a_head_writes_no_model(tmp_path):
     child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=120)
 
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + signal.SIGTERM, stderr
     assert b"interrupted; no output was written" in stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -178,6 +178,33 @@ def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
     assert run.stderr.strip().splitlines()[-1] == (
         "vbsw weigh: error: interrupted; no output was written")
     assert ("Traceback" in run.stderr) == debug
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143),
+                                        ("SIGHUP", 129)])
+def test_a_signal_exits_with_128_plus_its_number(tmp_path, capfd,
+                                                 monkeypatch, name, code):
+    import os
+    import signal
+
+    from conftest import SAMPLE, run_here
+    from vbsw_cli import stopping
+    import vbsw_cli.cli.weigh as weigh_cli
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, name))
+
+    monkeypatch.setattr(weigh_cli, "weigh", signalled)
+    try:
+        run = run_here(capfd, "weigh", SAMPLE / "breast_cancer.parquet", "-q",
+                       "-o", tmp_path / "w.parquet")
+    finally:
+        stopping.clear_stop()  # the stop is remembered; later tests run on
+
+    assert run.code == code, run.stderr
+    assert run.stderr.strip() == (
+        "vbsw weigh: error: interrupted; no output was written")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -215,7 +242,113 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
     if child.returncode == 0:  # finished before the signal: a fast machine
         assert (out / "w.parquet").exists()
         return
-    assert child.returncode == 130, stderr
+    assert child.returncode == 128 + getattr(signal, name), stderr
     assert lines[-1] == "vbsw weigh: error: interrupted; no output was written"
     assert "Traceback" not in stderr.decode()
     assert list(out.iterdir()) == []
+
+
+def _duplicate_label_file(path: Path, tensor: str) -> Path:
+    """Sample digits with their label column twice (and the tensor renamed)."""
+    from conftest import SAMPLE
+
+    table = pq.read_table(SAMPLE / "digits_test.parquet").slice(0, 40)
+    columns = [table.column("image"), table.column("label"),
+               table.column("label")]
+    pq.write_table(pa.Table.from_arrays(columns,
+                                        names=[tensor, "label", "label"]), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["embed", "weigh", "retrain-head", "evaluate"])
+def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
+    from conftest import SAMPLE, run_here
+
+    backbone = SAMPLE / "digits_backbone.onnx"
+    tensor = "image" if name in ("embed", "evaluate") else "features"
+    data = _duplicate_label_file(tmp_path / "dup.parquet", tensor)
+    models = [backbone] if name in ("embed", "evaluate") else []
+    out = tmp_path / "out"
+    out.mkdir()
+    output = {"evaluate": ["--json", out / "o.json"],
+              "retrain-head": ["-o", out / "o.onnx"]}.get(
+                  name, ["-o", out / "o.parquet"])
+    run = run_here(capfd, name, *models, data, *output)
+
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip() == (
+        f"vbsw {name}: error: {data}: column 'label' appears 2 times; column "
+        "names must be unique")
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("role", ["features", "labels"])
+@pytest.mark.parametrize("name", ["weigh", "evaluate"])
+def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
+                                                              name, role):
+    import numpy as np
+
+    from conftest import SAMPLE, run_here
+
+    np.save(tmp_path / "one.npy", np.float64(3))
+    np.save(tmp_path / "x.npy", np.zeros((10, 64), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.arange(10) % 2)
+    data, labels = (("one.npy", "y.npy") if role == "features"
+                    else ("x.npy", "one.npy"))
+    models = [SAMPLE / "digits_backbone.onnx"] if name == "evaluate" else []
+    out = tmp_path / ("o.json" if name == "evaluate" else "o.parquet")
+    output = ["--json" if name == "evaluate" else "-o", out]
+    run = run_here(capfd, name, *models, tmp_path / data, "--labels",
+                   tmp_path / labels, *output)
+
+    assert run.code == 1, run.stderr
+    assert run.stderr.strip() == (
+        f"vbsw {name}: error: {tmp_path / 'one.npy'}: holds a single value (a "
+        "0-dimensional array); expected one row per sample")
+    assert not out.exists()
+
+
+def test_string_labels_in_npy_give_what_they_give_in_parquet(tmp_path, capfd):
+    import json
+
+    import numpy as np
+
+    from conftest import SAMPLE, run_here
+
+    table = pq.read_table(SAMPLE / "breast_cancer.parquet")
+    names = np.array(["benign", "malignant"])[
+        table.column("label").to_numpy().astype(int)]
+    np.save(tmp_path / "y.npy", names)
+    pq.write_table(pa.table({"label": names}), tmp_path / "y.parquet")
+    np.save(tmp_path / "x.npy", np.stack(table.column("features").to_numpy(
+        zero_copy_only=False)))
+    x = tmp_path / "x.npy"
+    results = {}
+    for kind in ("npy", "parquet"):
+        labels, weighted = tmp_path / f"y.{kind}", tmp_path / f"w-{kind}.parquet"
+        head, metrics = tmp_path / f"h-{kind}.onnx", tmp_path / f"e-{kind}.json"
+        for args in (("weigh", x, "--labels", labels, "-o", weighted),
+                     ("retrain-head", weighted, "-o", head),
+                     ("evaluate", head, x, "--labels", labels, "--json",
+                      metrics)):
+            run = run_here(capfd, *args, "-q")
+            assert run.code == 0, run.stderr
+        results[kind] = (pq.read_table(weighted), json.loads(metrics.read_text()))
+
+    assert results["npy"][0].column("label").to_pylist() == names.tolist()
+    assert results["npy"][0].equals(results["parquet"][0])
+    assert results["npy"][1]["metrics"] == results["parquet"][1]["metrics"]
+
+
+def test_vbsw_alone_prints_the_help_on_stderr_without_an_error(capfd):
+    from conftest import run_here
+
+    help_text = run_here(capfd, "--help")
+    run = run_here(capfd)  # no arguments at all
+
+    # As click does for a group called without a command: the help on
+    # stderr, exit 2 (it did not run anything), and no error line.
+    assert run.code == 2 and run.stdout == ""
+    assert run.stderr.strip() == help_text.stdout.strip()
+    assert run.stderr.startswith("Usage: vbsw [OPTIONS] COMMAND")
+    assert "error" not in run.stderr

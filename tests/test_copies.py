@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import vbsw_cli.exact as blocked
 import vbsw_cli.neighbors as neighbors
 from conftest import run_vbsw, write_features
 from tests.test_neighbors import assert_exact, brute_force

@@ -724,7 +724,7 @@ def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
     run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--batch-size", "30",
                    "-o", "-")
 
-    assert run.code == 130, run.stderr
+    assert run.code == 128 + getattr(signal, name), run.stderr
     assert_cut_stream(run.stdout)
 
 
@@ -1173,6 +1173,20 @@ def test_usage_errors_exit_2(tmp_path, option, words, here, monkeypatch):
 
     assert_failed(run, 2, *words)
     assert not (tmp_path / "f.parquet").exists()
+
+
+@pytest.mark.parametrize("first", [TEST, "npy"])
+def test_a_model_given_as_input_says_the_model_comes_first(tmp_path, here,
+                                                           first):
+    if first == "npy":
+        first = _npy(tmp_path, digits(4)[1])
+    run = here("embed", first, BACKBONE, "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 2)
+    assert run.stderr.strip() == (
+        f"vbsw embed: error: INPUT {BACKBONE} is an ONNX model: the model comes "
+        "first (vbsw embed MODEL.onnx INPUT)")
+    no_files_left(tmp_path, "f.parquet")
 
 
 @pytest.mark.parametrize("kind, option", [

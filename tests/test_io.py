@@ -259,3 +259,54 @@ def test_weighing_a_file_does_not_import_pandas(tmp_path, rng):
 def test_counts_read_with_their_noun_and_thousands():
     assert io.counted(1, "row") == "1 row"
     assert io.counted(2500, "missing value") == "2,500 missing values"
+
+
+def test_a_parquet_file_with_a_column_named_twice_is_refused(tmp_path,
+                                                             monkeypatch):
+    label = pa.array([0, 1])
+    table = pa.Table.from_arrays([vectors(np.ones((2, 2))), label, label],
+                                 names=["features", "label", "label"])
+    pq.write_table(table, tmp_path / "dup.parquet")
+    words = "column 'label' appears 2 times; column names must be unique"
+    with pytest.raises(DataError, match=f"dup.parquet: {words}"):
+        io.read_table(tmp_path / "dup.parquet")
+    monkeypatch.setattr("sys.stdin", stdio.TextIOWrapper(
+        stdio.BytesIO((tmp_path / "dup.parquet").read_bytes())))
+    with pytest.raises(DataError, match=f"stdin: {words}"):
+        io.read_table("-")
+
+
+def test_a_single_value_npy_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.float64(3))
+    with pytest.raises(DataError, match=r"x.npy: holds a single value \(a "
+                       r"0-dimensional array\); expected one row per sample"):
+        io.read_table(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("values", [np.array(["b", "a", "b"]),
+                                    np.array([b"b", b"a", b"b"])])
+def test_a_text_npy_is_read_as_strings_for_labels_only(tmp_path, values):
+    np.save(tmp_path / "y.npy", values)
+    table = io.read_table(tmp_path / "y.npy", text=True)
+    assert table.column("features").type == pa.string()
+    labels = io.read_labels(table, "y.npy", ["features"])[0]
+    assert labels.kind == "classification" and labels.classes == ["a", "b"]
+    np.testing.assert_array_equal(labels.values, [1, 0, 1])
+    with pytest.raises(DataError, match=r"y.npy: holds [<|][US]1 values; "
+                       "expected numbers"):
+        io.read_table(tmp_path / "y.npy")
+
+
+def test_text_npy_labels_must_be_1d_utf8_and_never_objects(tmp_path):
+    np.save(tmp_path / "wide.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(DataError, match=r"wide.npy: an array of text of shape "
+                       r"\(2, 2\); text labels need one value per row"):
+        io.read_table(tmp_path / "wide.npy", text=True)
+    np.save(tmp_path / "latin.npy", np.array([b"caf\xe9"]))
+    with pytest.raises(DataError, match="latin.npy: holds bytes that are not "
+                       "UTF-8 text"):
+        io.read_table(tmp_path / "latin.npy", text=True)
+    np.save(tmp_path / "objects.npy", np.array(["a", 1], dtype=object))
+    with pytest.raises(DataError, match="objects.npy: not a readable .npy file "
+                       r"\(Object arrays cannot be loaded"):
+        io.read_table(tmp_path / "objects.npy", text=True)

@@ -12,10 +12,13 @@ from pathlib import Path
 from conftest import ROOT
 
 
-def _readme_commands() -> list[str]:
+def _quick_start() -> str:
     text = (ROOT / "README.md").read_text()
-    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.+?)\n```", quick)
+    return text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_commands() -> list[str]:
+    return re.findall(r"```sh\n(.+?)\n```", _quick_start())
 
 
 def test_ci_runs_the_readme_test_command():
@@ -39,3 +42,15 @@ def test_the_main_job_runs_the_whole_chain(tmp_path):
     assert accuracy["n"] == 2 and 0.9 < accuracy["mean"] <= 1.0
     assert (tmp_path / "out" / "digits_vbsw.onnx").stat().st_size > 0
     assert "gain per model" in done.stderr
+    # The merged model's evaluation follows the comparison table, as the
+    # Quick start says.
+    merged = done.stderr.index("== one deployable model")
+    assert done.stderr.index("gain per model") < merged
+    assert "accuracy" in done.stderr[merged:]
+
+
+def test_the_quick_start_says_what_the_run_ends_with():
+    quick = " ".join(_quick_start().split())
+    assert "Its last lines compare" not in quick
+    assert ("printed before the run ends with the merged model's evaluation"
+            in quick)

@@ -2,8 +2,8 @@
 
 import sys
 
-from vbsw_cli.stopping import (interrupted_line, stop_cleanly_on_signals,
-                               stop_requested)
+from vbsw_cli.stopping import (interrupted_code, interrupted_line,
+                               stop_cleanly_on_signals, stop_requested)
 
 
 def run() -> None:
@@ -16,7 +16,7 @@ def run() -> None:
         if not (isinstance(error, KeyboardInterrupt) or stop_requested()):
             raise
         sys.stderr.write(interrupted_line(sys.argv[1:]) + "\n")
-        sys.exit(130)
+        sys.exit(interrupted_code())
     try:
         main()
     except KeyboardInterrupt:  # between a handler and main's own try

@@ -479,6 +479,7 @@ class ParquetSource(Source):
             raise DataError(f"{io.describe(name)}: not a readable Parquet file "
                             f"({_short(error)})")
         schema = self.file.schema_arrow
+        io.refuse_duplicate_columns(schema, name)
         self.metadata = schema.metadata
         self.n_rows = self.file.metadata.num_rows
         self.tensor = self._tensor_column(schema, tensor_column)

@@ -185,7 +185,6 @@ class ExactSearch:
         return self._columns[dtype]
 
     def _search(self, n_query, rows, threads, advance):
-        X = self.X
         found = _Candidates(_Space.of(self.columns(self.dtype), rows, n_query),
                             rows, n_query)
         _run(found, threads, advance)

@@ -58,17 +58,19 @@ def describe(path: str | os.PathLike) -> str:
     return "stdin" if str(path) == STDIO else str(path)
 
 
-def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None
-               ) -> pa.Table:
+def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
+               text: bool = False) -> pa.Table:
     """Read a Parquet or ``.npy`` file (or stdin) into an Arrow table.
 
     A ``.npy`` array becomes one column named ``features``: a fixed-size list
     for a 2-D array (higher dimensions flattened per row), numbers for 1-D.
+    With ``text`` (a labels file), a 1-D array of text (unicode or bytes)
+    becomes a string column, as string labels are in Parquet.
     """
     path = str(path)
     if path == STDIO:
         data = sys.stdin.buffer.read()
-        return _read_bytes(data, "stdin", columns)
+        return _read_bytes(data, "stdin", columns, text)
 
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
@@ -79,23 +81,23 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None
 
     suffix = Path(path).suffix.lower()
     if suffix == ".npy":
-        return _npy_table(_load_npy(path, path), path)
+        return _npy_table(_load_npy(path, path), path, text)
     if suffix in (".parquet", ".pq"):
         return _read_parquet(path, path, columns)
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(NPY_MAGIC):
-        return _npy_table(_load_npy(path, path), path)
+        return _npy_table(_load_npy(path, path), path, text)
     if head.startswith(PARQUET_MAGIC):
         return _read_parquet(path, path, columns)
     raise DataError(f"{path}: unknown file type; expected .parquet or .npy")
 
 
-def _read_bytes(data: bytes, name: str, columns) -> pa.Table:
+def _read_bytes(data: bytes, name: str, columns, text: bool) -> pa.Table:
     if not data:
         raise DataError(f"{name}: no data on standard input")
     if data.startswith(NPY_MAGIC):
-        return _npy_table(_load_npy(io.BytesIO(data), name), name)
+        return _npy_table(_load_npy(io.BytesIO(data), name), name, text)
     if data.startswith(PARQUET_MAGIC):
         return _read_parquet(pa.BufferReader(data), name, columns)
     raise DataError(f"{name}: neither Parquet nor .npy data on standard input")
@@ -111,6 +113,7 @@ def _read_parquet(source, name: str, columns) -> pa.Table:
     try:
         handle = pq.ParquetFile(source, buffer_size=READ_BUFFER, pre_buffer=False)
         schema = handle.schema_arrow
+        refuse_duplicate_columns(schema, name)
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns],
                                metadata=schema.metadata)
@@ -118,6 +121,17 @@ def _read_parquet(source, name: str, columns) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowException, OSError, KeyError) as error:
         raise DataError(f"{name}: not a readable Parquet file ({_short(error)})")
     return pa.Table.from_batches(batches, schema=schema)
+
+
+def refuse_duplicate_columns(schema: pa.Schema, name: str) -> None:
+    """Refuse a file whose columns are not named uniquely: a name would not
+    say which of them is meant."""
+    names = schema.names
+    twice = next((c for i, c in enumerate(names) if c in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"{describe(name)}: column '{twice}' appears "
+                        f"{names.count(twice)} times; column names must be "
+                        "unique")
 
 
 def _load_npy(source, name: str) -> np.ndarray:
@@ -140,10 +154,16 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
     return _load_npy(path, path)
 
 
-def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
+def _npy_table(array: np.ndarray, name: str = ".npy", text: bool = False
+               ) -> pa.Table:
     if array.dtype.names is not None:
         raise DataError(f"{name}: structured arrays are not supported; use "
                         "Parquet")
+    if array.ndim == 0:
+        raise DataError(f"{name}: holds a single value (a 0-dimensional array); "
+                        "expected one row per sample")
+    if text and array.dtype.kind in "US":
+        return pa.table({DEFAULT_FEATURES: _text_column(array, name)})
     if array.dtype.kind not in "biuf":
         raise DataError(f"{name}: holds {array.dtype} values; expected numbers "
                         "(integers or floats)")
@@ -155,6 +175,20 @@ def _npy_table(array: np.ndarray, name: str = ".npy") -> pa.Table:
                         "per row (width 0)")
     flat = np.ascontiguousarray(array.reshape(len(array), width))
     return pa.table({DEFAULT_FEATURES: fixed_size_list(flat)})
+
+
+def _text_column(array: np.ndarray, name: str) -> pa.Array:
+    """A 1-D array of text (unicode, or bytes read as UTF-8) as strings."""
+    if array.ndim != 1:
+        raise DataError(f"{name}: an array of text of shape {array.shape}; "
+                        "text labels need one value per row (a 1-D array)")
+    if array.dtype.kind == "S":
+        try:
+            array = np.char.decode(array, "utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{name}: holds bytes that are not UTF-8 text "
+                            f"({error.reason} at byte {error.start})")
+    return pa.array(array, type=pa.string())
 
 
 def _short(error: Exception) -> str:

@@ -15,18 +15,22 @@ import signal
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 _stop_requested = False
+_stop_signal: int | None = None  # the number of the first signal that stopped
 
 
-def request_stop() -> None:
-    """Remember that the run was told to stop."""
-    global _stop_requested
+def request_stop(signum: int | None = None) -> None:
+    """Remember that the run was told to stop (by signal ``signum``, if one)."""
+    global _stop_requested, _stop_signal
     _stop_requested = True
+    if _stop_signal is None:
+        _stop_signal = signum
 
 
 def clear_stop() -> None:
     """Forget an earlier stop (a new run in the same process)."""
-    global _stop_requested
+    global _stop_requested, _stop_signal
     _stop_requested = False
+    _stop_signal = None
 
 
 def stop_requested() -> bool:
@@ -37,6 +41,13 @@ def check_stop() -> None:
     """Raise KeyboardInterrupt if a stop was asked for, even if it was lost."""
     if _stop_requested:
         raise KeyboardInterrupt("stop requested")
+
+
+def interrupted_code() -> int:
+    """The exit status of a stopped run, as shells give it: 128 + the signal's
+    number (143 for SIGTERM, 129 for SIGHUP); 130, SIGINT's, for Ctrl-C or an
+    interrupt that no signal caused."""
+    return 128 + (_stop_signal or signal.SIGINT)
 
 
 def interrupted_line(args, partial: bool = False) -> str:
@@ -51,7 +62,7 @@ def interrupted_line(args, partial: bool = False) -> str:
 
 
 def _interrupt(signum, frame):
-    request_stop()
+    request_stop(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

@@ -16,8 +16,8 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
 from vbsw_cli import __version__, io
-from vbsw_cli.stopping import (interrupted_line, stop_cleanly_on_signals,
-                               stop_requested)
+from vbsw_cli.stopping import (interrupted_code, interrupted_line,
+                               stop_cleanly_on_signals, stop_requested)
 from vbsw_cli.cli._common import app, stderr
 from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
 
@@ -46,15 +46,17 @@ def main(argv: list[str] | None = None) -> None:
         if not stop_requested():
             raise
         code = 130  # an interrupt that came out as another error
-    if code == 130:  # typer turns every interrupt into this code, silently
+    if code == 130:  # typer turns every interrupt into this code, silently;
+        # interrupted() exits with the code of the signal that stopped the run.
         interrupted(args)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def interrupted(args) -> None:
-    """The one line every interrupt ends with, wherever it came: exit 130."""
+    """The one line every interrupt ends with, wherever it came; exit 128 + the
+    signal's number (130 for SIGINT)."""
     stderr.print(interrupted_line(args, partial=io.stdout_started), markup=False)
-    sys.exit(130)
+    sys.exit(interrupted_code())
 
 
 def _dispatch(args: list[str]):
@@ -62,12 +64,21 @@ def _dispatch(args: list[str]):
     try:
         return command.main(args=args, prog_name="vbsw", standalone_mode=False)
     except UsageError as error:
-        where = error.ctx.command_path if error.ctx else "vbsw"
-        stderr.print(f"{where}: error: {error.format_message()} (see {where} "
-                     "--help)", markup=False)
-        sys.exit(2)
+        _usage_error(error)
     except typer.Abort:  # click turns an interrupt in its own code into this
         raise KeyboardInterrupt
     except ClickException as error:
         stderr.print(f"vbsw: error: {error.format_message()}", markup=False)
         sys.exit(error.exit_code)
+
+
+def _usage_error(error: UsageError) -> None:
+    """One error line, exit 2; ``vbsw`` alone prints its help instead (on
+    stderr, exit 2, as click does), which is no error."""
+    if type(error).__name__ == "NoArgsIsHelpError":  # click >= 8.2
+        stderr.print(error.format_message(), markup=False)
+        sys.exit(2)
+    where = error.ctx.command_path if error.ctx else "vbsw"
+    stderr.print(f"{where}: error: {error.format_message()} (see {where} "
+                 "--help)", markup=False)
+    sys.exit(2)

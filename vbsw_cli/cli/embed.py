@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
@@ -126,6 +125,7 @@ def embed_cli(
     if source is None:
         raise UsageError("missing INPUT: give a .npy, Parquet file, image "
                          "folder or - (or use --list-layers)")
+    _refuse_swapped(model, source)
     check_column_roles(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
     _check_destination(destination)
@@ -181,6 +181,13 @@ def _check_destination(destination: str) -> None:
             destination == io.STDIO or io.is_devnull(destination)):
         raise UsageError(f"-o {destination}: vbsw embed writes Parquet; give a "
                          ".parquet file name, or - for stdout")
+
+
+def _refuse_swapped(model: str, source: str) -> None:
+    """An ONNX file given as INPUT, and no ONNX file as MODEL: swapped."""
+    if source.lower().endswith(".onnx") and not model.lower().endswith(".onnx"):
+        raise UsageError(f"INPUT {source} is an ONNX model: the model comes "
+                         "first (vbsw embed MODEL.onnx INPUT)")
 
 
 def _refuse_with_list_layers(**given) -> None:

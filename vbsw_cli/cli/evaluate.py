@@ -284,7 +284,7 @@ def _label_table(table: pa.Table, name: str, labels_file: str | None):
     """The table holding the labels, its name, and notes on how rows match."""
     if labels_file is None:
         return table, name, []
-    other = io.read_table(labels_file)
+    other = io.read_table(labels_file, text=True)
     if other.column_names in (["values"], ["features"]):
         other = other.rename_columns([io.DEFAULT_LABEL])
     other, notes = io.match_label_rows(table, name, other, labels_file)

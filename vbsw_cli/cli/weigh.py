@@ -244,7 +244,7 @@ def _label_table(table: pa.Table, features: str, labels_file: str | None,
             raise DataError(f"{io.describe(features)}: an array holds no labels; "
                             "give them with --labels FILE")
         return table, features, []
-    other = io.read_table(labels_file)
+    other = io.read_table(labels_file, text=True)
     if other.column_names == bare and len(label_names) == 1:
         # A bare array (.npy): its one column is the label.
         other = other.rename_columns(label_names)
