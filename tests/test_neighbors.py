@@ -145,6 +145,33 @@ def test_rows_searched_by_differences_in_a_tree_or_from_every_row(rng, pairs,
     assert_exact(X, 12, indices, distances, rows)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distances_again_a_few_pairs_at_a_time(rng, monkeypatch, dtype):
+    X = rng.normal(size=(40, 7)).astype(dtype)
+    first, second = rng.integers(40, size=(2, 10))
+    # 3 pairs of 7 features (two gathered rows and a float64 difference each)
+    monkeypatch.setattr(blocked, "DIFFERENCE_BYTES", 3 * 7 * (2 * X.itemsize + 8))
+    assert blocked.pairs_per_chunk(7, X.itemsize) == 3  # 4 chunks, the last of 1
+    squared = blocked.squared_differences(X, first, second)
+    direct = ((X[first].astype(float) - X[second]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(squared, direct, rtol=1e-14)
+    assert len(blocked.squared_differences(X, first[:0], second[:0])) == 0
+
+
+def test_distances_again_hold_a_bounded_chunk_whatever_the_features(rng):
+    import tracemalloc
+
+    X = rng.normal(size=(50, 20_000)).astype(np.float32)
+    first, second = rng.integers(50, size=(2, 2000))  # all at once: 320 MB
+    tracemalloc.start()
+    try:
+        blocked.squared_differences(X, first, second)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < blocked.DIFFERENCE_BYTES + 2**20
+
+
 @pytest.mark.parametrize("far", [1e20, 1e140])
 def test_tiny_rows_with_far_outliers_keep_their_relative_precision(rng, far):
     X = rng.normal(size=(300, 6)) * 1e-100
