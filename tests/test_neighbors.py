@@ -38,6 +38,18 @@ def assert_exact(X, k, indices, distances, rows=None):
     assert all(len(set(row)) == k for row in indices.tolist())
 
 
+def peak_allocation(function, *args, **kwargs) -> int:
+    """The most bytes ``function`` held allocated at once (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function(*args, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 rows, so that small inputs take many tiles and merges."""
@@ -159,17 +171,39 @@ def test_distances_again_a_few_pairs_at_a_time(rng, monkeypatch, dtype):
 
 
 def test_distances_again_hold_a_bounded_chunk_whatever_the_features(rng):
-    import tracemalloc
-
     X = rng.normal(size=(50, 20_000)).astype(np.float32)
     first, second = rng.integers(50, size=(2, 2000))  # all at once: 320 MB
-    tracemalloc.start()
-    try:
-        blocked.squared_differences(X, first, second)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_allocation(blocked.squared_differences, X, first, second)
     assert peak < blocked.DIFFERENCE_BYTES + 2**20
+
+
+def test_float32_operands_add_one_copy_of_the_features(rng, small_tiles,
+                                                       monkeypatch):
+    # Stored columns, left blocks made per tile, float64 centring (and rows
+    # hashed or compared) a chunk at a time: the search held three copies and
+    # more before.
+    for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
+                         (copies_module, "HASH_BYTES")]:
+        monkeypatch.setattr(module, name, 2**16)
+    X = rng.normal(size=(1000, 2048)).astype(np.float32)
+    search = blocked.ExactSearch(X)
+    peak = peak_allocation(search.neighbours, 5, threads=1)
+    assert search.dtype == np.float32
+    assert peak < 1.5 * X.nbytes  # 8 times before
+
+
+def test_float64_columns_are_made_block_by_block(rng, small_tiles):
+    X = rng.normal(size=(600, 8))
+    X[[5, 300]] *= 1e18  # float64 products
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(10, threads=2)
+    assert_exact(X, 10, indices, distances)
+    columns = search.columns(np.float64)
+    assert search.dtype == np.float64 and columns.stored is None
+    centred = X[10:20] - search.centre
+    squared = (centred ** 2).sum(axis=1)
+    made = np.column_stack([-2 * centred, np.ones(10), squared])
+    np.testing.assert_allclose(columns.block(10, 20), made, rtol=1e-15)
 
 
 @pytest.mark.parametrize("far", [1e20, 1e140])

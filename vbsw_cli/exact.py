@@ -45,8 +45,10 @@ BLOCK = 1024
 MERGE_EVERY = 4
 PENDING_PER_ROW = 64
 
-# Rows centred in float64 at a time when the tiles' operands are made.
-SPACE_ROWS = 65_536
+# Bytes of float64 rows centred (or differences taken) at a time when the
+# tiles' operands are made or rows are searched by differences: 65,536 rows of
+# 64 features, fewer of more (a count of rows grew with the features).
+SPACE_BYTES = 32 * 2**20
 
 # Rows whose median is the centre (a sample, evenly spread).
 CENTRE_ROWS = 4096
@@ -298,13 +300,18 @@ def _brute_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int
     squared = np.empty(len(X))
     for position, row in enumerate(queries):
         query = np.asarray(X[row], np.float64)
-        for start, stop in chunks(len(X), SPACE_ROWS):
-            difference = np.asarray(X[start:stop], np.float64) - query
+        for start, stop in chunks(len(X), space_rows(X.shape[1])):
+            difference = np.subtract(X[start:stop], query, dtype=np.float64)
             squared[start:stop] = np.einsum("ij,ij->i", difference, difference)
         nearest = np.argpartition(squared, n_query - 1)[:n_query]
         nearest = nearest[np.argsort(squared[nearest], kind="stable")]
         indices[position], distances[position] = nearest, np.sqrt(squared[nearest])
     return indices, distances
+
+
+def space_rows(n_features: int) -> int:
+    """Rows of ``n_features`` float64 values that fill SPACE_BYTES."""
+    return max(1, SPACE_BYTES // (8 * max(n_features, 1)))
 
 
 def squared_differences(X: np.ndarray, first: np.ndarray, second: np.ndarray
@@ -345,64 +352,116 @@ class _Columns:
     exact : (n, d) the features as given, cast to float64 row by row for
         the final distances (a float64 copy of a million rows would double
         the search's memory).
-    right : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in the working
-        dtype.
     squared : (n,) float64 squared norms of the centred rows.
     centre : (d,) float64 the centre.
+    dtype : the working dtype.
+    stored : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in float32; None
+        in float64, whose blocks are made from ``exact`` when a tile needs
+        them: stored, they would take twice a float32 input's memory (and
+        a tile's product costs 10 to 30 times more than making its blocks).
     """
 
     exact: np.ndarray
-    right: np.ndarray
     squared: np.ndarray
     centre: np.ndarray
+    dtype: type
+    stored: np.ndarray | None
 
     @classmethod
     def of(cls, X: np.ndarray, dtype, centre: np.ndarray) -> _Columns:
         n, d = X.shape
-        right = np.empty((n, d + 2), dtype)
         squared = np.empty(n)
-        for start, stop in chunks(n, SPACE_ROWS):  # float64 a chunk at a time
-            centred = X[start:stop].astype(np.float64) - centre
+        stored = np.empty((n, d + 2), dtype) if dtype == np.float32 else None
+        for start, stop in chunks(n, space_rows(d)):  # a chunk at a time
+            centred = np.subtract(X[start:stop], centre, dtype=np.float64)
             squared[start:stop] = np.einsum("ij,ij->i", centred, centred)
-            right[start:stop, :d] = -2 * centred
-            right[start:stop, d] = 1
-            right[start:stop, d + 1] = squared[start:stop]
-        return cls(X, right, squared, centre)
+            if stored is not None:
+                _fill_right(stored[start:stop], centred, squared[start:stop])
+        return cls(X, squared, centre, dtype, stored)
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop as the right operand ``[-2 y, 1, |y|^2]``."""
+        if self.stored is not None:
+            return self.stored[start:stop]
+        return self.operand(slice(start, stop), _fill_right)
+
+    def operand(self, rows: slice | np.ndarray, fill) -> np.ndarray:
+        """``X[rows]`` (a slice, or row numbers) centred and made an operand
+        by ``fill`` (``_fill_left`` or ``_fill_right``), in the working
+        dtype, a chunk at a time."""
+        d = self.exact.shape[1]
+        made = np.empty((len(self.squared[rows]), d + 2), self.dtype)
+        for start, stop in chunks(len(made), space_rows(d)):
+            part = _part(rows, start, stop)
+            centred = np.subtract(self.exact[part], self.centre, dtype=np.float64)
+            fill(made[start:stop], centred, self.squared[part])
+        return made
+
+
+def _part(rows: slice | np.ndarray, start: int, stop: int) -> slice | np.ndarray:
+    """``rows[start:stop]``; of a slice, a slice (a view, not a copy)."""
+    if isinstance(rows, slice):
+        return slice(rows.start + start, rows.start + stop)
+    return rows[start:stop]
+
+
+def _fill_right(out: np.ndarray, centred: np.ndarray, squared: np.ndarray
+                ) -> None:
+    """``out = [-2 y, 1, |y|^2]`` for centred rows y."""
+    d = centred.shape[1]
+    np.multiply(centred, -2, out=out[:, :d])  # exact, then rounded to out
+    out[:, d], out[:, d + 1] = 1, squared
+
+
+def _fill_left(out: np.ndarray, centred: np.ndarray, squared: np.ndarray
+               ) -> None:
+    """``out = [x, |x|^2, 1]`` for centred rows x."""
+    d = centred.shape[1]
+    out[:, :d], out[:, d], out[:, d + 1] = centred, squared, 1
+
+
+def _left_of_right(right: np.ndarray) -> np.ndarray:
+    """``[x, |x|^2, 1]`` from ``[-2 x, 1, |x|^2]``, exactly (a power of two)."""
+    d = right.shape[1] - 2
+    left = np.empty_like(right)
+    np.multiply(right[:, :d], -0.5, out=left[:, :d])
+    left[:, d], left[:, d + 1] = right[:, d + 1], 1
+    return left
 
 
 @dataclass
 class _Space:
-    """Features ready for tiles: ``left[q] . right[j]`` is ``|x_q - x_j|^2``.
+    """Features ready for tiles: ``left_block(q) . columns.block(j)`` is
+    ``|x_q - x_j|^2``.
 
-    exact, right : as in :class:`_Columns`.
-    left : (n_queries, d + 2) in the working dtype, for the query rows only.
+    columns : the :class:`_Columns`.
+    left : (n_queries, d + 2) ``[x, |x|^2, 1]`` for the query rows; None in a
+        self-join, whose blocks are made when a tile needs them (a copy of
+        every row would add a feature matrix to the memory).
     slack : (n_queries,) bound of the rounding error of any entry in a row.
     """
 
-    exact: np.ndarray
-    left: np.ndarray
-    right: np.ndarray
+    columns: _Columns
+    left: np.ndarray | None
     slack: np.ndarray
     norm: np.ndarray
     unit: float
+
+    @property
+    def exact(self) -> np.ndarray:
+        return self.columns.exact
 
     @classmethod
     def of(cls, columns: _Columns, queries: np.ndarray | None, n_query: int
            ) -> _Space:
         """The space of ``columns``, with ``left`` for ``queries`` (None:
         every row)."""
-        right, squared = columns.right, columns.squared
-        n, d = len(right), right.shape[1] - 2
-        dtype = right.dtype
+        squared, dtype = columns.squared, columns.dtype
+        d = columns.exact.shape[1]
         reach = np.sqrt(np.partition(squared, n_query - 1)[n_query - 1])
-        if queries is None:
-            left = np.empty((n, d + 2), dtype)
-            left[:, :d] = right[:, :d] / -2  # exact: a power of two
-            left[:, d], left[:, d + 1] = squared, 1
-        else:
-            centred = columns.exact[queries].astype(np.float64) - columns.centre
-            left = np.empty((len(queries), d + 2), dtype)
-            left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
+        left = None
+        if queries is not None:
+            left = columns.operand(queries, _fill_left)
             squared = squared[queries]
         # An entry's error is at most unit * (|x| + |y|)^2: d + 2 products
         # plus the roundings of the inputs, with eps = twice the unit
@@ -412,7 +471,15 @@ class _Space:
         unit = (d + 8) * float(np.finfo(dtype).eps)
         norm = np.sqrt(squared)
         slack = unit * (3 * norm + reach) ** 2
-        return cls(columns.exact, left, right, slack.astype(dtype), norm, unit)
+        return cls(columns, left, slack.astype(dtype), norm, unit)
+
+    def left_block(self, lo: int, hi: int) -> np.ndarray:
+        """The query rows lo:hi as the left operand ``[x, |x|^2, 1]``."""
+        if self.left is not None:
+            return self.left[lo:hi]
+        if self.columns.stored is not None:
+            return _left_of_right(self.columns.stored[lo:hi])
+        return self.columns.operand(slice(lo, hi), _fill_left)
 
 
 class _Candidates:
@@ -427,14 +494,14 @@ class _Candidates:
     """
 
     def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
-        n = len(space.right)
+        n = len(space.exact)
         self.space, self.k, self.width = space, n_query, 2 * n_query
         self.self_join = rows is None
         self.queries = np.arange(n) if rows is None else np.asarray(rows)
         self.slack = space.slack
         count = len(self.queries)
         self.keys = np.full((count, self.width), EMPTY, np.uint64)
-        self.threshold = np.full(count, np.inf, space.left.dtype)
+        self.threshold = np.full(count, np.inf, space.columns.dtype)
         self.proven = np.zeros(count, bool)
         self.tied = np.zeros(count, bool)
         self.dropped = np.full(count, np.inf, self.threshold.dtype)
@@ -468,7 +535,8 @@ class _Candidates:
         """Offer one tile's entries to its query block (and column block)."""
         lo, hi = self.blocks[block]
         start, stop = self.columns[column]
-        tile = self.space.left[lo:hi] @ self.space.right[start:stop].T
+        tile = self.space.left_block(lo, hi) @ \
+            self.space.columns.block(start, stop).T
         both = self.self_join and column != block
 
         # One pass finds the entries under either block's thresholds.
