@@ -192,6 +192,26 @@ def test_float32_operands_add_one_copy_of_the_features(rng, small_tiles,
     assert peak < 1.5 * X.nbytes  # 8 times before
 
 
+@pytest.mark.parametrize("dtype, rows", [(np.float32, 50), (np.float64, 25)])
+def test_blocks_of_many_features_have_fewer_rows(rng, monkeypatch, dtype, rows):
+    # 50 rows of 40 float32 features (42 with the norms) fill a block's bytes.
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 50 * 42 * 4)
+    monkeypatch.setattr(blocked, "LEAST_BLOCK", 20)
+    assert blocked.block_rows(40, dtype) == rows
+    assert blocked.block_rows(4000, dtype) == 20  # never fewer
+    X = rng.normal(size=(260, 40))
+    X[[3, 200]] *= 1 if dtype == np.float32 else 1e18  # float64 products
+    sizes, start = [], blocked._Candidates.__init__
+
+    def init(self, *args):
+        start(self, *args)
+        sizes.append({hi - lo for lo, hi in self.blocks + self.columns})
+    monkeypatch.setattr(blocked._Candidates, "__init__", init)
+    indices, distances = exact_neighbours(X, 15, threads=2)
+    assert_exact(X, 15, indices, distances)
+    assert sizes[-1] == {rows, 260 % rows}
+
+
 def test_float64_columns_are_made_block_by_block(rng, small_tiles):
     X = rng.normal(size=(600, 8))
     X[[5, 300]] *= 1e18  # float64 products

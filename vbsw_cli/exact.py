@@ -39,6 +39,12 @@ from vbsw_cli.progress import chunks
 # per tile is small against the product. At most 2**15 (rows are int16).
 # Timed on 50,000 x 64 floats, 2 cores: 768 to 1536 are as fast, 2048 slower.
 BLOCK = 1024
+# Bytes of one block's operand: BLOCK rows of up to 2046 float32 features,
+# fewer rows of more (each thread holds two blocks at a time, and 1024 rows of
+# 10,000 float64 features took 80 MB), but never under LEAST_BLOCK rows (tiles
+# of fewer would be mostly Python work).
+BLOCK_BYTES = 16 * 2**20
+LEAST_BLOCK = 64
 # Tiles between two merges of a block's candidates, and the pending entries
 # (per row of the block, on average) that force a merge earlier, so that a
 # block's pending candidates stay few.
@@ -193,13 +199,13 @@ class ExactSearch:
         return self._columns[dtype]
 
     def _search(self, n_query, rows, threads, advance):
-        X = self.X
-        found = _Candidates(_Space.of(self.columns(self.dtype), rows, n_query),
+        dtype = self.dtype
+        found = _Candidates(_Space.of(self.columns(dtype), rows, n_query),
                             rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         unsure = found.unsure()
-        if len(unsure) and self.dtype == np.float32:
+        if len(unsure) and dtype == np.float32:
             # Near-ties too many for float32, or rounding too coarse for the
             # distances: those rows again in float64.
             queries = found.queries[unsure]
@@ -307,6 +313,12 @@ def _brute_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int
         nearest = nearest[np.argsort(squared[nearest], kind="stable")]
         indices[position], distances[position] = nearest, np.sqrt(squared[nearest])
     return indices, distances
+
+
+def block_rows(n_features: int, dtype) -> int:
+    """Rows of a block: BLOCK, fewer where their operand passes BLOCK_BYTES."""
+    fit = BLOCK_BYTES // ((n_features + 2) * np.dtype(dtype).itemsize)
+    return min(BLOCK, max(fit, LEAST_BLOCK))
 
 
 def space_rows(n_features: int) -> int:
@@ -505,8 +517,9 @@ class _Candidates:
         self.proven = np.zeros(count, bool)
         self.tied = np.zeros(count, bool)
         self.dropped = np.full(count, np.inf, self.threshold.dtype)
-        self.blocks = chunks(count, BLOCK)
-        self.columns = self.blocks if rows is None else chunks(n, BLOCK)
+        size = block_rows(space.exact.shape[1], space.columns.dtype)
+        self.blocks = chunks(count, size)
+        self.columns = self.blocks if rows is None else chunks(n, size)
         self.pending = [[] for _ in self.blocks]
         self.tiles = [0] * len(self.blocks)
         self.locks = [threading.Lock() for _ in self.blocks]
