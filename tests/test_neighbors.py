@@ -85,7 +85,9 @@ def test_the_default_tiles_give_the_same_neighbours(rng):
 
 
 def calls_of_unsure(monkeypatch) -> list:
-    """The positions each ``unsure()`` call returned, in order."""
+    """The positions each ``unsure()`` call returned, in order (the float32
+    pass first: no probe before it)."""
+    monkeypatch.setattr(blocked, "PROBE_FROM", 10**9)
     calls, unsure = [], blocked._Candidates.unsure
     monkeypatch.setattr(blocked._Candidates, "unsure",
                         lambda self: calls.append(unsure(self)) or calls[-1])
@@ -110,6 +112,47 @@ def test_masses_of_near_duplicates_are_searched_again(rng, small_tiles,
     indices, distances = exact_neighbours(X, 20, threads=2)
     assert len(calls[0]) == len(X)
     assert_exact(X, 20, indices, distances)
+
+
+def searches_made(monkeypatch) -> list:
+    """(dtype of the products, rows) of each search of candidates, in order."""
+    made, start = [], blocked._Candidates.__init__
+
+    def init(self, space, rows, n_query):
+        start(self, space, rows, n_query)
+        made.append((space.columns.dtype, len(self.queries)))
+    monkeypatch.setattr(blocked._Candidates, "__init__", init)
+    return made
+
+
+def test_rows_float32_cannot_prove_go_to_float64_after_a_probe(rng, small_tiles,
+                                                               monkeypatch):
+    X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)  # copies told apart below float32
+    made = searches_made(monkeypatch)
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(20, threads=2)
+    assert made == [(np.float32, blocked.PROBE_ROWS), (np.float64, 600)]
+    assert_exact(X, 20, indices, distances)
+    assert search._float32_fails and np.float32 not in search._columns
+    made.clear()
+    rows = np.arange(0, 600, 7)
+    indices, distances = search.neighbours(5, rows=rows, threads=1)
+    assert made == [(np.float64, len(rows))]  # no probe again
+    assert_exact(X, 5, indices, distances, rows)
+
+
+def test_a_probe_float32_proves_keeps_float32(rng, small_tiles, monkeypatch):
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    made = searches_made(monkeypatch)
+    search = blocked.ExactSearch(X)
+    search.neighbours(10, rows=np.arange(50), threads=1)  # too few to probe
+    search.neighbours(10, threads=2)
+    indices, distances = search.neighbours(10, threads=2)
+    assert made == [(np.float32, 50), (np.float32, blocked.PROBE_ROWS),
+                    (np.float32, 300), (np.float32, 300)]
+    assert search._float32_fails is False
+    assert_exact(X, 10, indices, distances)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -212,6 +255,21 @@ def test_blocks_of_many_features_have_fewer_rows(rng, monkeypatch, dtype, rows):
     assert sizes[-1] == {rows, 260 % rows}
 
 
+def test_float64_products_of_every_row_hold_blocks_not_copies(rng,
+                                                             monkeypatch):
+    # Near-duplicates fail the float32 probe: every row in float64, whose
+    # operands are blocks made per tile (5 copies of the features before).
+    for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
+                         (blocked, "BLOCK_BYTES"), (copies_module, "HASH_BYTES")]:
+        monkeypatch.setattr(module, name, 2**16)
+    X = np.repeat(rng.normal(size=(12, 512)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)
+    search = blocked.ExactSearch(X)
+    peak = peak_allocation(search.neighbours, 20, threads=1)
+    assert search._float32_fails
+    assert peak < X.nbytes  # the probe's float32 columns: half of it
+
+
 def test_float64_columns_are_made_block_by_block(rng, small_tiles):
     X = rng.normal(size=(600, 8))
     X[[5, 300]] *= 1e18  # float64 products
@@ -295,6 +353,7 @@ def test_progress_adds_up_and_an_interrupt_stops_the_tiles(rng, small_tiles,
         original(self, *tile)
 
     monkeypatch.setattr(blocked._Candidates, "tile", slow_tile)
+    monkeypatch.setattr(blocked, "PROBE_FROM", 10**9)  # its tiles not counted
 
     def interrupt(step):
         raise KeyboardInterrupt

@@ -75,6 +75,14 @@ BRUTE_PAIRS = 20_000_000
 # pairs of 10,000 floats: 1 to 8 MiB as fast (in cache), 64 MiB twice as slow.
 DIFFERENCE_BYTES = 4 * 2**20
 
+# A search of at least PROBE_FROM rows in float32 first searches PROBE_ROWS of
+# them, spread evenly: where most of those fail their proof (many features,
+# whose rounding hides the order of the neighbours, or masses of near-
+# duplicates), float32 would only have to be followed by float64 for most
+# rows, and every later search of the rows goes to float64 at once.
+PROBE_ROWS = 32
+PROBE_FROM = 100
+
 # Columns whose minimum stands for them when a first tile sets a threshold.
 GROUPS = 8
 
@@ -136,6 +144,9 @@ class ExactSearch:
         # A few rows far beyond the others need float64 (no scale fits both).
         self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
         self._columns: dict = {}
+        # Whether float32 products failed most rows of a probe (None: no
+        # probe yet).
+        self._float32_fails: bool | None = None
         # Where a caller searches X with a tree instead, it keeps it here.
         self.tree = None
 
@@ -198,8 +209,31 @@ class ExactSearch:
             self._columns[dtype] = _Columns.of(self.X, dtype, self.centre)
         return self._columns[dtype]
 
+    def products(self, n_query: int, rows: np.ndarray | None, threads: int
+                 ) -> type:
+        """The dtype of the products: float64 where float32 does not fit or
+        failed most rows of the probe (see PROBE_ROWS), else float32."""
+        count = len(self.X) if rows is None else len(rows)
+        if self.dtype == np.float32 and self._float32_fails is None and \
+                count >= PROBE_FROM:
+            self._float32_fails = self._probe_fails(n_query, rows, threads)
+            if self._float32_fails:
+                del self._columns[np.float32]  # no later search uses it
+        return np.float64 if self._float32_fails else self.dtype
+
+    def _probe_fails(self, n_query, rows, threads) -> bool:
+        """Whether float32 products fail the proof of most rows of a probe."""
+        queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
+        spread = np.linspace(0, len(queries) - 1, PROBE_ROWS).astype(np.int64)
+        probe = np.unique(queries[spread])
+        found = _Candidates(_Space.of(self.columns(np.float32), probe, n_query),
+                            probe, n_query)
+        _run(found, threads, None)
+        found.results(threads)
+        return 2 * len(found.unsure()) > len(probe)
+
     def _search(self, n_query, rows, threads, advance):
-        dtype = self.dtype
+        dtype = self.products(n_query, rows, threads)
         found = _Candidates(_Space.of(self.columns(dtype), rows, n_query),
                             rows, n_query)
         _run(found, threads, advance)
