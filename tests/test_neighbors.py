@@ -284,6 +284,19 @@ def test_float64_columns_are_made_block_by_block(rng, small_tiles):
     np.testing.assert_allclose(columns.block(10, 20), made, rtol=1e-15)
 
 
+def test_the_centre_is_the_median_of_fewer_rows_of_many_features(rng,
+                                                                monkeypatch):
+    monkeypatch.setattr(blocked, "CENTRE_BYTES", 2**20)  # 131 rows of 1000
+    X = rng.normal(size=(2000, 1000)).astype(np.float32)
+    peak = peak_allocation(blocked.robust_centre, X)
+    centre, typical = blocked.robust_centre(X)
+    sample = X[np.linspace(0, 1999, 131).astype(np.int64)].astype(np.float64)
+    np.testing.assert_array_equal(centre, np.median(sample, axis=0))
+    norms = np.sqrt(((sample - centre) ** 2).sum(axis=1))
+    assert typical == pytest.approx(np.median(norms), rel=1e-12)
+    assert peak < 3 * 2**20  # 4096 rows and three copies: 64 MB before
+
+
 @pytest.mark.parametrize("far", [1e20, 1e140])
 def test_tiny_rows_with_far_outliers_keep_their_relative_precision(rng, far):
     X = rng.normal(size=(300, 6)) * 1e-100

@@ -23,7 +23,7 @@ COPIES = 4
 # Rows expanded at a time, and the bytes of the uint64 words hashed (or of
 # the rows compared) at a time.
 HASH_ROWS = 16_384
-HASH_BYTES = 64 << 20
+HASH_BYTES = 16 << 20
 
 
 @dataclass

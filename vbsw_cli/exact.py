@@ -52,12 +52,16 @@ MERGE_EVERY = 4
 PENDING_PER_ROW = 64
 
 # Bytes of float64 rows centred (or differences taken) at a time when the
-# tiles' operands are made or rows are searched by differences: 65,536 rows of
-# 64 features, fewer of more (a count of rows grew with the features).
-SPACE_BYTES = 32 * 2**20
+# tiles' operands are made or rows are searched by differences: 16,384 rows of
+# 64 features, fewer of more (a count of rows grew with the features). Casts
+# take as much again.
+SPACE_BYTES = 8 * 2**20
 
-# Rows whose median is the centre (a sample, evenly spread).
+# Rows whose median is the centre (a sample, evenly spread), fewer where they
+# pass CENTRE_BYTES in float64: 4096 rows of up to 512 features (the sample
+# and its copies took 1.3 GB at 10,000 features).
 CENTRE_ROWS = 4096
+CENTRE_BYTES = 16 * 2**20
 
 # The largest span a scale may leave: its squared distances stay far inside
 # float64's range.
@@ -138,7 +142,8 @@ class ExactSearch:
         # out of float32's range, bring them back to it.
         self.scale = _chosen_scale(span, typical, X.shape[1])
         if self.scale != 1.0:
-            X, span = np.asarray(X, np.float64) * self.scale, span * self.scale
+            X = np.multiply(X, self.scale, dtype=np.float64)  # one copy, not two
+            span = span * self.scale
             self.centre = self.centre * self.scale
         self.X = X
         # A few rows far beyond the others need float64 (no scale fits both).
@@ -307,13 +312,16 @@ def column_span(X: np.ndarray) -> float:
 
 
 def robust_centre(X: np.ndarray) -> tuple[np.ndarray, float]:
-    """The median row of a sample of CENTRE_ROWS rows (float64), and the
+    """The median row of a sample of rows (float64; see CENTRE_ROWS), and the
     median distance of those rows from it (a typical norm once centred)."""
-    rows = np.unique(np.linspace(0, len(X) - 1, CENTRE_ROWS).astype(np.int64))
+    fit = CENTRE_BYTES // (8 * max(X.shape[1], 1))
+    count = max(1, min(CENTRE_ROWS, fit))
+    rows = np.unique(np.linspace(0, len(X) - 1, count).astype(np.int64))
     with np.errstate(over="ignore", invalid="ignore"):
         sample = np.asarray(X[rows], np.float64)
         centre = np.median(sample, axis=0)
-        typical = np.median(np.sqrt(((sample - centre) ** 2).sum(axis=1)))
+        sample -= centre  # in place: one sample's memory, not three
+        typical = np.median(np.sqrt(np.square(sample, out=sample).sum(axis=1)))
     return centre, float(typical)
 
 
