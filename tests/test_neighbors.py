@@ -78,6 +78,16 @@ def test_rows_are_searched_among_all_rows(rng, small_tiles, threads):
     assert_exact(X, 15, indices, distances, rows)
 
 
+def test_ties_go_the_same_way_on_any_threads(small_tiles):
+    grid = np.stack(np.meshgrid(*[np.arange(7)] * 3), axis=-1).reshape(-1, 3)
+    grid = grid.astype(np.float32)
+    one = exact_neighbours(grid, 30, threads=1)
+    for _ in range(3):  # merges come in another order on two threads
+        two = exact_neighbours(grid, 30, threads=2)
+        np.testing.assert_array_equal(two[0], one[0])
+        np.testing.assert_array_equal(two[1], one[1])
+
+
 def test_the_default_tiles_give_the_same_neighbours(rng):
     X = rng.normal(size=(2500, 64)).astype(np.float32)
     indices, distances = exact_neighbours(X, 20, threads=2)

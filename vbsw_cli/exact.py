@@ -231,16 +231,14 @@ class ExactSearch:
         queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
         spread = np.linspace(0, len(queries) - 1, PROBE_ROWS).astype(np.int64)
         probe = np.unique(queries[spread])
-        found = _Candidates(_Space.of(self.columns(np.float32), probe, n_query),
-                            probe, n_query)
+        found = _candidates(self.columns(np.float32), probe, n_query)
         _run(found, threads, None)
         found.results(threads)
         return 2 * len(found.unsure()) > len(probe)
 
     def _search(self, n_query, rows, threads, advance):
         dtype = self.products(n_query, rows, threads)
-        found = _Candidates(_Space.of(self.columns(dtype), rows, n_query),
-                            rows, n_query)
+        found = _candidates(self.columns(dtype), rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         unsure = found.unsure()
@@ -248,8 +246,7 @@ class ExactSearch:
             # Near-ties too many for float32, or rounding too coarse for the
             # distances: those rows again in float64.
             queries = found.queries[unsure]
-            space = _Space.of(self.columns(np.float64), queries, n_query)
-            again = _Candidates(space, queries, n_query)
+            again = _candidates(self.columns(np.float64), queries, n_query)
             _run(again, threads, None)
             indices[unsure], distances[unsure] = again.results(threads)
             unsure = unsure[again.unsure()]
@@ -263,6 +260,12 @@ class ExactSearch:
             indices[unsure] = found_again[0]
             distances[unsure] = found_again[1] * self.scale
         return indices, distances
+
+
+def _candidates(columns: _Columns, rows: np.ndarray | None, n_query: int
+                ) -> _Candidates:
+    """The search of ``rows`` (None: every row) among ``columns``."""
+    return _Candidates(_Space.of(columns, rows, n_query), rows, n_query)
 
 
 def _rescaled(advance, steps: int, total: int):
@@ -539,7 +542,7 @@ class _Space:
 class _Candidates:
     """For each query row: its best candidates so far and its threshold.
 
-    keys : (n_rows, width) candidates as sortable uint64 (see SHIFT).
+    keys : (n_rows, width) candidates as sortable uint64 (see SHIFT), unordered.
     threshold : (n_rows,) upper bound of the k-th squared distance plus the
         rounding error: no true neighbour lies above it.
     dropped : (n_rows,) the smallest value dropped for want of room: where
@@ -549,7 +552,8 @@ class _Candidates:
 
     def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
         n = len(space.exact)
-        self.space, self.k, self.width = space, n_query, 2 * n_query
+        # No row has more than n candidates.
+        self.space, self.k, self.width = space, n_query, min(2 * n_query, n)
         self.self_join = rows is None
         self.queries = np.arange(n) if rows is None else np.asarray(rows)
         self.slack = space.slack
@@ -662,7 +666,9 @@ class _Candidates:
         table = np.full((len(hit), self.width + counts.max()), EMPTY, np.uint64)
         table[:, :self.width] = self.keys[lo + hit]
         table[slot[rows], self.width + place] = keys
-        table.sort(axis=1)
+        # The k-th key, the (width + 1)-th and the width smallest, unordered:
+        # a full sort of every merge took most of the time with a large k.
+        table.partition([self.k - 1, self.width], axis=1)
         at = lo + hit
         kth = _values(table[:, self.k - 1]) + 2 * self.slack[at]
         self.threshold[at] = np.fmin(self.threshold[at], kth)  # EMPTY is NaN
@@ -696,9 +702,9 @@ class _Candidates:
         return np.flatnonzero((crowded & ~self.tied) | ~self.proven)
 
     def _nearest(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = self.keys[lo:hi]
-        columns = (keys & COLUMN).astype(np.int64)
         bound = _single(self.threshold[lo:hi, None])  # in the keys' rounding
+        keys = self._under(lo, hi, bound)
+        columns = (keys & COLUMN).astype(np.int64)
         row, slot = np.nonzero(_values(keys) <= bound)
         squared = np.full(keys.shape, np.inf)
         squared[row, slot] = squared_differences(
@@ -707,6 +713,22 @@ class _Candidates:
         squared = np.take_along_axis(squared, order, axis=1)
         self._check(lo, hi, squared[:, -1])
         return np.take_along_axis(columns, order, axis=1), np.sqrt(squared)
+
+    def _under(self, lo: int, hi: int, bound: np.ndarray) -> np.ndarray:
+        """The keys of rows lo:hi, sorted, the first ``most`` of each row: the
+        keys under the row's bound, then others (``most``: the most keys
+        under a bound, at least k).
+
+        Sorted, the keys break ties of the float64 distances, whatever order
+        the merges (on any threads) left them in, and the float32 order makes
+        the float64 one quick to sort.
+        """
+        keys = self.keys[lo:hi]
+        under = (_values(keys) <= bound).sum(axis=1)
+        most = max(int(under.max(initial=0)), self.k)
+        if most < keys.shape[1]:  # a large k: half the keys lie above it
+            keys = np.partition(keys, most - 1, axis=1)[:, :most]
+        return np.sort(keys, axis=1)
 
     def _check(self, lo: int, hi: int, kth: np.ndarray) -> None:
         """Whether rounding can have hidden a nearer row than the k-th found.
