@@ -15,7 +15,7 @@ import vbsw_cli.exact as blocked
 from vbsw_cli.exact import exact_neighbours
 from vbsw_cli.errors import UsageError
 from vbsw_cli.neighbors import SearchOptions, check_search_options, exact_search
-from vbsw_cli.progress import NullProgress
+from vbsw_cli.progress import NullProgress, chunks
 
 
 def brute_force(X, k, rows=None):
@@ -52,9 +52,19 @@ def peak_allocation(function, *args, **kwargs) -> int:
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 64 rows, so that small inputs take many tiles and merges."""
+    """Tiles of 64 rows, so that small inputs take many tiles and merges
+    (whatever k: the search by whole rows has tests of its own)."""
     monkeypatch.setattr(blocked, "BLOCK", 64)
     monkeypatch.setattr(blocked, "MERGE_EVERY", 2)
+    monkeypatch.setattr(blocked, "DENSE_FROM", np.inf)
+
+
+@pytest.fixture
+def whole_rows(monkeypatch):
+    """The search by whole rows at any k, in chunks of 24 rows."""
+    monkeypatch.setattr(blocked, "DENSE_FROM", 0.0)
+    monkeypatch.setattr(blocked, "LEAST_BLOCK", 24)
+    monkeypatch.setattr(blocked, "DENSE_BYTES", 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -78,7 +88,67 @@ def test_rows_are_searched_among_all_rows(rng, small_tiles, threads):
     assert_exact(X, 15, indices, distances, rows)
 
 
-def test_ties_go_the_same_way_on_any_threads(small_tiles):
+def chunks_of_whole_rows(monkeypatch) -> list:
+    """The sizes of the chunks of each search by whole rows, in order."""
+    sizes, start = [], blocked._Dense.__init__
+
+    def init(self, *args):
+        start(self, *args)
+        sizes.append([hi - lo for lo, hi in self.blocks])
+    monkeypatch.setattr(blocked._Dense, "__init__", init)
+    return sizes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, d, k", [(300, 4, 250), (100, 3, 100), (130, 8, 1),
+                                     (200, 40, 20)])
+def test_whole_rows_match_brute_force(rng, whole_rows, monkeypatch, n, d, k,
+                                      dtype, threads):
+    X = rng.normal(size=(n, d)).astype(dtype)
+    sizes = chunks_of_whole_rows(monkeypatch)
+    indices, distances = exact_neighbours(X, k, threads=threads)
+    assert_exact(X, k, indices, distances)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert [hi - lo for lo, hi in chunks(n, 24)] in sizes  # after the probe
+    rows = np.array([0, 7, 7, n - 1])
+    indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
+    assert_exact(X, k, indices, distances, rows)
+
+
+def test_whole_rows_in_chunks_of_bounded_bytes(monkeypatch):
+    monkeypatch.setattr(blocked, "DENSE_BYTES", 32 * 1000 * 100)
+    assert blocked.dense_rows(1000) == 100  # 100 rows of 1000 entries
+    assert blocked.dense_rows(100_000) == blocked.LEAST_BLOCK  # never fewer
+
+
+def test_whole_rows_with_ties_and_crowds(rng, whole_rows, monkeypatch):
+    grid = np.stack(np.meshgrid(*[np.arange(6)] * 3), axis=-1).reshape(-1, 3)
+    indices, distances = exact_neighbours(grid.astype(float), 40, threads=2)
+    assert_exact(grid, 40, indices, distances)
+    # Masses of near-duplicates: more than 2 k candidates under a threshold.
+    X = np.repeat(rng.normal(size=(6, 5)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)
+    calls = calls_of_unsure(monkeypatch)
+    indices, distances = exact_neighbours(X, 20, threads=2)
+    assert len(calls[0]) == len(X)  # crowded in float32, then float64
+    assert_exact(X, 20, indices, distances)
+
+
+@pytest.mark.parametrize("k, dense", [(10, False), (256, False), (257, True)])
+def test_whole_rows_where_k_passes_a_quarter_of_a_block(rng, monkeypatch, k,
+                                                        dense):
+    X = rng.normal(size=(300, 4))
+    sizes = chunks_of_whole_rows(monkeypatch)
+    indices, distances = exact_neighbours(X, k, threads=2)
+    assert bool(sizes) == dense  # 1024 rows a block
+    assert_exact(X, k, indices, distances)
+
+
+@pytest.mark.parametrize("dense_from", [np.inf, 0.0])  # tiles, whole rows
+def test_ties_go_the_same_way_on_any_threads(small_tiles, monkeypatch,
+                                             dense_from):
+    monkeypatch.setattr(blocked, "DENSE_FROM", dense_from)
     grid = np.stack(np.meshgrid(*[np.arange(7)] * 3), axis=-1).reshape(-1, 3)
     grid = grid.astype(np.float32)
     one = exact_neighbours(grid, 30, threads=1)
@@ -265,13 +335,16 @@ def test_blocks_of_many_features_have_fewer_rows(rng, monkeypatch, dtype, rows):
     assert sizes[-1] == {rows, 260 % rows}
 
 
-def test_float64_products_of_every_row_hold_blocks_not_copies(rng,
-                                                             monkeypatch):
+@pytest.mark.parametrize("dense_from", [np.inf, 0.0])  # tiles, whole rows
+def test_float64_products_of_every_row_hold_blocks_not_copies(rng, monkeypatch,
+                                                             dense_from):
     # Near-duplicates fail the float32 probe: every row in float64, whose
     # operands are blocks made per tile (5 copies of the features before).
     for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
-                         (blocked, "BLOCK_BYTES"), (copies_module, "HASH_BYTES")]:
+                         (blocked, "BLOCK_BYTES"), (blocked, "DENSE_BYTES"),
+                         (copies_module, "HASH_BYTES")]:
         monkeypatch.setattr(module, name, 2**16)
+    monkeypatch.setattr(blocked, "DENSE_FROM", dense_from)
     X = np.repeat(rng.normal(size=(12, 512)), 50, axis=0)
     X += 1e-9 * rng.normal(size=X.shape)
     search = blocked.ExactSearch(X)
@@ -425,14 +498,16 @@ def test_any_small_input_property(data):
     rows = None if rows is None else np.array(rows)
     threads = data.draw(st.sampled_from([1, 2]))
     copies = data.draw(st.sampled_from([0, 4]))  # 0: identical rows grouped
+    dense_from = data.draw(st.sampled_from([np.inf, 0.0]))  # tiles, whole rows
     X = X.astype(np.float32)
-    original = blocked.BLOCK, copies_module.COPIES
+    original = blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM
     # No monkeypatch: hypothesis runs many examples.
-    blocked.BLOCK, copies_module.COPIES = block, copies
+    blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = block, copies, \
+        dense_from
     try:
         indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
     finally:
-        blocked.BLOCK, copies_module.COPIES = original
+        blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = original
     assert_exact(X, k, indices, distances, rows)
 
 

@@ -11,9 +11,12 @@ slow. Here each row keeps a threshold, an upper bound of its k-th squared
 distance: the k-th smallest value seen so far plus twice a bound of the
 rounding error of the entries of rows that near. A tile yields only the few
 entries under the threshold; every few tiles they are merged into the row's
-best candidates, which tightens the threshold. Last, the candidates' distances
-are computed again in float64 from the features as given, and the k nearest
-kept.
+best candidates, which tightens the threshold. Where k is large against a
+block, most entries pass and each merge would handle them all again: there a
+chunk of rows gets its entries against every row at once, and one partition of
+each row gives its candidates and threshold. Last, the candidates' distances
+are computed again in float64 from the features as given, a few pairs at a
+time, and the k nearest kept.
 
 Each row then proves its result: its last threshold lies above its k-th
 distance by more than the rounding error of any row that near, and no
@@ -21,7 +24,13 @@ candidate dropped for want of room (more than ``2 k`` under the threshold)
 can be nearer than the k-th. Rows that fail - masses of near-duplicates, or
 rows far from the centre compared with their neighbours' distances - are
 searched again with float64 products, and those still unproven by a tree of
-float64 differences.
+float64 differences. Where float32 fails most rows of a probe (thousands of
+features make its rounding coarse), float64 products serve every row at once.
+
+Memory: besides X and the results, the candidates (2 k keys a row), the
+float32 column operand (a copy of the features) and blocks, chunks and tiles
+of bounded bytes: float64 operands are made a block at a time, never stored
+whole. Only the tree, for many unproven rows, takes a float64 copy of X.
 """
 
 from __future__ import annotations
@@ -86,6 +95,18 @@ DIFFERENCE_BYTES = 4 * 2**20
 # rows, and every later search of the rows goes to float64 at once.
 PROBE_ROWS = 32
 PROBE_FROM = 100
+
+# Where k passes DENSE_FROM of a block's rows, whole rows of entries replace
+# the tiles and merges (see _Dense). Timed on 11,000 rows of 4 and 64 floats,
+# 1 thread: merges won up to k = 128 (0.62 s against 0.97 s at 4 floats), tied
+# at 256, lost from 512 (2.8 s against 1.4 s); so too on 5000 x 512.
+DENSE_FROM = 0.25
+# Rows of a chunk of whole rows: DENSE_BYTES at 32 bytes an entry (the entry,
+# its key and their temporaries), but at least LEAST_BLOCK rows: 2 kB per row
+# of X, less than the candidates' keys (16 k bytes a row) where blocks are
+# full, or than X where they are short (8 kB a row or more). 8 to 64 MiB were
+# as fast on 11,000 x 4, k = 2000.
+DENSE_BYTES = 32 * 2**20
 
 # Columns whose minimum stands for them when a first tile sets a threshold.
 GROUPS = 8
@@ -264,8 +285,16 @@ class ExactSearch:
 
 def _candidates(columns: _Columns, rows: np.ndarray | None, n_query: int
                 ) -> _Candidates:
-    """The search of ``rows`` (None: every row) among ``columns``."""
-    return _Candidates(_Space.of(columns, rows, n_query), rows, n_query)
+    """The search of ``rows`` (None: every row) among ``columns``: by tiles
+    and merges, or by whole rows where k is large against a block."""
+    space = _Space.of(columns, rows, n_query)
+    dense = whole_rows(columns.exact.shape[1], columns.dtype, n_query)
+    return (_Dense if dense else _Candidates)(space, rows, n_query)
+
+
+def whole_rows(n_features: int, dtype, n_query: int) -> bool:
+    """Whether k passes DENSE_FROM of a block's rows: whole rows, not tiles."""
+    return n_query > DENSE_FROM * block_rows(n_features, dtype)
 
 
 def _rescaled(advance, steps: int, total: int):
@@ -748,6 +777,67 @@ class _Candidates:
         entry = np.nextafter(self.dropped[lo:hi].astype(np.float32),
                              np.float32(-np.inf)).astype(np.float64)
         self.tied[lo:hi] = (kth == 0) | (entry - error >= kth)
+
+
+class _Dense(_Candidates):
+    """Candidates from whole rows of entries, for a k large against a block:
+    there most entries of every tile pass the thresholds, and each merge
+    partitions them all again.
+
+    A chunk of query rows gets its entries against every row at once: the
+    width smallest keys of each row are its candidates, the k-th smallest
+    (plus twice the slack) its threshold and the next one past the width its
+    ``dropped``, just as merges of every tile would leave them. No tile
+    serves two chunks in a self-join: the products cost twice as much.
+    """
+
+    def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
+        super().__init__(space, rows, n_query)
+        n = len(space.exact)
+        self.blocks = chunks(len(self.queries), dense_rows(n))
+        self.pending = [[] for _ in self.blocks]
+        self.tiles = [0] * len(self.blocks)
+        self.locks = [threading.Lock() for _ in self.blocks]
+
+    def tile_list(self) -> list[tuple[int]]:
+        """One chunk of query rows at a time."""
+        return [(block,) for block in range(len(self.blocks))]
+
+    def tile(self, block: int) -> None:
+        """The candidates and threshold of one chunk of query rows."""
+        lo, hi = self.blocks[block]
+        keys = _row_keys(self._entries(lo, hi))
+        past = keys.shape[1] > self.width  # a key past the width to drop
+        keys.partition([self.k - 1, self.width] if past else self.k - 1, axis=1)
+        self.threshold[lo:hi] = _values(keys[:, self.k - 1]) + \
+            2 * self.slack[lo:hi]
+        if past:
+            self.dropped[lo:hi] = _values(keys[:, self.width])
+        self.keys[lo:hi] = keys[:, :self.width]
+
+    def _entries(self, lo: int, hi: int) -> np.ndarray:
+        """The entries of query rows lo:hi against every row."""
+        left = self.space.left_block(lo, hi)
+        entries = np.empty((hi - lo, len(self.space.exact)), left.dtype)
+        for start, stop in self.columns:
+            entries[:, start:stop] = left @ self.space.columns.block(start, stop).T
+        return entries
+
+
+def dense_rows(n_samples: int) -> int:
+    """Query rows whose entries against every row fill DENSE_BYTES (at least
+    LEAST_BLOCK)."""
+    return max(DENSE_BYTES // (32 * n_samples), LEAST_BLOCK)
+
+
+def _row_keys(entries: np.ndarray) -> np.ndarray:
+    """The keys of whole rows of entries (column j: row j), with fewer
+    temporaries than :func:`_keys`; ``entries`` is overwritten."""
+    single = _single(np.maximum(entries, 0, out=entries))
+    keys = single.view(np.uint32).astype(np.uint64)
+    keys <<= SHIFT
+    keys |= np.arange(entries.shape[1], dtype=np.uint64)
+    return keys
 
 
 def _kth_bound(values: np.ndarray, k: int) -> np.ndarray:
