@@ -609,6 +609,20 @@ def test_an_exact_search_cheaper_than_a_graph_runs_at_once(rng, monkeypatch):
 
 
 
+@pytest.mark.parametrize("k, tiles", [(10, True), (300, False)])
+def test_a_whole_search_by_whole_rows_is_predicted_without_the_self_join(
+        rng, k, tiles):
+    """By tiles a self-join's row costs SELF_JOIN_SPEED_UP times less than a
+    sampled one; by whole rows (k over a quarter of a block) as much."""
+    from vbsw_cli.neighbors import SELF_JOIN_SPEED_UP, _predicted_exact
+
+    X = rng.normal(size=(2000, 8))
+    prepared = blocked.ExactSearch(X)
+    assert prepared.by_whole_rows(k) == (not tiles)
+    predicted = _predicted_exact(X, 1e-3, SearchOptions(), prepared, k)
+    assert predicted == pytest.approx(2.0 / (SELF_JOIN_SPEED_UP if tiles else 1))
+
+
 @pytest.mark.parametrize("options, words", [
     (SearchOptions(method="fast"), "--search fast"),
     (SearchOptions(recall=1.5), "--recall 1.5"),

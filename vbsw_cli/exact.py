@@ -247,6 +247,13 @@ class ExactSearch:
                 del self._columns[np.float32]  # no later search uses it
         return np.float64 if self._float32_fails else self.dtype
 
+    def by_whole_rows(self, n_query: int) -> bool:
+        """Whether searches for n_query neighbours go by whole rows (each
+        entry computed for each of its rows, so that a self-join costs as
+        much per row as the search of a few rows), not by tiles."""
+        dtype = np.float64 if self._float32_fails else self.dtype
+        return whole_rows(self.X.shape[1], dtype, n_query)
+
     def _probe_fails(self, n_query, rows, threads) -> bool:
         """Whether float32 products fail the proof of most rows of a probe."""
         queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
