@@ -135,6 +135,14 @@ def test_whole_rows_with_ties_and_crowds(rng, whole_rows, monkeypatch):
     assert_exact(X, 20, indices, distances)
 
 
+@pytest.mark.parametrize("outlier", [1e6, 1e18])  # float32, float64 products
+def test_whole_rows_with_far_outliers(rng, whole_rows, outlier):
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    X[[5, 300, 399]] *= outlier
+    indices, distances = exact_neighbours(X, 30, threads=2)
+    assert_exact(X, 30, indices, distances)
+
+
 @pytest.mark.parametrize("k, dense", [(10, False), (256, False), (257, True)])
 def test_whole_rows_where_k_passes_a_quarter_of_a_block(rng, monkeypatch, k,
                                                         dense):
