@@ -15,7 +15,7 @@ import vbsw_cli.exact as blocked
 from vbsw_cli.exact import exact_neighbours
 from vbsw_cli.errors import UsageError
 from vbsw_cli.neighbors import SearchOptions, check_search_options, exact_search
-from vbsw_cli.progress import NullProgress
+from vbsw_cli.progress import NullProgress, chunks
 
 
 def brute_force(X, k, rows=None):
@@ -38,11 +38,33 @@ def assert_exact(X, k, indices, distances, rows=None):
     assert all(len(set(row)) == k for row in indices.tolist())
 
 
+def peak_allocation(function, *args, **kwargs) -> int:
+    """The most bytes ``function`` held allocated at once (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function(*args, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 64 rows, so that small inputs take many tiles and merges."""
+    """Tiles of 64 rows, so that small inputs take many tiles and merges
+    (whatever k: the search by whole rows has tests of its own)."""
     monkeypatch.setattr(blocked, "BLOCK", 64)
     monkeypatch.setattr(blocked, "MERGE_EVERY", 2)
+    monkeypatch.setattr(blocked, "DENSE_FROM", np.inf)
+
+
+@pytest.fixture
+def whole_rows(monkeypatch):
+    """The search by whole rows at any k, in chunks of 24 rows."""
+    monkeypatch.setattr(blocked, "DENSE_FROM", 0.0)
+    monkeypatch.setattr(blocked, "LEAST_BLOCK", 24)
+    monkeypatch.setattr(blocked, "DENSE_BYTES", 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -66,6 +88,84 @@ def test_rows_are_searched_among_all_rows(rng, small_tiles, threads):
     assert_exact(X, 15, indices, distances, rows)
 
 
+def chunks_of_whole_rows(monkeypatch) -> list:
+    """The sizes of the chunks of each search by whole rows, in order."""
+    sizes, start = [], blocked._Dense.__init__
+
+    def init(self, *args):
+        start(self, *args)
+        sizes.append([hi - lo for lo, hi in self.blocks])
+    monkeypatch.setattr(blocked._Dense, "__init__", init)
+    return sizes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, d, k", [(300, 4, 250), (100, 3, 100), (130, 8, 1),
+                                     (200, 40, 20)])
+def test_whole_rows_match_brute_force(rng, whole_rows, monkeypatch, n, d, k,
+                                      dtype, threads):
+    X = rng.normal(size=(n, d)).astype(dtype)
+    sizes = chunks_of_whole_rows(monkeypatch)
+    indices, distances = exact_neighbours(X, k, threads=threads)
+    assert_exact(X, k, indices, distances)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    assert [hi - lo for lo, hi in chunks(n, 24)] in sizes  # after the probe
+    rows = np.array([0, 7, 7, n - 1])
+    indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
+    assert_exact(X, k, indices, distances, rows)
+
+
+def test_whole_rows_in_chunks_of_bounded_bytes(monkeypatch):
+    monkeypatch.setattr(blocked, "DENSE_BYTES", 32 * 1000 * 100)
+    assert blocked.dense_rows(1000) == 100  # 100 rows of 1000 entries
+    assert blocked.dense_rows(100_000) == blocked.LEAST_BLOCK  # never fewer
+
+
+def test_whole_rows_with_ties_and_crowds(rng, whole_rows, monkeypatch):
+    grid = np.stack(np.meshgrid(*[np.arange(6)] * 3), axis=-1).reshape(-1, 3)
+    indices, distances = exact_neighbours(grid.astype(float), 40, threads=2)
+    assert_exact(grid, 40, indices, distances)
+    # Masses of near-duplicates: more than 2 k candidates under a threshold.
+    X = np.repeat(rng.normal(size=(6, 5)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)
+    calls = calls_of_unsure(monkeypatch)
+    indices, distances = exact_neighbours(X, 20, threads=2)
+    assert len(calls[0]) == len(X)  # crowded in float32, then float64
+    assert_exact(X, 20, indices, distances)
+
+
+@pytest.mark.parametrize("outlier", [1e6, 1e18])  # float32, float64 products
+def test_whole_rows_with_far_outliers(rng, whole_rows, outlier):
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    X[[5, 300, 399]] *= outlier
+    indices, distances = exact_neighbours(X, 30, threads=2)
+    assert_exact(X, 30, indices, distances)
+
+
+@pytest.mark.parametrize("k, dense", [(10, False), (256, False), (257, True)])
+def test_whole_rows_where_k_passes_a_quarter_of_a_block(rng, monkeypatch, k,
+                                                        dense):
+    X = rng.normal(size=(300, 4))
+    sizes = chunks_of_whole_rows(monkeypatch)
+    indices, distances = exact_neighbours(X, k, threads=2)
+    assert bool(sizes) == dense  # 1024 rows a block
+    assert_exact(X, k, indices, distances)
+
+
+@pytest.mark.parametrize("dense_from", [np.inf, 0.0])  # tiles, whole rows
+def test_ties_go_the_same_way_on_any_threads(small_tiles, monkeypatch,
+                                             dense_from):
+    monkeypatch.setattr(blocked, "DENSE_FROM", dense_from)
+    grid = np.stack(np.meshgrid(*[np.arange(7)] * 3), axis=-1).reshape(-1, 3)
+    grid = grid.astype(np.float32)
+    one = exact_neighbours(grid, 30, threads=1)
+    for _ in range(3):  # merges come in another order on two threads
+        two = exact_neighbours(grid, 30, threads=2)
+        np.testing.assert_array_equal(two[0], one[0])
+        np.testing.assert_array_equal(two[1], one[1])
+
+
 def test_the_default_tiles_give_the_same_neighbours(rng):
     X = rng.normal(size=(2500, 64)).astype(np.float32)
     indices, distances = exact_neighbours(X, 20, threads=2)
@@ -73,7 +173,9 @@ def test_the_default_tiles_give_the_same_neighbours(rng):
 
 
 def calls_of_unsure(monkeypatch) -> list:
-    """The positions each ``unsure()`` call returned, in order."""
+    """The positions each ``unsure()`` call returned, in order (the float32
+    pass first: no probe before it)."""
+    monkeypatch.setattr(blocked, "PROBE_FROM", 10**9)
     calls, unsure = [], blocked._Candidates.unsure
     monkeypatch.setattr(blocked._Candidates, "unsure",
                         lambda self: calls.append(unsure(self)) or calls[-1])
@@ -98,6 +200,47 @@ def test_masses_of_near_duplicates_are_searched_again(rng, small_tiles,
     indices, distances = exact_neighbours(X, 20, threads=2)
     assert len(calls[0]) == len(X)
     assert_exact(X, 20, indices, distances)
+
+
+def searches_made(monkeypatch) -> list:
+    """(dtype of the products, rows) of each search of candidates, in order."""
+    made, start = [], blocked._Candidates.__init__
+
+    def init(self, space, rows, n_query):
+        start(self, space, rows, n_query)
+        made.append((space.columns.dtype, len(self.queries)))
+    monkeypatch.setattr(blocked._Candidates, "__init__", init)
+    return made
+
+
+def test_rows_float32_cannot_prove_go_to_float64_after_a_probe(rng, small_tiles,
+                                                               monkeypatch):
+    X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)  # copies told apart below float32
+    made = searches_made(monkeypatch)
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(20, threads=2)
+    assert made == [(np.float32, blocked.PROBE_ROWS), (np.float64, 600)]
+    assert_exact(X, 20, indices, distances)
+    assert search._float32_fails and np.float32 not in search._columns
+    made.clear()
+    rows = np.arange(0, 600, 7)
+    indices, distances = search.neighbours(5, rows=rows, threads=1)
+    assert made == [(np.float64, len(rows))]  # no probe again
+    assert_exact(X, 5, indices, distances, rows)
+
+
+def test_a_probe_float32_proves_keeps_float32(rng, small_tiles, monkeypatch):
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    made = searches_made(monkeypatch)
+    search = blocked.ExactSearch(X)
+    search.neighbours(10, rows=np.arange(50), threads=1)  # too few to probe
+    search.neighbours(10, threads=2)
+    indices, distances = search.neighbours(10, threads=2)
+    assert made == [(np.float32, 50), (np.float32, blocked.PROBE_ROWS),
+                    (np.float32, 300), (np.float32, 300)]
+    assert search._float32_fails is False
+    assert_exact(X, 10, indices, distances)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -143,6 +286,106 @@ def test_rows_searched_by_differences_in_a_tree_or_from_every_row(rng, pairs,
     rows = np.array([0, 17, 17, 299])
     indices, distances = blocked.direct_neighbours(X, rows, 12, threads=1)
     assert_exact(X, 12, indices, distances, rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distances_again_a_few_pairs_at_a_time(rng, monkeypatch, dtype):
+    X = rng.normal(size=(40, 7)).astype(dtype)
+    first, second = rng.integers(40, size=(2, 10))
+    # 3 pairs of 7 features (two gathered rows and a float64 difference each)
+    monkeypatch.setattr(blocked, "DIFFERENCE_BYTES", 3 * 7 * (2 * X.itemsize + 8))
+    assert blocked.pairs_per_chunk(7, X.itemsize) == 3  # 4 chunks, the last of 1
+    squared = blocked.squared_differences(X, first, second)
+    direct = ((X[first].astype(float) - X[second]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(squared, direct, rtol=1e-14)
+    assert len(blocked.squared_differences(X, first[:0], second[:0])) == 0
+
+
+def test_distances_again_hold_a_bounded_chunk_whatever_the_features(rng):
+    X = rng.normal(size=(50, 20_000)).astype(np.float32)
+    first, second = rng.integers(50, size=(2, 2000))  # all at once: 320 MB
+    peak = peak_allocation(blocked.squared_differences, X, first, second)
+    assert peak < blocked.DIFFERENCE_BYTES + 2**20
+
+
+def test_float32_operands_add_one_copy_of_the_features(rng, small_tiles,
+                                                       monkeypatch):
+    # Stored columns, left blocks made per tile, float64 centring (and rows
+    # hashed or compared) a chunk at a time: the search held three copies and
+    # more before.
+    for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
+                         (copies_module, "HASH_BYTES")]:
+        monkeypatch.setattr(module, name, 2**16)
+    X = rng.normal(size=(1000, 2048)).astype(np.float32)
+    search = blocked.ExactSearch(X)
+    peak = peak_allocation(search.neighbours, 5, threads=1)
+    assert search.dtype == np.float32
+    assert peak < 1.5 * X.nbytes  # 8 times before
+
+
+@pytest.mark.parametrize("dtype, rows", [(np.float32, 50), (np.float64, 25)])
+def test_blocks_of_many_features_have_fewer_rows(rng, monkeypatch, dtype, rows):
+    # 50 rows of 40 float32 features (42 with the norms) fill a block's bytes.
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 50 * 42 * 4)
+    monkeypatch.setattr(blocked, "LEAST_BLOCK", 20)
+    assert blocked.block_rows(40, dtype) == rows
+    assert blocked.block_rows(4000, dtype) == 20  # never fewer
+    X = rng.normal(size=(260, 40))
+    X[[3, 200]] *= 1 if dtype == np.float32 else 1e18  # float64 products
+    sizes, start = [], blocked._Candidates.__init__
+
+    def init(self, *args):
+        start(self, *args)
+        sizes.append({hi - lo for lo, hi in self.blocks + self.columns})
+    monkeypatch.setattr(blocked._Candidates, "__init__", init)
+    indices, distances = exact_neighbours(X, 15, threads=2)
+    assert_exact(X, 15, indices, distances)
+    assert sizes[-1] == {rows, 260 % rows}
+
+
+@pytest.mark.parametrize("dense_from", [np.inf, 0.0])  # tiles, whole rows
+def test_float64_products_of_every_row_hold_blocks_not_copies(rng, monkeypatch,
+                                                             dense_from):
+    # Near-duplicates fail the float32 probe: every row in float64, whose
+    # operands are blocks made per tile (5 copies of the features before).
+    for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
+                         (blocked, "BLOCK_BYTES"), (blocked, "DENSE_BYTES"),
+                         (copies_module, "HASH_BYTES")]:
+        monkeypatch.setattr(module, name, 2**16)
+    monkeypatch.setattr(blocked, "DENSE_FROM", dense_from)
+    X = np.repeat(rng.normal(size=(12, 512)), 50, axis=0)
+    X += 1e-9 * rng.normal(size=X.shape)
+    search = blocked.ExactSearch(X)
+    peak = peak_allocation(search.neighbours, 20, threads=1)
+    assert search._float32_fails
+    assert peak < X.nbytes  # the probe's float32 columns: half of it
+
+
+def test_float64_columns_are_made_block_by_block(rng, small_tiles):
+    X = rng.normal(size=(600, 8))
+    X[[5, 300]] *= 1e18  # float64 products
+    search = blocked.ExactSearch(X)
+    indices, distances = search.neighbours(10, threads=2)
+    assert_exact(X, 10, indices, distances)
+    columns = search.columns(np.float64)
+    assert search.dtype == np.float64 and columns.stored is None
+    centred = X[10:20] - search.centre
+    squared = (centred ** 2).sum(axis=1)
+    made = np.column_stack([-2 * centred, np.ones(10), squared])
+    np.testing.assert_allclose(columns.block(10, 20), made, rtol=1e-15)
+
+
+def test_the_centre_is_the_median_of_fewer_rows_of_many_features(rng,
+                                                                monkeypatch):
+    monkeypatch.setattr(blocked, "CENTRE_BYTES", 2**20)  # 131 rows of 1000
+    X = rng.normal(size=(2000, 1000)).astype(np.float32)
+    peak = peak_allocation(blocked.robust_centre, X)
+    centre, typical = blocked.robust_centre(X)
+    sample = X[np.linspace(0, 1999, 131).astype(np.int64)].astype(np.float64)
+    np.testing.assert_array_equal(centre, np.median(sample, axis=0))
+    norms = np.sqrt(((sample - centre) ** 2).sum(axis=1))
+    assert typical == pytest.approx(np.median(norms), rel=1e-12)
+    assert peak < 3 * 2**20  # 4096 rows and three copies: 64 MB before
 
 
 @pytest.mark.parametrize("far", [1e20, 1e140])
@@ -214,6 +457,7 @@ def test_progress_adds_up_and_an_interrupt_stops_the_tiles(rng, small_tiles,
         original(self, *tile)
 
     monkeypatch.setattr(blocked._Candidates, "tile", slow_tile)
+    monkeypatch.setattr(blocked, "PROBE_FROM", 10**9)  # its tiles not counted
 
     def interrupt(step):
         raise KeyboardInterrupt
@@ -262,14 +506,16 @@ def test_any_small_input_property(data):
     rows = None if rows is None else np.array(rows)
     threads = data.draw(st.sampled_from([1, 2]))
     copies = data.draw(st.sampled_from([0, 4]))  # 0: identical rows grouped
+    dense_from = data.draw(st.sampled_from([np.inf, 0.0]))  # tiles, whole rows
     X = X.astype(np.float32)
-    original = blocked.BLOCK, copies_module.COPIES
+    original = blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM
     # No monkeypatch: hypothesis runs many examples.
-    blocked.BLOCK, copies_module.COPIES = block, copies
+    blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = block, copies, \
+        dense_from
     try:
         indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
     finally:
-        blocked.BLOCK, copies_module.COPIES = original
+        blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = original
     assert_exact(X, k, indices, distances, rows)
 
 
@@ -369,6 +615,20 @@ def test_an_exact_search_cheaper_than_a_graph_runs_at_once(rng, monkeypatch):
     monkeypatch.setattr(search, "CHEAP_EXACT_SECONDS", 0.0)
     assert search.nearest_neighbours(X, 10, options=options).method == "hnsw"
 
+
+
+@pytest.mark.parametrize("k, tiles", [(10, True), (300, False)])
+def test_a_whole_search_by_whole_rows_is_predicted_without_the_self_join(
+        rng, k, tiles):
+    """By tiles a self-join's row costs SELF_JOIN_SPEED_UP times less than a
+    sampled one; by whole rows (k over a quarter of a block) as much."""
+    from vbsw_cli.neighbors import SELF_JOIN_SPEED_UP, _predicted_exact
+
+    X = rng.normal(size=(2000, 8))
+    prepared = blocked.ExactSearch(X)
+    assert prepared.by_whole_rows(k) == (not tiles)
+    predicted = _predicted_exact(X, 1e-3, SearchOptions(), prepared, k)
+    assert predicted == pytest.approx(2.0 / (SELF_JOIN_SPEED_UP if tiles else 1))
 
 
 @pytest.mark.parametrize("options, words", [

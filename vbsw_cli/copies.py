@@ -20,10 +20,10 @@ from vbsw_cli.progress import chunks
 # build slows down).
 COPIES = 4
 
-# Rows expanded or compared at a time, and the bytes of the uint64 words
-# hashed at a time.
+# Rows expanded at a time, and the bytes of the uint64 words hashed (or of
+# the rows compared) at a time.
 HASH_ROWS = 16_384
-HASH_BYTES = 64 << 20
+HASH_BYTES = 16 << 20
 
 
 @dataclass
@@ -119,8 +119,11 @@ def row_hashes(X: np.ndarray) -> np.ndarray:
 
 def _same_as_first(X: np.ndarray, copies: Copies) -> bool:
     """Whether every row is identical, bit for bit, to its group's first."""
+    if len(copies.first) == len(X):  # every row its own first
+        return True
     first = copies.first[copies.group]
-    for lo, hi in chunks(len(X), HASH_ROWS):
+    row_bytes = max(1, X[:1].nbytes)  # a count of rows would grow with d
+    for lo, hi in chunks(len(X), max(1, HASH_BYTES // row_bytes)):
         rows = np.ascontiguousarray(X[lo:hi]).view(np.uint8)
         theirs = np.ascontiguousarray(X[first[lo:hi]]).view(np.uint8)
         if not np.array_equal(rows, theirs):

@@ -11,9 +11,12 @@ slow. Here each row keeps a threshold, an upper bound of its k-th squared
 distance: the k-th smallest value seen so far plus twice a bound of the
 rounding error of the entries of rows that near. A tile yields only the few
 entries under the threshold; every few tiles they are merged into the row's
-best candidates, which tightens the threshold. Last, the candidates' distances
-are computed again in float64 from the features as given, and the k nearest
-kept.
+best candidates, which tightens the threshold. Where k is large against a
+block, most entries pass and each merge would handle them all again: there a
+chunk of rows gets its entries against every row at once, and one partition of
+each row gives its candidates and threshold. Last, the candidates' distances
+are computed again in float64 from the features as given, a few pairs at a
+time, and the k nearest kept.
 
 Each row then proves its result: its last threshold lies above its k-th
 distance by more than the rounding error of any row that near, and no
@@ -21,7 +24,14 @@ candidate dropped for want of room (more than ``2 k`` under the threshold)
 can be nearer than the k-th. Rows that fail - masses of near-duplicates, or
 rows far from the centre compared with their neighbours' distances - are
 searched again with float64 products, and those still unproven by a tree of
-float64 differences.
+float64 differences. Where float32 fails most rows of a probe (thousands of
+features make its rounding coarse), float64 products serve every row at once.
+
+Memory: besides X and the results, the candidates (2 k keys a row), the
+float32 column operand (a copy of the features), the operand of the query rows
+where only some are searched, and blocks, chunks and tiles of bounded bytes:
+float64 operands of every row are made a block at a time, never stored whole.
+Only the tree, for many unproven rows, takes a float64 copy of X.
 """
 
 from __future__ import annotations
@@ -39,17 +49,29 @@ from vbsw_cli.progress import chunks
 # per tile is small against the product. At most 2**15 (rows are int16).
 # Timed on 50,000 x 64 floats, 2 cores: 768 to 1536 are as fast, 2048 slower.
 BLOCK = 1024
+# Bytes of one block's operand: BLOCK rows of up to 2046 float32 features,
+# fewer rows of more (each thread holds two blocks at a time, and 1024 rows of
+# 10,000 float64 features took 80 MB), but never under LEAST_BLOCK rows (tiles
+# of fewer would be mostly Python work).
+BLOCK_BYTES = 16 * 2**20
+LEAST_BLOCK = 64
 # Tiles between two merges of a block's candidates, and the pending entries
 # (per row of the block, on average) that force a merge earlier, so that a
 # block's pending candidates stay few.
 MERGE_EVERY = 4
 PENDING_PER_ROW = 64
 
-# Rows centred in float64 at a time when the tiles' operands are made.
-SPACE_ROWS = 65_536
+# Bytes of float64 rows centred (or differences taken) at a time when the
+# tiles' operands are made or rows are searched by differences: 16,384 rows of
+# 64 features, fewer of more (a count of rows grew with the features). Casts
+# take as much again.
+SPACE_BYTES = 8 * 2**20
 
-# Rows whose median is the centre (a sample, evenly spread).
+# Rows whose median is the centre (a sample, evenly spread), fewer where they
+# pass CENTRE_BYTES in float64: 4096 rows of up to 512 features (the sample
+# and its copies took 1.3 GB at 10,000 features).
 CENTRE_ROWS = 4096
+CENTRE_BYTES = 16 * 2**20
 
 # The largest span a scale may leave: its squared distances stay far inside
 # float64's range.
@@ -59,6 +81,33 @@ FAR_SPAN = 2.0 ** 400
 # while (rows x n_samples) stays under this, else in a tree (whose import and
 # build cost more than a few rows' differences).
 BRUTE_PAIRS = 20_000_000
+
+# Bytes of gathered rows and their float64 differences held at a time when
+# distances are computed again from the features as given, so that this step's
+# memory does not grow with the rows, k or the features (it once held every
+# candidate of a block at once: 8 GB for 1000 x 10,000 floats). Timed on 40,000
+# pairs of 10,000 floats: 1 to 8 MiB as fast (in cache), 64 MiB twice as slow.
+DIFFERENCE_BYTES = 4 * 2**20
+
+# A search of at least PROBE_FROM rows in float32 first searches PROBE_ROWS of
+# them, spread evenly: where most of those fail their proof (many features,
+# whose rounding hides the order of the neighbours, or masses of near-
+# duplicates), float32 would only have to be followed by float64 for most
+# rows, and every later search of the rows goes to float64 at once.
+PROBE_ROWS = 32
+PROBE_FROM = 100
+
+# Where k passes DENSE_FROM of a block's rows, whole rows of entries replace
+# the tiles and merges (see _Dense). Timed on 11,000 rows of 4 and 64 floats,
+# 1 thread: merges won up to k = 128 (0.62 s against 0.97 s at 4 floats), tied
+# at 256, lost from 512 (2.8 s against 1.4 s); so too on 5000 x 512.
+DENSE_FROM = 0.25
+# Rows of a chunk of whole rows: DENSE_BYTES at 32 bytes an entry (the entry,
+# its key and their temporaries), but at least LEAST_BLOCK rows: 2 kB per row
+# of X, less than the candidates' keys (16 k bytes a row) where blocks are
+# full, or than X where they are short (8 kB a row or more). 8 to 64 MiB were
+# as fast on 11,000 x 4, k = 2000.
+DENSE_BYTES = 32 * 2**20
 
 # Columns whose minimum stands for them when a first tile sets a threshold.
 GROUPS = 8
@@ -116,12 +165,16 @@ class ExactSearch:
         # out of float32's range, bring them back to it.
         self.scale = _chosen_scale(span, typical, X.shape[1])
         if self.scale != 1.0:
-            X, span = np.asarray(X, np.float64) * self.scale, span * self.scale
+            X = np.multiply(X, self.scale, dtype=np.float64)  # one copy, not two
+            span = span * self.scale
             self.centre = self.centre * self.scale
         self.X = X
         # A few rows far beyond the others need float64 (no scale fits both).
         self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
         self._columns: dict = {}
+        # Whether float32 products failed most rows of a probe (None: no
+        # probe yet).
+        self._float32_fails: bool | None = None
         # Where a caller searches X with a tree instead, it keeps it here.
         self.tree = None
 
@@ -184,18 +237,46 @@ class ExactSearch:
             self._columns[dtype] = _Columns.of(self.X, dtype, self.centre)
         return self._columns[dtype]
 
+    def _products(self, n_query: int, rows: np.ndarray | None, threads: int
+                  ) -> type:
+        """The dtype of the products: float64 where float32 does not fit or
+        failed most rows of the probe (see PROBE_ROWS), else float32."""
+        count = len(self.X) if rows is None else len(rows)
+        if self.dtype == np.float32 and self._float32_fails is None and \
+                count >= PROBE_FROM:
+            self._float32_fails = self._probe_fails(n_query, rows, threads)
+            if self._float32_fails:
+                del self._columns[np.float32]  # no later search uses it
+        return np.float64 if self._float32_fails else self.dtype
+
+    def by_whole_rows(self, n_query: int) -> bool:
+        """Whether searches for n_query neighbours go by whole rows (each
+        entry computed for each of its rows, so that a self-join costs as
+        much per row as the search of a few rows), not by tiles."""
+        dtype = np.float64 if self._float32_fails else self.dtype
+        return whole_rows(self.X.shape[1], dtype, n_query)
+
+    def _probe_fails(self, n_query, rows, threads) -> bool:
+        """Whether float32 products fail the proof of most rows of a probe."""
+        queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
+        spread = np.linspace(0, len(queries) - 1, PROBE_ROWS).astype(np.int64)
+        probe = np.unique(queries[spread])
+        found = _candidates(self.columns(np.float32), probe, n_query)
+        _run(found, threads, None)
+        found.results(threads)
+        return 2 * len(found.unsure()) > len(probe)
+
     def _search(self, n_query, rows, threads, advance):
-        found = _Candidates(_Space.of(self.columns(self.dtype), rows, n_query),
-                            rows, n_query)
+        dtype = self._products(n_query, rows, threads)
+        found = _candidates(self.columns(dtype), rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
         unsure = found.unsure()
-        if len(unsure) and self.dtype == np.float32:
+        if len(unsure) and dtype == np.float32:
             # Near-ties too many for float32, or rounding too coarse for the
             # distances: those rows again in float64.
             queries = found.queries[unsure]
-            space = _Space.of(self.columns(np.float64), queries, n_query)
-            again = _Candidates(space, queries, n_query)
+            again = _candidates(self.columns(np.float64), queries, n_query)
             _run(again, threads, None)
             indices[unsure], distances[unsure] = again.results(threads)
             unsure = unsure[again.unsure()]
@@ -209,6 +290,20 @@ class ExactSearch:
             indices[unsure] = found_again[0]
             distances[unsure] = found_again[1] * self.scale
         return indices, distances
+
+
+def _candidates(columns: _Columns, rows: np.ndarray | None, n_query: int
+                ) -> _Candidates:
+    """The search of ``rows`` (None: every row) among ``columns``: by tiles
+    and merges, or by whole rows where k is large against a block."""
+    space = _Space.of(columns, rows, n_query)
+    dense = whole_rows(columns.exact.shape[1], columns.dtype, n_query)
+    return (_Dense if dense else _Candidates)(space, rows, n_query)
+
+
+def whole_rows(n_features: int, dtype, n_query: int) -> bool:
+    """Whether k passes DENSE_FROM of a block's rows: whole rows, not tiles."""
+    return n_query > DENSE_FROM * block_rows(n_features, dtype)
 
 
 def _rescaled(advance, steps: int, total: int):
@@ -258,13 +353,16 @@ def column_span(X: np.ndarray) -> float:
 
 
 def robust_centre(X: np.ndarray) -> tuple[np.ndarray, float]:
-    """The median row of a sample of CENTRE_ROWS rows (float64), and the
+    """The median row of a sample of rows (float64; see CENTRE_ROWS), and the
     median distance of those rows from it (a typical norm once centred)."""
-    rows = np.unique(np.linspace(0, len(X) - 1, CENTRE_ROWS).astype(np.int64))
+    fit = CENTRE_BYTES // (8 * max(X.shape[1], 1))
+    count = max(1, min(CENTRE_ROWS, fit))
+    rows = np.unique(np.linspace(0, len(X) - 1, count).astype(np.int64))
     with np.errstate(over="ignore", invalid="ignore"):
         sample = np.asarray(X[rows], np.float64)
         centre = np.median(sample, axis=0)
-        typical = np.median(np.sqrt(((sample - centre) ** 2).sum(axis=1)))
+        sample -= centre  # in place: one sample's memory, not three
+        typical = np.median(np.sqrt(np.square(sample, out=sample).sum(axis=1)))
     return centre, float(typical)
 
 
@@ -291,13 +389,55 @@ def _brute_neighbours(X: np.ndarray, queries: np.ndarray, n_query: int
     squared = np.empty(len(X))
     for position, row in enumerate(queries):
         query = np.asarray(X[row], np.float64)
-        for start, stop in chunks(len(X), SPACE_ROWS):
-            difference = np.asarray(X[start:stop], np.float64) - query
+        for start, stop in chunks(len(X), space_rows(X.shape[1])):
+            difference = np.subtract(X[start:stop], query, dtype=np.float64)
             squared[start:stop] = np.einsum("ij,ij->i", difference, difference)
         nearest = np.argpartition(squared, n_query - 1)[:n_query]
         nearest = nearest[np.argsort(squared[nearest], kind="stable")]
         indices[position], distances[position] = nearest, np.sqrt(squared[nearest])
     return indices, distances
+
+
+def block_rows(n_features: int, dtype) -> int:
+    """Rows of a block: BLOCK, fewer where their operand passes BLOCK_BYTES."""
+    fit = BLOCK_BYTES // ((n_features + 2) * np.dtype(dtype).itemsize)
+    return min(BLOCK, max(fit, LEAST_BLOCK))
+
+
+def space_rows(n_features: int) -> int:
+    """Rows of ``n_features`` float64 values that fill SPACE_BYTES."""
+    return max(1, SPACE_BYTES // (8 * max(n_features, 1)))
+
+
+def squared_differences(X: np.ndarray, first: np.ndarray, second: np.ndarray
+                        ) -> np.ndarray:
+    """``|X[first] - X[second]|^2`` row pair by row pair, from float64
+    differences, a chunk of pairs at a time (about DIFFERENCE_BYTES)."""
+    squared = np.empty(len(first))
+    step = pairs_per_chunk(X.shape[1], X.dtype.itemsize)
+    # Buffers reused by every chunk: fresh ones of this size would each be
+    # mapped and faulted in anew.
+    size = min(step, len(first))
+    left, right = np.empty((2, size, X.shape[1]), X.dtype)
+    difference = np.empty((size, X.shape[1]))
+    for start, stop in chunks(len(first), step):
+        count = stop - start
+        # "clip" skips take's buffering of out; the row numbers are valid.
+        np.take(X, first[start:stop], axis=0, out=left[:count], mode="clip")
+        np.take(X, second[start:stop], axis=0, out=right[:count], mode="clip")
+        np.subtract(left[:count], right[:count], out=difference[:count],
+                    dtype=np.float64)
+        rows = difference[:count]
+        # A stack of 1 x d by d x 1 products: BLAS's dot, 3 times faster than
+        # einsum here (numpy >= 1.24 has no vecdot).
+        squared[start:stop] = (rows[:, None, :] @ rows[:, :, None]).ravel()
+    return squared
+
+
+def pairs_per_chunk(n_features: int, itemsize: int) -> int:
+    """Row pairs whose gathered rows and float64 differences fill about
+    DIFFERENCE_BYTES."""
+    return max(1, DIFFERENCE_BYTES // (max(n_features, 1) * (2 * itemsize + 8)))
 
 
 @dataclass
@@ -307,64 +447,119 @@ class _Columns:
     exact : (n, d) the features as given, cast to float64 row by row for
         the final distances (a float64 copy of a million rows would double
         the search's memory).
-    right : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in the working
-        dtype.
     squared : (n,) float64 squared norms of the centred rows.
     centre : (d,) float64 the centre.
+    dtype : the working dtype.
+    stored : (n, d + 2) ``[-2 y, 1, |y|^2]`` on centred rows, in float32; None
+        in float64, whose blocks are made from ``exact`` when a tile needs
+        them: stored, they would take twice a float32 input's memory (and
+        a block costs a tenth to a thirtieth of a product to make: 1024 rows
+        of 8 to 2048 features, 209 rows of 10,000).
     """
 
     exact: np.ndarray
-    right: np.ndarray
     squared: np.ndarray
     centre: np.ndarray
+    dtype: type
+    stored: np.ndarray | None
 
     @classmethod
     def of(cls, X: np.ndarray, dtype, centre: np.ndarray) -> _Columns:
         n, d = X.shape
-        right = np.empty((n, d + 2), dtype)
         squared = np.empty(n)
-        for start, stop in chunks(n, SPACE_ROWS):  # float64 a chunk at a time
-            centred = X[start:stop].astype(np.float64) - centre
+        stored = np.empty((n, d + 2), dtype) if dtype == np.float32 else None
+        for start, stop in chunks(n, space_rows(d)):  # a chunk at a time
+            centred = np.subtract(X[start:stop], centre, dtype=np.float64)
             squared[start:stop] = np.einsum("ij,ij->i", centred, centred)
-            right[start:stop, :d] = -2 * centred
-            right[start:stop, d] = 1
-            right[start:stop, d + 1] = squared[start:stop]
-        return cls(X, right, squared, centre)
+            if stored is not None:
+                _fill_right(stored[start:stop], centred, squared[start:stop])
+        return cls(X, squared, centre, dtype, stored)
+
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop as the right operand ``[-2 y, 1, |y|^2]``."""
+        if self.stored is not None:
+            return self.stored[start:stop]
+        return self.operand(slice(start, stop), right=True)
+
+    def operand(self, rows: slice | np.ndarray, right: bool) -> np.ndarray:
+        """``X[rows]`` (a slice, or row numbers) as the left operand ``[x,
+        |x|^2, 1]`` or the right one, in the working dtype.
+
+        Centred in float64 straight into the operand (then rounded to it),
+        and for the right one doubled there (exact in float64, the dtype of
+        every right operand made here): with a centred copy, a tile's blocks
+        took 40% of its product's time at 10,000 float64 features. Row
+        numbers are gathered a chunk at a time.
+        """
+        d = self.exact.shape[1]
+        made = np.empty((len(self.squared[rows]), d + 2), self.dtype)
+        for start, stop in chunks(len(made), space_rows(d)):
+            np.subtract(self.exact[_part(rows, start, stop)], self.centre,
+                        out=made[start:stop, :d], dtype=np.float64)
+        ones, norms = (d, d + 1) if right else (d + 1, d)
+        if right:
+            made[:, :d] *= -2
+        made[:, ones], made[:, norms] = 1, self.squared[rows]
+        return made
+
+
+def _part(rows: slice | np.ndarray, start: int, stop: int) -> slice | np.ndarray:
+    """``rows[start:stop]``; of a slice, a slice (a view, not a copy)."""
+    if isinstance(rows, slice):
+        return slice(rows.start + start, rows.start + stop)
+    return rows[start:stop]
+
+
+def _fill_right(out: np.ndarray, centred: np.ndarray, squared: np.ndarray
+                ) -> None:
+    """``out = [-2 y, 1, |y|^2]`` for centred rows y."""
+    d = centred.shape[1]
+    np.multiply(centred, -2, out=out[:, :d])  # exact, then rounded to out
+    out[:, d], out[:, d + 1] = 1, squared
+
+
+def _left_of_right(right: np.ndarray) -> np.ndarray:
+    """``[x, |x|^2, 1]`` from ``[-2 x, 1, |x|^2]``, exactly (a power of two)."""
+    d = right.shape[1] - 2
+    left = np.empty_like(right)
+    np.multiply(right[:, :d], -0.5, out=left[:, :d])
+    left[:, d], left[:, d + 1] = right[:, d + 1], 1
+    return left
 
 
 @dataclass
 class _Space:
-    """Features ready for tiles: ``left[q] . right[j]`` is ``|x_q - x_j|^2``.
+    """Features ready for tiles: ``left_block(q) . columns.block(j)`` is
+    ``|x_q - x_j|^2``.
 
-    exact, right : as in :class:`_Columns`.
-    left : (n_queries, d + 2) in the working dtype, for the query rows only.
+    columns : the :class:`_Columns`.
+    left : (n_queries, d + 2) ``[x, |x|^2, 1]`` for the query rows; None in a
+        self-join, whose blocks are made when a tile needs them (a copy of
+        every row would add a feature matrix to the memory).
     slack : (n_queries,) bound of the rounding error of any entry in a row.
     """
 
-    exact: np.ndarray
-    left: np.ndarray
-    right: np.ndarray
+    columns: _Columns
+    left: np.ndarray | None
     slack: np.ndarray
     norm: np.ndarray
     unit: float
+
+    @property
+    def exact(self) -> np.ndarray:
+        return self.columns.exact
 
     @classmethod
     def of(cls, columns: _Columns, queries: np.ndarray | None, n_query: int
            ) -> _Space:
         """The space of ``columns``, with ``left`` for ``queries`` (None:
         every row)."""
-        right, squared = columns.right, columns.squared
-        n, d = len(right), right.shape[1] - 2
-        dtype = right.dtype
+        squared, dtype = columns.squared, columns.dtype
+        d = columns.exact.shape[1]
         reach = np.sqrt(np.partition(squared, n_query - 1)[n_query - 1])
-        if queries is None:
-            left = np.empty((n, d + 2), dtype)
-            left[:, :d] = right[:, :d] / -2  # exact: a power of two
-            left[:, d], left[:, d + 1] = squared, 1
-        else:
-            centred = columns.exact[queries].astype(np.float64) - columns.centre
-            left = np.empty((len(queries), d + 2), dtype)
-            left[:, :d], left[:, d], left[:, d + 1] = centred, squared[queries], 1
+        left = None
+        if queries is not None:
+            left = columns.operand(queries, right=False)
             squared = squared[queries]
         # An entry's error is at most unit * (|x| + |y|)^2: d + 2 products
         # plus the roundings of the inputs, with eps = twice the unit
@@ -374,13 +569,21 @@ class _Space:
         unit = (d + 8) * float(np.finfo(dtype).eps)
         norm = np.sqrt(squared)
         slack = unit * (3 * norm + reach) ** 2
-        return cls(columns.exact, left, right, slack.astype(dtype), norm, unit)
+        return cls(columns, left, slack.astype(dtype), norm, unit)
+
+    def left_block(self, lo: int, hi: int) -> np.ndarray:
+        """The query rows lo:hi as the left operand ``[x, |x|^2, 1]``."""
+        if self.left is not None:
+            return self.left[lo:hi]
+        if self.columns.stored is not None:
+            return _left_of_right(self.columns.stored[lo:hi])
+        return self.columns.operand(slice(lo, hi), right=False)
 
 
 class _Candidates:
     """For each query row: its best candidates so far and its threshold.
 
-    keys : (n_rows, width) candidates as sortable uint64 (see SHIFT).
+    keys : (n_rows, width) candidates as sortable uint64 (see SHIFT), unordered.
     threshold : (n_rows,) upper bound of the k-th squared distance plus the
         rounding error: no true neighbour lies above it.
     dropped : (n_rows,) the smallest value dropped for want of room: where
@@ -389,19 +592,21 @@ class _Candidates:
     """
 
     def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
-        n = len(space.right)
-        self.space, self.k, self.width = space, n_query, 2 * n_query
+        n = len(space.exact)
+        # No row has more than n candidates.
+        self.space, self.k, self.width = space, n_query, min(2 * n_query, n)
         self.self_join = rows is None
         self.queries = np.arange(n) if rows is None else np.asarray(rows)
         self.slack = space.slack
         count = len(self.queries)
         self.keys = np.full((count, self.width), EMPTY, np.uint64)
-        self.threshold = np.full(count, np.inf, space.left.dtype)
+        self.threshold = np.full(count, np.inf, space.columns.dtype)
         self.proven = np.zeros(count, bool)
         self.tied = np.zeros(count, bool)
         self.dropped = np.full(count, np.inf, self.threshold.dtype)
-        self.blocks = chunks(count, BLOCK)
-        self.columns = self.blocks if rows is None else chunks(n, BLOCK)
+        size = block_rows(space.exact.shape[1], space.columns.dtype)
+        self.blocks = chunks(count, size)
+        self.columns = self.blocks if rows is None else chunks(n, size)
         self.pending = [[] for _ in self.blocks]
         self.tiles = [0] * len(self.blocks)
         self.locks = [threading.Lock() for _ in self.blocks]
@@ -430,7 +635,8 @@ class _Candidates:
         """Offer one tile's entries to its query block (and column block)."""
         lo, hi = self.blocks[block]
         start, stop = self.columns[column]
-        tile = self.space.left[lo:hi] @ self.space.right[start:stop].T
+        tile = self.space.left_block(lo, hi) @ \
+            self.space.columns.block(start, stop).T
         both = self.self_join and column != block
 
         # One pass finds the entries under either block's thresholds.
@@ -501,7 +707,9 @@ class _Candidates:
         table = np.full((len(hit), self.width + counts.max()), EMPTY, np.uint64)
         table[:, :self.width] = self.keys[lo + hit]
         table[slot[rows], self.width + place] = keys
-        table.sort(axis=1)
+        # The k-th key, the (width + 1)-th and the width smallest, unordered:
+        # a full sort of every merge took most of the time with a large k.
+        table.partition([self.k - 1, self.width], axis=1)
         at = lo + hit
         kth = _values(table[:, self.k - 1]) + 2 * self.slack[at]
         self.threshold[at] = np.fmin(self.threshold[at], kth)  # EMPTY is NaN
@@ -535,19 +743,33 @@ class _Candidates:
         return np.flatnonzero((crowded & ~self.tied) | ~self.proven)
 
     def _nearest(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = self.keys[lo:hi]
-        columns = (keys & COLUMN).astype(np.int64)
         bound = _single(self.threshold[lo:hi, None])  # in the keys' rounding
+        keys = self._under(lo, hi, bound)
+        columns = (keys & COLUMN).astype(np.int64)
         row, slot = np.nonzero(_values(keys) <= bound)
-        exact = self.space.exact
-        difference = (exact[columns[row, slot]].astype(np.float64)
-                      - exact[self.queries[lo + row]].astype(np.float64))
         squared = np.full(keys.shape, np.inf)
-        squared[row, slot] = np.einsum("ij,ij->i", difference, difference)
+        squared[row, slot] = squared_differences(
+            self.space.exact, self.queries[lo + row], columns[row, slot])
         order = np.argsort(squared, axis=1, kind="stable")[:, :self.k]
         squared = np.take_along_axis(squared, order, axis=1)
         self._check(lo, hi, squared[:, -1])
         return np.take_along_axis(columns, order, axis=1), np.sqrt(squared)
+
+    def _under(self, lo: int, hi: int, bound: np.ndarray) -> np.ndarray:
+        """The keys of rows lo:hi, sorted, the first ``most`` of each row: the
+        keys under the row's bound, then others (``most``: the most keys
+        under a bound, at least k).
+
+        Sorted, the keys break ties of the float64 distances, whatever order
+        the merges (on any threads) left them in, and the float32 order makes
+        the float64 one quick to sort.
+        """
+        keys = self.keys[lo:hi]
+        under = (_values(keys) <= bound).sum(axis=1)
+        most = max(int(under.max(initial=0)), self.k)
+        if most < keys.shape[1]:  # a large k: half the keys lie above it
+            keys = np.partition(keys, most - 1, axis=1)[:, :most]
+        return np.sort(keys, axis=1)
 
     def _check(self, lo: int, hi: int, kth: np.ndarray) -> None:
         """Whether rounding can have hidden a nearer row than the k-th found.
@@ -567,6 +789,67 @@ class _Candidates:
         entry = np.nextafter(self.dropped[lo:hi].astype(np.float32),
                              np.float32(-np.inf)).astype(np.float64)
         self.tied[lo:hi] = (kth == 0) | (entry - error >= kth)
+
+
+class _Dense(_Candidates):
+    """Candidates from whole rows of entries, for a k large against a block:
+    there most entries of every tile pass the thresholds, and each merge
+    partitions them all again.
+
+    A chunk of query rows gets its entries against every row at once: the
+    width smallest keys of each row are its candidates, the k-th smallest
+    (plus twice the slack) its threshold and the next one past the width its
+    ``dropped``, just as merges of every tile would leave them. No tile
+    serves two chunks in a self-join: the products cost twice as much.
+    """
+
+    def __init__(self, space: _Space, rows: np.ndarray | None, n_query: int):
+        super().__init__(space, rows, n_query)
+        n = len(space.exact)
+        self.blocks = chunks(len(self.queries), dense_rows(n))
+        self.pending = [[] for _ in self.blocks]
+        self.tiles = [0] * len(self.blocks)
+        self.locks = [threading.Lock() for _ in self.blocks]
+
+    def tile_list(self) -> list[tuple[int]]:
+        """One chunk of query rows at a time."""
+        return [(block,) for block in range(len(self.blocks))]
+
+    def tile(self, block: int) -> None:
+        """The candidates and threshold of one chunk of query rows."""
+        lo, hi = self.blocks[block]
+        keys = _row_keys(self._entries(lo, hi))
+        past = keys.shape[1] > self.width  # a key past the width to drop
+        keys.partition([self.k - 1, self.width] if past else self.k - 1, axis=1)
+        self.threshold[lo:hi] = _values(keys[:, self.k - 1]) + \
+            2 * self.slack[lo:hi]
+        if past:
+            self.dropped[lo:hi] = _values(keys[:, self.width])
+        self.keys[lo:hi] = keys[:, :self.width]
+
+    def _entries(self, lo: int, hi: int) -> np.ndarray:
+        """The entries of query rows lo:hi against every row."""
+        left = self.space.left_block(lo, hi)
+        entries = np.empty((hi - lo, len(self.space.exact)), left.dtype)
+        for start, stop in self.columns:
+            entries[:, start:stop] = left @ self.space.columns.block(start, stop).T
+        return entries
+
+
+def dense_rows(n_samples: int) -> int:
+    """Query rows whose entries against every row fill DENSE_BYTES (at least
+    LEAST_BLOCK)."""
+    return max(DENSE_BYTES // (32 * n_samples), LEAST_BLOCK)
+
+
+def _row_keys(entries: np.ndarray) -> np.ndarray:
+    """The keys of whole rows of entries (column j: row j), with fewer
+    temporaries than :func:`_keys`; ``entries`` is overwritten."""
+    single = _single(np.maximum(entries, 0, out=entries))
+    keys = single.view(np.uint32).astype(np.uint64)
+    keys <<= SHIFT
+    keys |= np.arange(entries.shape[1], dtype=np.uint64)
+    return keys
 
 
 def _kth_bound(values: np.ndarray, k: int) -> np.ndarray:

@@ -107,7 +107,9 @@ TREE_ROWS = 30_000
 TREE_PROBE_ROWS = 64
 # The blocked self-join of every row computes half the products, and merges
 # fewer candidates per row, than the search of a sample of rows among all:
-# its time per row is about SELF_JOIN_SPEED_UP times smaller.
+# its time per row is about SELF_JOIN_SPEED_UP times smaller. Not so for a k
+# large against the blocks, searched by whole rows (11,000 x 4, k = 2000: a
+# sample's row took 1.1 times as long as one of the whole search).
 SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 
 
@@ -342,7 +344,8 @@ def _tree(X, n_query, threads, blocked, probe):
     rows = np.linspace(0, len(X) - 1, RECALL_SAMPLE).astype(np.int64)
     started = time.perf_counter()
     blocked.neighbours(n_query, rows=rows, threads=threads)
-    per_row = (time.perf_counter() - started) / SELF_JOIN_SPEED_UP / len(rows)
+    per_row = (time.perf_counter() - started) / len(rows) / \
+        self_join_speed_up(blocked, n_query)
     # Fewer rows for the tree, on one thread (joblib's start would outweigh
     # them): its time per row has no fixed part, and it is slow where it loses.
     rows = rows[::len(rows) // TREE_PROBE_ROWS]
@@ -401,7 +404,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     seconds = _timed_reference(X, prepared, n_query, options, sample,
                                first, reference)
     ratios = contrast_ratios(X, sample[first], reference[first], rng)
-    predicted_exact = _predicted_exact(X, seconds / first.sum(), options)
+    predicted_exact = _predicted_exact(X, seconds / first.sum(), options,
+                                       prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=True)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
@@ -411,7 +415,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                                 ~first, reference)
     ratios = contrast_ratios(X, sample, reference, rng)
     contrast = float(np.median(ratios))
-    predicted_exact = _predicted_exact(X, seconds / len(sample), options)
+    predicted_exact = _predicted_exact(X, seconds / len(sample), options,
+                                       prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=False)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
@@ -500,14 +505,21 @@ def _timed_reference(X, prepared, n_query, options, sample, chosen, reference
     return time.perf_counter() - started
 
 
-def _predicted_exact(X, per_row: float, options: SearchOptions) -> float:
+def _predicted_exact(X, per_row: float, options: SearchOptions,
+                     prepared: ExactSearch, n_query: int) -> float:
     """Seconds the exact search of every row should take, from the time per
     sampled row."""
     if _tree_only(X):  # the sample ran on one thread, the whole on all
         return per_row * len(X) / thread_count(options.threads)
     # The sample was searched by blocked products, which do the whole set
     # faster per row (where a probe then picks a tree, faster still).
-    return per_row * len(X) / SELF_JOIN_SPEED_UP
+    return per_row * len(X) / self_join_speed_up(prepared, n_query)
+
+
+def self_join_speed_up(prepared: ExactSearch, n_query: int) -> float:
+    """How many times less a row of the whole search costs than a sampled
+    one: SELF_JOIN_SPEED_UP by tiles, 1 by whole rows."""
+    return 1.0 if prepared.by_whole_rows(n_query) else SELF_JOIN_SPEED_UP
 
 
 def _exact_at_once(options, X, ratios, predicted_exact, part) -> str | None:
