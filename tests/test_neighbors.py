@@ -314,7 +314,7 @@ def test_float32_operands_add_one_copy_of_the_features(rng, small_tiles,
     # hashed or compared) a chunk at a time: the search held three copies and
     # more before.
     for module, name in [(blocked, "SPACE_BYTES"), (blocked, "DIFFERENCE_BYTES"),
-                         (copies_module, "HASH_BYTES")]:
+                         (copies_module, "HASH_BYTES"), (blocked, "LEFT_BYTES")]:
         monkeypatch.setattr(module, name, 2**16)
     X = rng.normal(size=(1000, 2048)).astype(np.float32)
     search = blocked.ExactSearch(X)
@@ -507,15 +507,18 @@ def test_any_small_input_property(data):
     threads = data.draw(st.sampled_from([1, 2]))
     copies = data.draw(st.sampled_from([0, 4]))  # 0: identical rows grouped
     dense_from = data.draw(st.sampled_from([np.inf, 0.0]))  # tiles, whole rows
+    sorted_merge = data.draw(st.sampled_from([0, 512]))  # 0: merges partition
     X = X.astype(np.float32)
-    original = blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM
+    original = (blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM,
+                blocked.SORTED_MERGE)
     # No monkeypatch: hypothesis runs many examples.
-    blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = block, copies, \
-        dense_from
+    (blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM,
+     blocked.SORTED_MERGE) = block, copies, dense_from, sorted_merge
     try:
         indices, distances = exact_neighbours(X, k, rows=rows, threads=threads)
     finally:
-        blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM = original
+        (blocked.BLOCK, copies_module.COPIES, blocked.DENSE_FROM,
+         blocked.SORTED_MERGE) = original
     assert_exact(X, k, indices, distances, rows)
 
 

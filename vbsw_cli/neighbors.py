@@ -390,9 +390,11 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     rng = np.random.default_rng(options.seed)
     sample = np.sort(rng.choice(len(X), size=min(options.sample_size, len(X)),
                                 replace=False))
-    # A first small call pays the thread pool's start, which the timed ones
-    # must not count: their time per row predicts the whole exact search.
+    # A first small call pays the thread pool's start (and the probe of the
+    # products' dtype), which the timed ones must not count: their time per
+    # row predicts the whole exact search.
     prepared = ExactSearch(X, copies)
+    prepared.products(n_query, None, thread_count(options.threads))
     exact_search(X, n_query, options, progress, rows=sample[:8],
                  prepared=prepared)
 
