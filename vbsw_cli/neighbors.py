@@ -577,9 +577,8 @@ def _search_again(X, indices, distances, n_query, graph, ef, progress,
         index = build_index(among, graph, NullProgress())
         found = query_index(index, among, n_query, max(ef, 2 * n_query), graph,
                             NullProgress())
-        if found is None:
-            task.close()
-            return 0
+        if found is None:  # a graph that cannot give k for each: exactly
+            found = ExactSearch(among).neighbours(n_query, threads=threads)
         found = rows[found[0]], found[1]
     indices[rows], distances[rows] = _nearest_of_both(
         (indices[rows], distances[rows]), found, n_query)
