@@ -681,3 +681,50 @@ def test_input_columns_the_output_reuses_are_noticed(tmp_path, rng):
     assert "note: the output's 'row' is the row number, not the 'row' column" \
         in only.stderr
     assert read(only.stdout).column("row").to_pylist() == list(range(40))
+
+
+def test_labels_of_shape_n_by_1_in_npy_are_what_a_1d_array_is(tmp_path, rng):
+    X, y = rng.normal(size=(120, 4)), rng.integers(3, size=120)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "flat.npy", y)
+    np.save(tmp_path / "column.npy", y.reshape(-1, 1))
+    runs = [run_vbsw("weigh", tmp_path / "X.npy", "--labels", tmp_path / name,
+                     "--k", "6", "--exact", "-o", "-") for name in
+            ("flat.npy", "column.npy")]
+    for run in runs:
+        assert run.code == 0, run.stderr
+        assert "labels label: classification" in run.stderr
+    assert read(runs[0].stdout).equals(read(runs[1].stdout).replace_schema_metadata(
+        read(runs[0].stdout).schema.metadata))
+
+
+def test_labels_from_a_file_replace_the_features_files_own(tmp_path, rng):
+    X = rng.normal(size=(60, 3))
+    own, theirs = rng.integers(2, size=60), rng.integers(3, size=60)
+    features = write_features(tmp_path / "f.parquet", X, own)
+    pq.write_table(pa.table({"id": np.arange(60), "label": theirs}),
+                   tmp_path / "l.parquet")
+    run = run_vbsw("weigh", features, "--labels", tmp_path / "l.parquet",
+                   "--k", "5", "--exact", "-o", "-")
+    assert run.code == 0, run.stderr
+    out = read(run.stdout)
+    assert out.column("label").to_pylist() == theirs.tolist()
+    assert out.column_names.count("label") == 1
+    assert f"note: 'label' of {features} replaced by the --labels file's, from " \
+        "which the weights come" in run.stderr
+    alone = write_features(tmp_path / "a.parquet", X, theirs)
+    plain = read(run_vbsw("weigh", alone, "--k", "5", "--exact", "-o", "-").stdout)
+    np.testing.assert_allclose(out.column("weight").to_numpy(),
+                               plain.column("weight").to_numpy(), rtol=1e-12)
+
+
+def test_ids_of_another_type_are_named_in_the_refusal(tmp_path, rng):
+    features = write_features(tmp_path / "f.parquet", rng.normal(size=(20, 2)),
+                              rng.integers(2, size=20))
+    pq.write_table(pa.table({"id": [str(i) for i in range(20)],
+                             "y": rng.integers(2, size=20)}), tmp_path / "l.parquet")
+    run = run_vbsw("weigh", features, "--labels", tmp_path / "l.parquet", "--label",
+                   "y", "-o", "-")
+    assert run.code == 1
+    assert one_line(run).endswith(f"no labels for 20 ids of {features} (first: 0)"
+                                  f"; its ids are string, those of {features} int64")

@@ -65,7 +65,9 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     A ``.npy`` array becomes one column named ``features``: a fixed-size list
     for a 2-D array (higher dimensions flattened per row), numbers for 1-D.
     With ``text`` (a labels file), a 1-D array of text (unicode or bytes)
-    becomes a string column, as string labels are in Parquet.
+    becomes a string column, as string labels are in Parquet, and an array
+    of one value per row, shape (N, 1), is read as the 1-D array it stands
+    for (so integers there are classes, as in a 1-D array).
     """
     path = str(path)
     if path == STDIO:
@@ -162,6 +164,8 @@ def _npy_table(array: np.ndarray, name: str = ".npy", text: bool = False
     if array.ndim == 0:
         raise DataError(f"{name}: holds a single value (a 0-dimensional array); "
                         "expected one row per sample")
+    if text and array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]  # one label per row
     if text and array.dtype.kind in "US":
         return pa.table({DEFAULT_FEATURES: _text_column(array, name)})
     if array.dtype.kind not in "biuf":
@@ -862,8 +866,12 @@ def _joined_on_id(table, name, other, labels_file) -> pa.Table:
     ids = table.column(ID_COLUMN).to_pylist()
     missing = [value for value in ids if value not in theirs]
     if missing:
+        kinds = (f"; its ids are {other.schema.field(ID_COLUMN).type}, those of "
+                 f"{describe(name)} {table.schema.field(ID_COLUMN).type}"
+                 if other.schema.field(ID_COLUMN).type
+                 != table.schema.field(ID_COLUMN).type else "")
         raise DataError(f"{labels_file}: no labels for {counted(len(missing), 'id')}"
-                        f" of {describe(name)} (first: {missing[0]!r})")
+                        f" of {describe(name)} (first: {missing[0]!r}){kinds}")
     return other.take(pa.array([theirs[value] for value in ids], pa.int64()))
 
 
