@@ -216,11 +216,12 @@ def searches_made(monkeypatch) -> list:
 def test_rows_float32_cannot_prove_go_to_float64_after_a_probe(rng, small_tiles,
                                                                monkeypatch):
     X = np.repeat(rng.normal(size=(12, 5)), 50, axis=0)
-    X += 1e-9 * rng.normal(size=X.shape)  # copies told apart below float32
+    X += 1e-5 * rng.normal(size=X.shape)  # told apart below float32, not 64
     made = searches_made(monkeypatch)
     search = blocked.ExactSearch(X)
     indices, distances = search.neighbours(20, threads=2)
-    assert made == [(np.float32, blocked.PROBE_ROWS), (np.float64, 600)]
+    assert made == [(np.float32, blocked.PROBE_ROWS),
+                    (np.float64, blocked.PROBE_ROWS), (np.float64, 600)]
     assert_exact(X, 20, indices, distances)
     assert search._float32_fails and np.float32 not in search._columns
     made.clear()
@@ -228,6 +229,28 @@ def test_rows_float32_cannot_prove_go_to_float64_after_a_probe(rng, small_tiles,
     indices, distances = search.neighbours(5, rows=rows, threads=1)
     assert made == [(np.float64, len(rows))]  # no probe again
     assert_exact(X, 5, indices, distances, rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_no_product_can_prove_go_to_differences_after_a_probe(
+        rng, small_tiles, monkeypatch, dtype):
+    # Two clusters 1e7 apart, the median between them: every row lies far
+    # from the centre against its neighbours' distances, in float64 too.
+    X = rng.normal(size=(400, 6))
+    X[200:] += 1e7
+    X = X.astype(dtype)
+    made = searches_made(monkeypatch)
+    direct, asked = blocked.direct_neighbours, []
+    monkeypatch.setattr(blocked, "direct_neighbours", lambda X, queries, *a:
+                        asked.append(len(queries)) or direct(X, queries, *a))
+    search = blocked.ExactSearch(X)
+    steps = []
+    indices, distances = search.neighbours(10, threads=2, advance=steps.append)
+    assert made == [(np.float32, blocked.PROBE_ROWS),
+                    (np.float64, blocked.PROBE_ROWS)]
+    assert asked == [400] and sum(steps) == 400
+    assert_exact(X, 10, indices, distances)
+    assert not search.by_whole_rows(10)
 
 
 def test_a_probe_float32_proves_keeps_float32(rng, small_tiles, monkeypatch):

@@ -180,9 +180,10 @@ class ExactSearch:
         # A few rows far beyond the others need float64 (no scale fits both).
         self.dtype = np.float32 if _fits_float32(span, X.shape[1]) else np.float64
         self._columns: dict = {}
-        # Whether float32 products failed most rows of a probe (None: no
-        # probe yet).
+        # Whether float32 (float64) products failed most rows of a probe
+        # (None: no probe yet).
         self._float32_fails: bool | None = None
+        self._float64_fails: bool | None = None
         # Where a caller searches X with a tree instead, it keeps it here.
         self.tree = None
 
@@ -246,38 +247,53 @@ class ExactSearch:
         return self._columns[dtype]
 
     def products(self, n_query: int, rows: np.ndarray | None, threads: int
-                 ) -> type:
+                 ) -> type | None:
         """The dtype of the products: float64 where float32 does not fit or
-        failed most rows of the probe (see PROBE_ROWS), else float32. The
-        probe runs on the first call with 100 rows or more; a caller that
-        times a search calls this first."""
+        failed most rows of the probe (see PROBE_ROWS), else float32; None
+        where float64 failed most of them too (two clusters 1e7 apart, the
+        centre between them), and the rows go to float64 differences at
+        once. The probe runs on the first call with 100 rows or more; a
+        caller that times a search calls this first."""
         count = len(self.X) if rows is None else len(rows)
-        if self.dtype == np.float32 and self._float32_fails is None and \
-                count >= PROBE_FROM:
-            self._float32_fails = self._probe_fails(n_query, rows, threads)
+        if count < PROBE_FROM:
+            return self._chosen()
+        if self.dtype == np.float32 and self._float32_fails is None:
+            self._float32_fails = self._probe_fails(np.float32, n_query, rows,
+                                                    threads)
             if self._float32_fails:
                 del self._columns[np.float32]  # no later search uses it
+        if self._chosen() == np.float64 and self._float64_fails is None:
+            self._float64_fails = self._probe_fails(np.float64, n_query, rows,
+                                                    threads)
+        return self._chosen()
+
+    def _chosen(self) -> type | None:
+        """The products decided so far (None: none, differences)."""
+        if self._float64_fails:
+            return None
         return np.float64 if self._float32_fails else self.dtype
 
     def by_whole_rows(self, n_query: int) -> bool:
         """Whether searches for n_query neighbours go by whole rows (each
         entry computed for each of its rows, so that a self-join costs as
         much per row as the search of a few rows), not by tiles."""
-        dtype = np.float64 if self._float32_fails else self.dtype
-        return whole_rows(self.X.shape[1], dtype, n_query)
+        dtype = self._chosen()
+        return dtype is not None and whole_rows(self.X.shape[1], dtype, n_query)
 
-    def _probe_fails(self, n_query, rows, threads) -> bool:
-        """Whether float32 products fail the proof of most rows of a probe."""
+    def _probe_fails(self, dtype, n_query, rows, threads) -> bool:
+        """Whether ``dtype`` products fail the proof of most rows of a probe."""
         queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
         spread = np.linspace(0, len(queries) - 1, PROBE_ROWS).astype(np.int64)
         probe = np.unique(queries[spread])
-        found = _candidates(self.columns(np.float32), probe, n_query)
+        found = _candidates(self.columns(dtype), probe, n_query)
         _run(found, threads, None)
         found.results(threads)
         return 2 * len(found.unsure()) > len(probe)
 
     def _search(self, n_query, rows, threads, advance):
         dtype = self.products(n_query, rows, threads)
+        if dtype is None:
+            return self._by_differences(n_query, rows, threads, advance)
         found = _candidates(self.columns(dtype), rows, n_query)
         _run(found, threads, advance)
         indices, distances = found.results(threads)
@@ -300,6 +316,15 @@ class ExactSearch:
             indices[unsure] = found_again[0]
             distances[unsure] = found_again[1] * self.scale
         return indices, distances
+
+    def _by_differences(self, n_query, rows, threads, advance):
+        """Every row asked for by float64 differences (in scaled units)."""
+        queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
+        indices, distances = direct_neighbours(self.given, queries, n_query,
+                                               threads)
+        if advance is not None:
+            advance(len(queries))
+        return indices, distances * self.scale
 
 
 def _candidates(columns: _Columns, rows: np.ndarray | None, n_query: int
