@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -728,3 +730,22 @@ def test_ids_of_another_type_are_named_in_the_refusal(tmp_path, rng):
     assert run.code == 1
     assert one_line(run).endswith(f"no labels for 20 ids of {features} (first: 0)"
                                   f"; its ids are string, those of {features} int64")
+
+
+def test_out_of_memory_suggests_a_smaller_k(tmp_path, rng):
+    path = write_features(tmp_path / "f.parquet", rng.normal(size=(30, 2)),
+                          rng.integers(2, size=30))
+    script = ("import sys, vbsw_cli.cli.weigh as cli\n"
+              "def short(*a, **k): raise MemoryError\n"
+              "cli.weigh = short\n"
+              "from vbsw_cli.cli import main\n"
+              "main(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", script, "weigh", str(path),
+                          "--k", "5", "-o", str(tmp_path / "w.parquet")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "vbsw weigh: error: out of memory; try a smaller "
+                                  "input or a smaller --k (the search holds 32 "
+                                  "bytes per row and neighbour)")
+    assert not (tmp_path / "w.parquet").exists()

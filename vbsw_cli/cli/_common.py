@@ -80,10 +80,12 @@ def keyword(value: str | None, choices) -> str | None:
 # Errors
 
 
-def command(name: str, example: str, **settings):
+def command(name: str, example: str, *, short_of_memory: str = "a smaller input",
+            **settings):
     """Register a command whose errors become one line and an exit code.
 
-    ``example`` is appended to the help text, so every ``--help`` shows one.
+    ``example`` is appended to the help text, so every ``--help`` shows one;
+    ``short_of_memory`` is what to try when memory runs out.
     """
     def register(function):
         @functools.wraps(function)
@@ -106,7 +108,7 @@ def command(name: str, example: str, **settings):
             except MemoryError:
                 if debug:
                     raise
-                fail(name, "out of memory; try a smaller input", 1)
+                fail(name, f"out of memory; try {short_of_memory}", 1)
             except (typer.Exit, typer.Abort):
                 raise
             except Exception as error:  # a bug: one line unless --debug

@@ -27,7 +27,8 @@ EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
            "-o weighted.parquet")
 
 
-@command("weigh", EXAMPLE)
+@command("weigh", EXAMPLE, short_of_memory="a smaller input or a smaller --k (the "
+         "search holds 32 bytes per row and neighbour)")
 def weigh_cli(
     features: Annotated[str, typer.Argument(
         metavar="FEATURES", help="Parquet or .npy file of features, or - for stdin.")],
