@@ -616,3 +616,18 @@ def test_tol_zero_runs_every_epoch(capfdbinary, tmp_path, rng, optimizer):
     assert run.code == 0, run.stderr
     assert "trained 300 epochs" in run.stderr
     assert "still falling" not in run.stderr
+
+
+@pytest.mark.parametrize("rate, why", [(10.0, "the loss went from"),
+                                       (1000.0, "the weights left float64's range")])
+def test_a_diverged_training_is_refused_not_written(rng, rate, why):
+    X = rng.normal(size=(300, 5))
+    y = X @ rng.normal(size=5) + 0.1 * rng.normal(size=300)
+    labels = [Labels("y", "regression", y.reshape(-1, 1))]
+    with pytest.raises(DataError, match=f"^training diverged at --learning-rate "
+                       f"{rate:g}; lower it \\({why}"):
+        train_head(X, labels, options=HeadOptions(optimizer="sgd",
+                                                  learning_rate=rate, seed=0))
+    calm = train_head(X, labels, options=HeadOptions(optimizer="sgd",
+                                                     learning_rate=1e-3, seed=0))
+    assert calm.estimator.loss_curve_[-1] < calm.estimator.loss_curve_[0]

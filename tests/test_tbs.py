@@ -515,3 +515,16 @@ def test_cli_an_output_that_cannot_be_written_is_refused_first(tmp_path, where):
     assert str(target) in run.stderr
     assert not (tmp_path / "called").exists()
     assert where != "fifo" or target.is_fifo()
+
+
+def test_points_without_width_in_a_column_ask_for_bounds(tmp_path, rng):
+    points = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"x0": rng.normal(size=30), "x1": np.ones(30),
+                             "label": rng.normal(size=30)}), points)
+    run = run_vbsw("tbs-sample", points, "--names", "x0,x1", "--k", "5", "--new",
+                   "10", "-o", tmp_path / "n.parquet")
+    assert run.code == 1
+    assert run.stderr.strip() == (f"vbsw tbs-sample: error: {points}: every point "
+                                  "has x1 = 1, so their bounding box has no "
+                                  "width there; give the box with --bounds")
+    assert not (tmp_path / "n.parquet").exists()

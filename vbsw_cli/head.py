@@ -52,6 +52,10 @@ PREDICTION = "prediction"
 # otherwise end the run after 10 epochs without strict improvement).
 PATIENCE = 10
 
+# A final loss this many times the first epoch's is a diverged run (with
+# minibatches the loss wanders, but not tenfold upwards).
+DIVERGED = 10
+
 # scikit-learn's random_state accepts seeds in [0, 2**32 - 1].
 MAX_SEED = 2**32 - 1
 
@@ -217,7 +221,8 @@ def train_head(X: np.ndarray, labels: list[Labels],
     # scikit-learn trains in one call: the epochs run are counted at its end.
     task_bar = progress.task("training head, epochs", options.epochs)
     started = time.perf_counter()
-    head.converged = _fit(head.estimator, head._inputs(X), target, weight)
+    head.converged = _fit(head.estimator, head._inputs(X), target, weight,
+                          options.learning_rate)
     head.seconds = time.perf_counter() - started
     task_bar.advance(head.epochs_run)
     task_bar.close()
@@ -294,15 +299,30 @@ def _patience(options: HeadOptions) -> int:
     return options.epochs if options.tol == 0 else PATIENCE
 
 
-def _fit(estimator, X, y, weight) -> bool:
-    """Fit; return whether the optimiser converged before the last epoch."""
+def _fit(estimator, X, y, weight, learning_rate: float) -> bool:
+    """Fit; return whether the optimiser converged before the last epoch.
+    Refuse a run that diverged: its weights left float64, or its loss ended
+    DIVERGED times above the first epoch's."""
     from sklearn.exceptions import ConvergenceWarning
 
     if estimator.__class__.__name__ == "MLPRegressor" and y.shape[1] == 1:
         y = y[:, 0]
-    with warnings.catch_warnings(record=True) as caught:
+    diverged = (f"training diverged at --learning-rate {learning_rate:g}; "
+                "lower it")
+    with warnings.catch_warnings(record=True) as caught, np.errstate(all="ignore"):
         warnings.simplefilter("always", ConvergenceWarning)
-        estimator.fit(X, y, sample_weight=weight)
+        try:
+            estimator.fit(X, y, sample_weight=weight)
+        except ValueError as error:
+            if "non-finite" in str(error):
+                raise DataError(f"{diverged} (the weights left float64's "
+                                "range)") from error
+            raise
+    losses = getattr(estimator, "loss_curve_", [])
+    if losses and not (np.isfinite(losses[-1])
+                       and losses[-1] <= DIVERGED * losses[0]):
+        raise DataError(f"{diverged} (the loss went from {losses[0]:.4g} in the "
+                        f"first epoch to {losses[-1]:.4g})")
     return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 

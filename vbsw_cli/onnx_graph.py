@@ -103,7 +103,7 @@ def last_linear(model: onnx.ModelProto) -> LinearLayer:
     found = node.op_type if node is not None else "a graph input"
     raise DataError(f"no linear layer (Gemm, or MatMul + Add) feeds the output "
                     f"'{name}' (found {found}); name the cut with --layer, see "
-                    "--list-layers")
+                    "vbsw embed MODEL.onnx --list-layers")
 
 
 def _node_text(node) -> str:
@@ -153,7 +153,7 @@ def find_cut(model: onnx.ModelProto, layer: str = "auto") -> str:
         return model.graph.output[0].name
     if layer not in _tensor_names(model):
         raise UsageError(f"--layer {layer}: no tensor of that name in the model; "
-                         "see --list-layers")
+                         "see vbsw embed MODEL.onnx --list-layers")
     return layer
 
 

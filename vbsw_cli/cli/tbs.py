@@ -230,6 +230,7 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
         X = X.astype(np.float64)
         if low is None:
             low, high = X.min(axis=0), X.max(axis=0)
+            _refuse_flat(low, high, chosen, points)
     elif low is None:
         raise UsageError("--bounds: give the box (low:high per input)")
     chosen = chosen or [f"x{i}" for i in range(len(low))]
@@ -250,6 +251,15 @@ def _named_points(table, points, chosen):
         raise UsageError(f"--names: {len(names)} names for the {X.shape[1]} "
                          f"columns of {io.describe(points)}")
     return pa.table({name: X[:, i] for i, name in enumerate(names)}), names
+
+
+def _refuse_flat(low, high, names, points) -> None:
+    """Refuse a bounding box of the points with no width in some column."""
+    flat = np.flatnonzero(low >= high)
+    if len(flat):
+        raise DataError(f"{io.describe(points)}: every point has {names[flat[0]]} "
+                        f"= {low[flat[0]]:g}, so their bounding box has no width "
+                        "there; give the box with --bounds")
 
 
 def _check_inside(box, X, points):
