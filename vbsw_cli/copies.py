@@ -119,8 +119,6 @@ def row_hashes(X: np.ndarray) -> np.ndarray:
 
 def _same_as_first(X: np.ndarray, copies: Copies) -> bool:
     """Whether every row is identical, bit for bit, to its group's first."""
-    if len(copies.first) == len(X):  # every row its own first
-        return True
     first = copies.first[copies.group]
     row_bytes = max(1, X[:1].nbytes)  # a count of rows would grow with d
     for lo, hi in chunks(len(X), max(1, HASH_BYTES // row_bytes)):

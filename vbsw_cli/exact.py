@@ -308,22 +308,25 @@ class ExactSearch:
             unsure = unsure[again.unsure()]
         if len(unsure):
             # Rows far from the others' centre against their neighbours'
-            # distances: products cannot tell those apart, differences can
-            # (of the features as given: a scale may have left float64's
-            # resolution behind for them).
-            found_again = direct_neighbours(self.given, found.queries[unsure],
-                                            n_query, threads)
-            indices[unsure] = found_again[0]
-            distances[unsure] = found_again[1] * self.scale
+            # distances: products cannot tell those apart, differences can.
+            indices[unsure], distances[unsure] = self._differences(
+                found.queries[unsure], n_query, threads)
         return indices, distances
 
     def _by_differences(self, n_query, rows, threads, advance):
-        """Every row asked for by float64 differences (in scaled units)."""
+        """Every row asked for by float64 differences."""
         queries = np.arange(len(self.X)) if rows is None else np.asarray(rows)
-        indices, distances = direct_neighbours(self.given, queries, n_query,
-                                               threads)
+        found = self._differences(queries, n_query, threads)
         if advance is not None:
             advance(len(queries))
+        return found
+
+    def _differences(self, queries, n_query, threads):
+        """Neighbours of rows ``queries`` by float64 differences of the
+        features as given (a scale may have left float64's resolution behind
+        for them), distances in scaled units as the products give them."""
+        indices, distances = direct_neighbours(self.given, queries, n_query,
+                                               threads)
         return indices, distances * self.scale
 
 
