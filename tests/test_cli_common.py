@@ -352,3 +352,32 @@ def test_vbsw_alone_prints_the_help_on_stderr_without_an_error(capfd):
     assert run.stderr.strip() == help_text.stdout.strip()
     assert run.stderr.startswith("Usage: vbsw [OPTIONS] COMMAND")
     assert "error" not in run.stderr
+
+
+def _modules_after(args: list[str]) -> set[str]:
+    """The vbsw_cli.cli modules a run of ``vbsw ARGS`` imported, in a child."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom vbsw_cli.cli import main\n"
+              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              "print(' '.join(m for m in sys.modules "
+              "if m.startswith('vbsw_cli.cli.')), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, *args],
+                          capture_output=True, text=True, timeout=120)
+    return set(done.stderr.strip().splitlines()[-1].split())
+
+
+def test_a_command_imports_its_own_module_only_and_the_help_lists_all():
+    weigh_only = _modules_after(["weigh", "--help"])
+    every = _modules_after(["--help"])
+    unknown = _modules_after(["weight", "x.parquet"])
+
+    assert "vbsw_cli.cli.weigh" in weigh_only
+    assert not weigh_only & {"vbsw_cli.cli.embed", "vbsw_cli.cli.tbs",
+                             "vbsw_cli.cli.head", "vbsw_cli.cli.evaluate"}
+    names = {f"vbsw_cli.cli.{m}" for m in ("embed", "weigh", "tbs", "head",
+                                           "evaluate")}
+    assert names <= every and names <= unknown
+    help_text = run_vbsw("--help").stdout.decode()
+    assert all(name in help_text for name in COMMANDS)

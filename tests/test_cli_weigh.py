@@ -361,7 +361,7 @@ def test_error_k_and_m_out_of_range(tmp_path, small):
     _fails(tmp_path, [small, "--k", "1"], 2, "--k 1")
     _fails(tmp_path, [small, "--m", "0.5"], 2, "--m 0.5", "at least 1")
     _fails(tmp_path, [small, "--normalize", "max"], 2, "--normalize max")
-    _fails(tmp_path, [small, "--k", "five"], 2, "'--k'", "integer")
+    _fails(tmp_path, [small, "--k", "five"], 2, "'--k'", "'five'")
 
 
 def test_error_corrupt_empty_and_missing_files(tmp_path):

@@ -1,11 +1,14 @@
 """The ``vbsw`` command line: a thin layer over the library modules.
 
-Each command lives in its own module and registers itself on the shared app.
-``main`` turns usage errors into one line and exit code 2.
+Each command lives in its own module and registers itself on the shared app
+when imported; a run imports only the module of the command it names (all of
+them for the help or an unknown name), so no command pays for the others'
+imports. ``main`` turns usage errors into one line and exit code 2.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -19,7 +22,11 @@ from vbsw_cli import __version__, io
 from vbsw_cli.stopping import (interrupted_code, interrupted_line,
                                stop_cleanly_on_signals, stop_requested)
 from vbsw_cli.cli._common import app, stderr
-from vbsw_cli.cli import embed, evaluate, head, tbs, weigh  # noqa: F401  (register)
+
+# Command name -> the module under vbsw_cli.cli that registers it, in the
+# order the help lists them.
+COMMANDS = {"embed": "embed", "weigh": "weigh", "tbs-sample": "tbs",
+            "retrain-head": "head", "evaluate": "evaluate"}
 
 
 def _version(value: bool):
@@ -59,7 +66,16 @@ def interrupted(args) -> None:
     sys.exit(interrupted_code())
 
 
+def register(args: list[str]) -> None:
+    """Import the module of the command ``args`` name, or all of them."""
+    named = next((arg for arg in args if not arg.startswith("-")), None)
+    modules = [COMMANDS[named]] if named in COMMANDS else COMMANDS.values()
+    for module in modules:
+        importlib.import_module(f"vbsw_cli.cli.{module}")
+
+
 def _dispatch(args: list[str]):
+    register(args)
     command = typer.main.get_command(app)
     try:
         return command.main(args=args, prog_name="vbsw", standalone_mode=False)
