@@ -24,7 +24,9 @@ Baselines, measured in the same run on the same arrays:
   chose (build and query only), for the command's overhead.
 
 Every ``vbsw weigh`` figure is the whole command in a fresh process: read
-Parquet, search, variance, write Parquet. Peak memory is the child's maximum
+Parquet, search, variance, write Parquet. The child may cache its bytecode, as
+an installed command does (PYTHONDONTWRITEBYTECODE, where set, would make it
+compile the package on every run). Peak memory is the child's maximum
 resident set size. Against the k-d tree loop, the command is timed without
 ``--check-recall`` and its recall measured in a second run; in the growth
 table the timed run includes the recall check on 500 rows.
@@ -126,7 +128,8 @@ def run_command(path: Path, out: Path, *extra: str) -> dict:
         " 'stderr': p.stderr}))\n")
     command = [sys.executable, "-m", "vbsw_cli", "weigh", str(path), "--k",
                str(K), "--m", "40", "--weights-only", "-o", str(out), *extra]
-    done = subprocess.run([sys.executable, "-c", script, *command],
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-c", script, *command], env=env,
                           capture_output=True, text=True, check=True)
     result = json.loads(done.stdout)
     if result["code"] != 0:
