@@ -465,6 +465,10 @@ def test_cli_user_function_from_the_current_folder(tmp_path):
      "--reg-covar -1"),
     (["--function", "runge", "--initial", "8", "--new", "0"], 2,
      "--new 0: must be at least 1"),
+    (["--function", "runge", "--initial", "8", "--k", "0"], 2,
+     "--k 0: the unbiased variance needs k >= 2"),
+    (["--function", "runge", "--initial", "8", "--names", "a,b"], 2,
+     "--names: 2 names, but runge takes 1 input(s)"),
 ])
 def test_cli_usage_and_data_errors(tmp_path, args, code, text):
     run = run_vbsw("tbs-sample", *args, "-o", tmp_path / "out.parquet")
@@ -486,7 +490,22 @@ def test_cli_errors_on_points_files(tmp_path):
     big_k = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
                      "--k", "5", "-o", out)
     _one_line_error(big_k, 2, "--k 5 is larger than the 3 rows")
+    unknown = run_vbsw("tbs-sample", path, "--names", "x,z", "--label", "y",
+                       "--k", "2", "-o", out)
+    _one_line_error(unknown, 2, "points.parquet has no column 'z'")
+    assert unknown.stderr.startswith("vbsw tbs-sample: error: --names: ")
     assert not out.exists()
+
+
+def test_cli_npy_points_of_another_width_than_the_function_takes(tmp_path):
+    path = tmp_path / "points.npy"
+    np.save(path, np.full((6, 2), 0.5))
+    out = tmp_path / "out.parquet"
+
+    run = run_vbsw("tbs-sample", path, "--function", "runge", "-o", out)
+
+    _one_line_error(run, 2, "runge takes 1 input(s) (x), but")
+    assert "points.npy has 2 columns" in run.stderr and not out.exists()
 
 
 def test_cli_help_shows_the_example_and_the_bateman_domain():

@@ -147,6 +147,8 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
           components, k) -> str:
     """Which density source the options ask for; refuse contradictions."""
     tbs.check_order(order)
+    if k < 2:  # checked whatever the source: a bad value is never silent
+        raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
     if new < 1:
         raise UsageError(f"--new {new}: must be at least 1")
     if components < 1:
@@ -173,8 +175,6 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
             raise UsageError("--order 2 with --gradient needs --hessian (or "
                              "use --order 1)")
         return "derivatives"
-    if k < 2:
-        raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
     return "variance"
 
 
@@ -210,6 +210,9 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
     elif fn is not None and fn.bounds is not None:
         low, high = fn.bounds[:, 0], fn.bounds[:, 1]
     chosen = io.split_names(names) or file_names
+    if chosen and not bounds and low is not None and len(chosen) != len(low):
+        raise UsageError(f"--names: {len(chosen)} names, but {fn.name} takes "
+                         f"{len(low)} input(s)")
     if not chosen and fn is not None and fn.input_names:
         chosen = fn.input_names
         if low is not None and len(chosen) != len(low):
@@ -219,8 +222,13 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
 
     table = None
     if points:
-        table, chosen = _named_points(io.read_table(points), points, chosen)
+        from_fn = fn is not None and chosen is fn.input_names
+        given = fn.name if from_fn else "--names"
+        table, chosen = _named_points(io.read_table(points), points, chosen,
+                                      given)
         io.require_rows(table, points)
+        if names:
+            _require_columns(table, chosen, points)
         if chosen is None:
             if low is None:
                 raise UsageError("--names: name the input columns of "
@@ -241,15 +249,29 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
     return box, table, X
 
 
-def _named_points(table, points, chosen):
-    """A bare array (.npy) of points as one named column per input."""
+def _require_columns(table, chosen, points) -> None:
+    """Every column --names gives is in the points file."""
+    missing = [name for name in chosen if name not in table.column_names]
+    if missing:
+        raise UsageError(f"--names: {io.describe(points)} has no column "
+                         f"{missing[0]!r} (columns: "
+                         f"{', '.join(table.column_names)})")
+
+
+def _named_points(table, points, chosen, given: str):
+    """A bare array (.npy) of points as one named column per input; ``given``
+    says where the names came from (--names, or the function's name)."""
     if table.column_names != [io.DEFAULT_FEATURES]:
         return table, chosen
     X, _ = io.feature_matrix(table, points)
     names = chosen or [f"x{i}" for i in range(X.shape[1])]
-    if len(names) != X.shape[1]:
+    if len(names) != X.shape[1] and given == "--names":
         raise UsageError(f"--names: {len(names)} names for the {X.shape[1]} "
                          f"columns of {io.describe(points)}")
+    if len(names) != X.shape[1]:
+        raise UsageError(f"{given} takes {len(names)} input(s) "
+                         f"({', '.join(names)}), but {io.describe(points)} has "
+                         f"{X.shape[1]} columns")
     return pa.table({name: X[:, i] for i, name in enumerate(names)}), names
 
 
