@@ -497,6 +497,40 @@ def test_cli_errors_on_points_files(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, option, column", [
+    (["--label", "x"], "--label", "x"),
+    (["--label", "density"], "--label", "density"),
+    (["--label", "source"], "--label", "source"),
+    (["--names", "source"], "--names", "source"),
+    (["--names", "mixture_density"], "--names", "mixture_density"),
+])
+def test_cli_refuses_a_column_that_would_hold_two_things(tmp_path, args, option,
+                                                         column):
+    out = tmp_path / "out.parquet"
+    run = run_vbsw("tbs-sample", "--function", "runge", "--initial", "4", "--new",
+                   "2", "--include-initial", *args, "-o", out)
+    _one_line_error(run, 2, f"{option}: column '{column}' would be both")
+    assert not out.exists()
+
+
+def test_cli_refuses_a_carried_label_named_like_a_written_column(tmp_path):
+    path = tmp_path / "points.parquet"
+    x = np.linspace(0, 1, 12)
+    pq.write_table(pa.table({"id": np.arange(12), "x": x,
+                             "density": np.sin(5 * x)}), path)
+    out = tmp_path / "out.parquet"
+    args = ["tbs-sample", path, "--names", "x", "--label", "density", "--k", "3",
+            "--new", "2", "-o", out]
+
+    clash = run_vbsw(*args, "--include-initial")
+    _one_line_error(clash, 2, "column 'density' would be both the density column")
+    assert not out.exists()
+    alone = run_vbsw(*args)  # the label is not written: nothing to clash
+    assert alone.code == 0, alone.stderr
+    assert pq.read_table(out).column_names == ["x", "source", "density",
+                                               "mixture_density"]
+
+
 def test_cli_npy_points_of_another_width_than_the_function_takes(tmp_path):
     path = tmp_path / "points.npy"
     np.save(path, np.full((6, 2), 0.5))

@@ -122,6 +122,7 @@ def tbs_cli(
     fn = load_function(function) if function else None
 
     box, table, X = _inputs(points, fn, bounds, names, initial, design, rng)
+    _refuse_clash(box.names, _label_names(fn, label) if fn else [])
     density = _density(plan, fn, table, points, X, box, eps, step, order,
                        gradient, hessian, label, k, seed)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
@@ -351,6 +352,10 @@ def _output_table(box, X, density, sampling, fn, label, table,
 
     columns = {}
     carried = _carried(table, fn, label) if include_initial else []
+    labels = _labels(fn, all_points, label) if fn is not None else {}
+    _refuse_clash(box.names, [*labels, *(c for c in carried
+                                          if c != io.ID_COLUMN)],
+                  with_id=io.ID_COLUMN in carried)
     if io.ID_COLUMN in carried:
         columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, len(sampling.points))
     for i, name in enumerate(box.names):
@@ -358,10 +363,9 @@ def _output_table(box, X, density, sampling, fn, label, table,
     columns["source"] = pa.array(sources, pa.string())
     columns["density"] = pa.array(densities, pa.float64())
     columns["mixture_density"] = pa.array(sampling.mixture_density(all_points))
-    if fn is not None:
-        columns.update(_labels(fn, all_points, label))
+    columns.update(labels)
     for name in carried:
-        if name not in columns:
+        if name != io.ID_COLUMN:
             columns[name] = _with_nulls(table, name, len(sampling.points))
     return pa.table(columns)
 
@@ -384,12 +388,41 @@ def _with_nulls(table, column, n_new) -> pa.Array:
     return pa.concat_arrays([values, pa.nulls(n_new, values.type)])
 
 
+# The columns tbs-sample writes beside the inputs and labels.
+WRITTEN = ("source", "density", "mixture_density")
+
+
+def _refuse_clash(inputs: list[str], labels: list[str], with_id=False) -> None:
+    """No output column may hold two things (one would silently replace the
+    other): the inputs, the columns written, the labels and a carried id."""
+    roles: dict[str, str] = {}
+    named = [*((name, "an input (--names)") for name in inputs),
+             *((name, f"the {name} column written") for name in WRITTEN),
+             *(((io.ID_COLUMN, "the id carried"),) if with_id else ()),
+             *((name, "a label (--label)") for name in labels)]
+    for name, role in named:
+        if name in roles:
+            option = "--label" if "--label" in role else "--names"
+            raise UsageError(f"{option}: column {name!r} would be both "
+                             f"{roles[name]} and {role}; rename one")
+        roles[name] = role
+
+
+def _label_names(fn: Function, label: str | None, n_outputs: int | None = None
+                 ) -> list[str]:
+    """The names the function's outputs are written under (those known before
+    it runs when ``n_outputs`` is None)."""
+    names = io.split_names(label) or fn.output_names
+    if names or n_outputs is None:
+        return names or []
+    return [io.DEFAULT_LABEL] if n_outputs == 1 \
+        else [f"{io.DEFAULT_LABEL}_{i}" for i in range(n_outputs)]
+
+
 def _labels(fn: Function, X: np.ndarray, label: str | None) -> dict:
     values = evaluate(fn, X)
     n_outputs = values.shape[1]
-    names = io.split_names(label) or fn.output_names or (
-        [io.DEFAULT_LABEL] if n_outputs == 1
-        else [f"{io.DEFAULT_LABEL}_{i}" for i in range(n_outputs)])
+    names = _label_names(fn, label, n_outputs)
     if len(names) != n_outputs:
         raise UsageError(f"--label: {len(names)} names for the {n_outputs} "
                          f"outputs of {fn.name}")
