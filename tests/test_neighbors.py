@@ -687,3 +687,161 @@ def test_no_shortcut_to_exact_where_the_whole_search_probes_a_tree():
         X = np.zeros((40_000, d), np.float32)
         reason = _exact_at_once(SearchOptions(), X, ratios, 0.5, part=False)
         assert (reason is not None) == cheap, d
+
+
+def pairs_by_differences(monkeypatch) -> list:
+    """The pairs each call of ``squared_differences`` took, in order."""
+    counts, differences = [], blocked.squared_differences
+    monkeypatch.setattr(blocked, "squared_differences", lambda X, first, second:
+                        counts.append(len(first)) or differences(X, first, second))
+    return counts
+
+
+def by_differences_alone(monkeypatch, X, k, **options):
+    """The search with every candidate's distance from differences."""
+    with monkeypatch.context() as patch:
+        patch.setattr(blocked, "PRODUCT_WASTE", 0)
+        return exact_neighbours(X, k, **options)
+
+
+def assert_as_by_differences(monkeypatch, X, k, **options):
+    """The same rows, order and ties as differences alone give, distances
+    as near as float64 allows (equal where they tie)."""
+    indices, distances = exact_neighbours(X, k, **options)
+    expected, expected_distances = by_differences_alone(monkeypatch, X, k,
+                                                        **options)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-13)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    return indices, distances
+
+
+@pytest.mark.parametrize("k, products", [(250, True), (5, False)])
+def test_candidates_shared_by_a_block_take_distances_from_products(
+        rng, monkeypatch, k, products):
+    X = rng.normal(size=(300, 256)).astype(np.float32)
+    X[8] = X[7]
+    counts = pairs_by_differences(monkeypatch)
+    indices, distances = exact_neighbours(X, k, threads=2)
+    assert_exact(X, k, indices, distances)
+    # Copies and the rows themselves at exactly 0 (products leave rounding).
+    assert (distances[:, 0] == 0).all() and (distances[[7, 8], 1] == 0).all()
+    pairs = 300 * k  # at least: every row's k nearest are candidates
+    if products:  # k large: a block's rows share most of their candidates
+        assert sum(counts) < 0.05 * pairs  # every pair before
+    else:  # few shared: products would mostly be of no pair
+        assert sum(counts) >= pairs
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Products for the candidates' distances at any number of features."""
+    monkeypatch.setattr(blocked, "PRODUCT_FEATURES", 1)
+
+
+@pytest.mark.parametrize("dense_from", [np.inf, 0.0])  # tiles, whole rows
+@pytest.mark.parametrize("spread", [8, 1e6])  # 1e6: few loose products
+def test_products_give_the_ties_of_differences(small_tiles, products,
+                                               monkeypatch, dense_from, spread):
+    monkeypatch.setattr(blocked, "DENSE_FROM", dense_from)
+    monkeypatch.setattr(blocked, "PRODUCT_SPREAD", spread)
+    grid = np.stack(np.meshgrid(*[np.arange(6)] * 3), axis=-1).reshape(-1, 3)
+    counts = pairs_by_differences(monkeypatch)
+    for k in [20, 150]:
+        indices, distances = assert_as_by_differences(monkeypatch, grid, k,
+                                                      threads=2)
+        assert_exact(grid, k, indices, distances)
+    assert counts  # exact ties: runs of near-ties, by differences
+
+
+@pytest.mark.parametrize("spread", [8, 1e6])
+def test_near_ties_under_the_products_error_go_to_differences(
+        rng, small_tiles, products, monkeypatch, spread):
+    # A grid told apart by 1e-13: differences order the ties, products of
+    # rows this far apart (error about 1e-12) cannot.
+    monkeypatch.setattr(blocked, "PRODUCT_SPREAD", spread)
+    grid = np.stack(np.meshgrid(*[np.arange(6)] * 3), axis=-1).reshape(-1, 3)
+    X = grid + 1e-13 * rng.normal(size=grid.shape)
+    square = ((X[:, None] - X[None]) ** 2).sum(axis=-1)
+    assert len(np.unique(square[0])) > 0.9 * len(X)  # no exact ties left
+    for k in [19, 100]:
+        indices, distances = assert_as_by_differences(monkeypatch, X, k,
+                                                      threads=2)
+        assert_exact(X, k, indices, distances)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_of_rows_far_from_the_centre_go_to_differences(
+        rng, small_tiles, products, monkeypatch, dtype):
+    X = rng.normal(size=(400, 130))
+    X[:200] += 1e5  # two groups: products cannot resolve unit distances
+    X = X.astype(dtype)
+    counts = pairs_by_differences(monkeypatch)
+    indices, distances = assert_as_by_differences(monkeypatch, X, 150, threads=2)
+    assert_exact(X, 150, indices, distances)
+    assert sum(counts) >= 400 * 150
+
+
+def test_products_in_float64(rng, small_tiles, products, monkeypatch):
+    X = rng.normal(size=(300, 40))
+    X[[3, 200]] *= 1e18  # beyond float32's range: float64 products
+    made = searches_made(monkeypatch)
+    counts = pairs_by_differences(monkeypatch)
+    indices, distances = exact_neighbours(X, 100, threads=2)
+    assert made == [(np.float64, blocked.PROBE_ROWS), (np.float64, 300)]
+    assert sum(counts) < 0.05 * 300 * 100
+    assert_as_by_differences(monkeypatch, X, 100, threads=2)
+    assert_exact(X, 100, indices, distances)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_for_some_rows_in_small_tables(rng, whole_rows, products,
+                                                monkeypatch, threads):
+    # Tables of a few query rows against a few candidates' rows at a time.
+    monkeypatch.setattr(blocked, "SPACE_BYTES", 8 * 5 * 9)
+    X = rng.normal(size=(200, 9)) + np.arange(200)[:, None] % 3
+    rows = np.array([0, 7, 7, 150, 199])
+    indices, distances = assert_as_by_differences(monkeypatch, X, 120, rows=rows,
+                                                  threads=threads)
+    assert_exact(X, 120, indices, distances, rows)
+    indices, distances = assert_as_by_differences(monkeypatch, X, 120,
+                                                  threads=threads)
+    assert_exact(X, 120, indices, distances)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_a_products_error_bound_holds_against_exact_rationals(rng, offset):
+    from fractions import Fraction
+
+    X = (rng.normal(size=(40, 150)) + offset).astype(np.float32)
+    X[5] = X[6] + 1e-3  # a near-duplicate: loose, by differences
+    columns = blocked._Columns.of(X, np.float32, blocked.robust_centre(X)[0])
+    queries = np.array([3, 5, 17])
+    row = np.repeat(np.arange(3), 40)
+    union, place = np.arange(40), np.tile(np.arange(40), 3)
+    squared, error = blocked.product_squares(columns, queries, row, place,
+                                             (union, place))
+    differences = blocked.squared_differences(X, queries[row], place)
+    exact = [sum((Fraction(float(a)) - Fraction(float(b))) ** 2
+                 for a, b in zip(X[queries[r]], X[p])) for r, p in zip(row, place)]
+    loose = error == 0
+    assert loose[40 + 6] and not loose[40 + 7]
+    np.testing.assert_array_equal(squared[loose], differences[loose])
+    for value, bound, truth, by_differences in zip(squared, error, exact,
+                                                   differences):
+        assert abs(Fraction(value) - truth) <= Fraction(bound)
+        assert abs(value - by_differences) <= bound
+
+
+def test_only_near_ties_among_the_first_k_are_unsettled():
+    squared = np.array([[1.0, 5.0, 3.0, 3.05, 9.0, 9.05, np.inf],
+                        [2.0, 2.0, 4.0, 4.0, 7.0, 7.0, 7.0]])
+    error = np.array([[0.01, 0.01, 0.1, 0.1, 0.1, 0.1, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    under = np.isfinite(squared)
+    under[1, 6] = False  # no candidate: never computed
+    again = blocked.unsettled(squared, error, under, 3)
+    # Row 0: 3 and 3.05 overlap (in the first k); 9 and 9.05 lie past it.
+    # Row 1: exact ties of products (2, 2) and (4, 4) begin among the first 3.
+    np.testing.assert_array_equal(again, [[0, 0, 1, 1, 0, 0, 0],
+                                          [1, 1, 1, 1, 0, 0, 0]])

@@ -15,8 +15,11 @@ best candidates, which tightens the threshold. Where k is large against a
 block, most entries pass and each merge would handle them all again: there a
 chunk of rows gets its entries against every row at once, and one partition of
 each row gives its candidates and threshold. Last, the candidates' distances
-are computed again in float64 from the features as given, a few pairs at a
-time, and the k nearest kept.
+are computed again in float64 and the k nearest kept: from the features as
+given, a few pairs at a time, by differences; or, where a block's rows share
+most of their candidates (k large against the rows), from one float64 product
+of the block's rows and their candidates' rows, whose error bound proves the
+order of all but near-ties, which go to differences.
 
 Each row then proves its result: its last threshold lies above its k-th
 distance by more than the rounding error of any row that near, and no
@@ -96,6 +99,25 @@ BRUTE_PAIRS = 20_000_000
 # candidate of a block at once: 8 GB for 1000 x 10,000 floats). Timed on 40,000
 # pairs of 10,000 floats: 1 to 8 MiB as fast (in cache), 64 MiB twice as slow.
 DIFFERENCE_BYTES = 4 * 2**20
+
+# The candidates' distances come from float64 products of a block's rows and
+# every row that is a candidate of one of them where those products have at
+# most PRODUCT_WASTE entries per candidate, and the rows PRODUCT_FEATURES
+# features or more. A pair's difference costs as much as 25 entries of a
+# product (1000 x 5000 floats, k = 999, 1 thread: 0.2 s against 5 s), but with
+# k small against a block the rows share few candidates (50,000 x 64, k = 20:
+# 580 entries per candidate), and with few features the sorts that find the
+# near-ties cost more than the differences (1000 rows, k = 999: products 50%
+# slower at 4 to 16 features, as fast at 64, 35% faster at 128).
+PRODUCT_WASTE = 8
+PRODUCT_FEATURES = 128
+# A product's distance stands only where its error bound, unit (|x| + |y|)^2
+# on centred rows, is at most PRODUCT_SPREAD times unit |x - y|^2, a few times
+# what the differences are sure of ((|x| + |y|)^2 is about 2 |x - y|^2 for rows
+# of many standard normal features, 3 for their nearest at 64 features); rows
+# themselves, copies, near-duplicates and rows near each other far from the
+# centre go to differences.
+PRODUCT_SPREAD = 8
 
 # A search of at least PROBE_FROM rows in float32 first searches PROBE_ROWS of
 # them, spread evenly: where most of those fail their proof (many features,
@@ -472,6 +494,144 @@ def squared_differences(X: np.ndarray, first: np.ndarray, second: np.ndarray
     return squared
 
 
+def candidate_squares(columns: _Columns, queries: np.ndarray,
+                      candidates: np.ndarray, under: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 squared distances of rows ``queries`` to their ``candidates``
+    (a row of candidates each; inf where not ``under``), and a bound of each
+    one's error (0 where differences gave it).
+
+    By differences, or by products where the candidates are few against
+    the pairs (see PRODUCT_WASTE). A product's bound holds against the exact
+    square and the differences' alike, and near-ties among the first k go to
+    differences (see :func:`unsettled`): the k nearest, their order and their
+    ties come out as from differences alone.
+    """
+    row, slot = np.nonzero(under)
+    second = candidates[row, slot]
+    squared = np.full(candidates.shape, np.inf)
+    error = np.zeros(candidates.shape)
+    shared = _shared_rows(columns, second, len(queries))
+    if shared is None:
+        squared[row, slot] = squared_differences(columns.exact, queries[row],
+                                                 second)
+        return squared, error
+    squared[row, slot], error[row, slot] = product_squares(
+        columns, queries, row, second, shared)
+    again = np.nonzero(unsettled(squared, error, under, k))
+    squared[again] = squared_differences(columns.exact, queries[again[0]],
+                                         candidates[again])
+    error[again] = 0
+    return squared, error
+
+
+def _shared_rows(columns: _Columns, second: np.ndarray, n_rows: int
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The distinct rows of the candidates ``second`` of ``n_rows`` query
+    rows, ascending, and each candidate's place among them (np.unique's,
+    without its sort); None where products do not pay (see PRODUCT_WASTE)."""
+    if columns.exact.shape[1] < PRODUCT_FEATURES or not len(second):
+        return None
+    present = np.zeros(len(columns.exact), bool)
+    present[second] = True
+    union = np.flatnonzero(present)
+    if len(union) * n_rows > PRODUCT_WASTE * len(second):
+        return None
+    return union, (np.cumsum(present) - 1)[second]
+
+
+def product_squares(columns: _Columns, queries: np.ndarray, row: np.ndarray,
+                    second: np.ndarray, shared: tuple[np.ndarray, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Squared distances of pairs (``queries[row]``, ``second``) from float64
+    products, ``row`` ascending, and a bound of each one's distance from both
+    the exact square and the differences' one (``shared``: see
+    :func:`_shared_rows`).
+
+    A product's error is at most unit (|x| + |y|)^2 (as the tiles' entries'),
+    the differences' at most unit |x - y|^2 / 2, which is less: twice the
+    first bounds both. Where that is loose against the square (see
+    PRODUCT_SPREAD), the pair is by differences, its bound 0.
+    """
+    # In place: these are a few arrays of every candidate of a block.
+    left, right = columns.squared[queries[row]], columns.squared[second]
+    squared = _pair_products(columns, queries, row, *shared)
+    squared *= -2
+    squared += left
+    squared += right
+    reach = np.sqrt(left, out=left)
+    reach += np.sqrt(right, out=right)
+    reach **= 2
+    loose = ~(reach <= PRODUCT_SPREAD * squared)  # NaN, <= 0 too
+    error = np.multiply(reach, 2 * product_unit(columns.exact.shape[1]), out=reach)
+    squared[loose] = squared_differences(columns.exact, queries[row[loose]],
+                                         second[loose])
+    error[loose] = 0
+    return squared, error
+
+
+def product_unit(n_features: int) -> float:
+    """The unit of a float64 product's error bound (see _Space.of)."""
+    return (n_features + 8) * float(np.finfo(np.float64).eps)
+
+
+def _pair_products(columns: _Columns, queries: np.ndarray, row: np.ndarray,
+                   union: np.ndarray, place: np.ndarray) -> np.ndarray:
+    """``x . y`` of the centred rows of each pair (``queries[row]``,
+    ``union[place]``), ``row`` ascending: a chunk of query rows against
+    every row of ``union`` at a time, in tables of about SPACE_BYTES."""
+    dot = np.empty(len(row))
+    step = max(1, min(space_rows(columns.exact.shape[1]),
+                      SPACE_BYTES // (8 * len(union))))
+    for start, stop in chunks(len(queries), step):
+        table = _product_table(columns, queries[start:stop], union)
+        mine = slice(*np.searchsorted(row, [start, stop]))
+        dot[mine] = table[row[mine] - start, place[mine]]
+    return dot
+
+
+def _product_table(columns: _Columns, queries: np.ndarray, union: np.ndarray
+                   ) -> np.ndarray:
+    """``x . y`` of the centred rows ``queries`` and ``union``, in float64,
+    the rows of ``union`` a chunk at a time (about SPACE_BYTES)."""
+    left = columns.centred(queries)
+    table = np.empty((len(queries), len(union)))
+    for start, stop in chunks(len(union), space_rows(columns.exact.shape[1])):
+        table[:, start:stop] = left @ columns.centred(union[start:stop]).T
+    return table
+
+
+def unsettled(squared: np.ndarray, error: np.ndarray, under: np.ndarray, k: int
+              ) -> np.ndarray:
+    """Where the candidates' distances from products may not give the order
+    of the k nearest that differences would.
+
+    Sorted by distance, a cut between two places is proven where every
+    distance before it plus its error lies under every one after it less
+    its error: the exact squares, and the differences', are in the same
+    order across it. A place between two cuts stands. Runs of places with
+    no cut inside (near-ties) are computed again where they begin among
+    the first k; the ties differences leave then go by the candidates'
+    order, as they would have. ``under``: the candidates.
+    """
+    order = np.argsort(squared, axis=1, kind="stable")
+    value = np.take_along_axis(squared, order, axis=1)
+    spread = np.take_along_axis(error, order, axis=1)
+    top = np.maximum.accumulate(value + spread, axis=1)
+    bottom = np.subtract(value, spread, out=value)[:, ::-1]  # in place: a few
+    np.minimum.accumulate(bottom, axis=1, out=bottom)  # arrays of every pair
+    cut = np.ones((len(value), value.shape[1] + 1), bool)  # before each place
+    cut[:, 1:-1] = top[:, :-1] < bottom[:, ::-1][:, 1:]
+    # A place from the k-th on is in a run begun before it unless a cut lies
+    # between.
+    again = ~(cut[:, :-1] & cut[:, 1:])
+    again[:, k:] &= ~np.logical_or.accumulate(cut[:, k:-1], axis=1)
+    again &= np.take_along_axis(under, order, axis=1)
+    unsorted = np.empty_like(again)
+    np.put_along_axis(unsorted, order, again, axis=1)
+    return unsorted
+
+
 def pairs_per_chunk(n_features: int, itemsize: int) -> int:
     """Row pairs whose gathered rows and float64 differences fill about
     DIFFERENCE_BYTES."""
@@ -512,6 +672,10 @@ class _Columns:
             if stored is not None:
                 _fill_right(stored[start:stop], centred, squared[start:stop])
         return cls(X, squared, centre, dtype, stored)
+
+    def centred(self, rows: np.ndarray) -> np.ndarray:
+        """``X[rows]`` (row numbers) less the centre, in float64."""
+        return np.subtract(self.exact[rows], self.centre, dtype=np.float64)
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows start:stop as the right operand ``[-2 y, 1, |y|^2]``."""
@@ -791,13 +955,12 @@ class _Candidates:
         bound = _single(self.threshold[lo:hi, None])  # in the keys' rounding
         keys = self._under(lo, hi, bound)
         columns = (keys & COLUMN).astype(np.int64)
-        row, slot = np.nonzero(_values(keys) <= bound)
-        squared = np.full(keys.shape, np.inf)
-        squared[row, slot] = squared_differences(
-            self.space.exact, self.queries[lo + row], columns[row, slot])
+        squared, error = candidate_squares(self.space.columns, self.queries[lo:hi],
+                                           columns, _values(keys) <= bound, self.k)
         order = np.argsort(squared, axis=1, kind="stable")[:, :self.k]
         squared = np.take_along_axis(squared, order, axis=1)
-        self._check(lo, hi, squared[:, -1])
+        error = np.take_along_axis(error, order[:, -1:], axis=1)[:, 0]
+        self._check(lo, hi, squared[:, -1] + error)
         return np.take_along_axis(columns, order, axis=1), np.sqrt(squared)
 
     def _under(self, lo: int, hi: int, bound: np.ndarray) -> np.ndarray:
@@ -819,10 +982,11 @@ class _Candidates:
     def _check(self, lo: int, hi: int, kth: np.ndarray) -> None:
         """Whether rounding can have hidden a nearer row than the k-th found.
 
-        A true neighbour y of x lies within ``kth`` (the exact k-th squared
-        distance found), so |y| <= |x| + sqrt(kth), and its entry was at most
-        ``kth`` plus that entry's rounding error: ``proven`` when every
-        threshold the row had (the last is the smallest) lies above that.
+        A true neighbour y of x lies within ``kth`` (the k-th squared distance
+        found, plus its error where a product gave it), so |y| <= |x| +
+        sqrt(kth), and its entry was at most ``kth`` plus that entry's
+        rounding error: ``proven`` when every threshold the row had (the last
+        is the smallest) lies above that.
         A dropped candidate is no nearer than the k-th (``tied``) when the
         k-th is 0, or when its entry, less the error, is not under it.
         """
