@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +12,8 @@ import pytest
 from conftest import run_vbsw
 
 COMMANDS = ["embed", "weigh", "retrain-head", "evaluate", "tbs-sample"]
+BACKBONE_FOR_EMPTY = (Path(__file__).resolve().parent.parent / "sample_data"
+                      / "digits_backbone.onnx")
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -41,7 +44,6 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
     import sys
     import time
 
-    import numpy as np
 
     from conftest import SAMPLE
 
@@ -65,7 +67,6 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
 
 
 def test_tbs_takes_npy_points_and_reports_an_exiting_function(tmp_path):
-    import numpy as np
 
     np.save(tmp_path / "points.npy", np.linspace(-1, 1, 12)[:, None])
     run = run_vbsw("tbs-sample", tmp_path / "points.npy", "--function", "runge",
@@ -108,6 +109,31 @@ def test_verbose_task_line_says_when_the_work_stopped(capsys):
     err = capsys.readouterr().err
     assert "embed: stopped after 40 of 100" in err
     assert "40 in" not in err
+
+
+def test_verbose_task_says_how_far_it_got_while_the_work_lasts(capsys,
+                                                                 monkeypatch):
+    from vbsw_cli.cli import _common
+
+    task = _common._LineTask("embed", 100)
+    task.advance(30)  # at once: no line before the period
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(_common, "LINE_SECONDS", 0.0)
+    task.advance(20)
+    task.advance(1_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "embed: 50 of 100", "embed: 1,050 of 100"]
+    assert all(line.endswith(" s)") and "/s, " in line for line in lines)
+
+
+def test_an_empty_output_path_is_refused_not_taken_for_stdout(tmp_path):
+    for command in (["embed", BACKBONE_FOR_EMPTY, tmp_path / "x.npy"],
+                    ["tbs-sample", "--function", "runge", "--initial", "4"]):
+        np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
+        run = run_vbsw(*command, "-o", "")
+        assert run.code == 2 and run.stdout == b"", run.stderr
+        assert "-o: the path is empty" in run.stderr
 
 
 def test_a_stop_that_a_library_swallowed_still_writes_nothing(tmp_path):
@@ -216,7 +242,6 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
     import sys
     import time
 
-    import numpy as np
 
     from conftest import write_features
 
@@ -286,7 +311,6 @@ def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
 @pytest.mark.parametrize("name", ["weigh", "evaluate"])
 def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
                                                               name, role):
-    import numpy as np
 
     from conftest import SAMPLE, run_here
 
@@ -311,7 +335,6 @@ def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
 def test_string_labels_in_npy_give_what_they_give_in_parquet(tmp_path, capfd):
     import json
 
-    import numpy as np
 
     from conftest import SAMPLE, run_here
 

@@ -991,6 +991,24 @@ def test_corrupt_model(tmp_path, here):
 
 
 @pytest.mark.parametrize("row", [3, 13])
+def test_a_backbone_giving_nan_features_is_refused(tmp_path, here, row):
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["s"])], "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 6])])
+    onnx.save(onnx_graph.make_model(graph), str(tmp_path / "log.onnx"))
+    X = np.ones((20, 6), np.float32)
+    X[row, 4] = -1.0  # log(-1) is NaN
+    np.save(tmp_path / "x.npy", X)
+    run = here("embed", tmp_path / "log.onnx", tmp_path / "x.npy", "--layer",
+               "output", "--batch-size", "8", "-o", tmp_path / "f.parquet")
+
+    assert_failed(run, 1, "log.onnx: the backbone gave a non-finite feature "
+                  f"(nan) at row {row}, feature 4", after_rows=row >= 8)
+    no_files_left(tmp_path, "f.parquet")
+
+
+@pytest.mark.parametrize("row", [3, 13])
 def test_nan_in_input(tmp_path, here, row):
     _, X, _ = digits(20)
     X[row, 5] = np.nan
@@ -1127,6 +1145,25 @@ def test_images_beside_class_folders_are_refused(tmp_path, here):
 
     assert_failed(run, 1, "mixed", "2 image(s) lie directly", "(first: b.jpg)",
                   "must sit in class sub-folders")
+    no_files_left(tmp_path, "f.parquet")
+
+
+def test_a_class_folder_without_images_of_its_own_is_refused(tmp_path, here):
+    nested = image_folder(tmp_path / "nested")
+    (nested / "digit9" / "more").mkdir(parents=True)
+    (nested / "digit9" / "more" / "0.png").write_bytes(
+        (nested / "digit3" / "0.png").read_bytes())
+    stray = image_folder(tmp_path / "stray")
+    (stray / "notes").mkdir()
+    (stray / "notes" / "readme.txt").write_text("not an image")
+
+    deeper = here("embed", BACKBONE, nested, "-o", tmp_path / "f.parquet")
+    empty = here("embed", BACKBONE, stray, "-o", tmp_path / "f.parquet")
+
+    assert_failed(deeper, 1, "nested", "class sub-folder digit9/ holds no PNG",
+                  "not in more/")
+    assert_failed(empty, 1, "stray", "class sub-folder notes/ holds no PNG",
+                  "remove it or add its images")
     no_files_left(tmp_path, "f.parquet")
 
 

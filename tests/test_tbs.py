@@ -581,3 +581,18 @@ def test_points_without_width_in_a_column_ask_for_bounds(tmp_path, rng):
                                   "has x1 = 1, so their bounding box has no "
                                   "width there; give the box with --bounds")
     assert not (tmp_path / "n.parquet").exists()
+
+
+def test_cli_notes_a_finite_difference_step_wide_against_the_box(tmp_path):
+    args = ["tbs-sample", "--function", "runge", "--initial", "6", "--new", "2",
+            "-o", tmp_path / "out.parquet"]
+
+    narrow = run_vbsw(*args, "--bounds", "0:1e-5")
+    wide_step = run_vbsw(*args, "--bounds", "0:1", "--step", "0.2")
+    fine = run_vbsw(*args, "--bounds", "0:1")
+
+    assert narrow.code == wide_step.code == fine.code == 0
+    assert "note: the step (--eps, as --step is not given) 0.001 is over a " \
+           "tenth of the box's width in x (1e-05)" in narrow.stderr
+    assert "note: --step 0.2 is over a tenth" in wide_step.stderr
+    assert "note:" not in fine.stderr

@@ -669,8 +669,12 @@ def _image_files(folder: str) -> list[Path]:
     root = Path(folder)
     classes = sorted(p for p in root.iterdir() if p.is_dir()
                      and not p.name.startswith("."))
-    files = [f for c in classes for f in sorted(c.iterdir()) if _is_image(f)]
+    by_class = {c: [f for f in sorted(c.iterdir()) if _is_image(f)]
+                for c in classes}
+    files = [f for found in by_class.values() for f in found]
     loose = sorted(f for f in root.iterdir() if _is_image(f))
+    if files:
+        _refuse_empty_classes(folder, by_class)
     if files and loose:
         raise DataError(f"{folder}: {len(loose)} image(s) lie directly in the "
                         f"folder beside its class sub-folders (first: "
@@ -684,6 +688,20 @@ def _image_files(folder: str) -> list[Path]:
                         "label)")
     raise DataError(f"{folder}: no PNG or JPEG images in its sub-folders "
                     "(expected one sub-folder of images per class)")
+
+
+def _refuse_empty_classes(folder: str, by_class: dict[Path, list[Path]]) -> None:
+    """A class sub-folder without images of its own would drop out silently
+    (its images one level deeper, or a stray folder beside the classes)."""
+    empty = [c for c, found in by_class.items() if not found]
+    if not empty:
+        return
+    deeper = [d for d in sorted(empty[0].iterdir()) if d.is_dir()]
+    where = (f"; its images must sit in it directly, not in {deeper[0].name}/"
+             if deeper else "; remove it or add its images")
+    more = f" ({len(empty) - 1} more sub-folder(s) alike)" if len(empty) > 1 else ""
+    raise DataError(f"{folder}: the class sub-folder {empty[0].name}/ holds no "
+                    f"PNG or JPEG image{where}{more}")
 
 
 def _is_image(path: Path) -> bool:
@@ -824,7 +842,8 @@ def embed(backbone: Backbone, source: Source, *, batch_size: int = DEFAULT_BATCH
     """Run the backbone over every row of ``source``, one batch at a time.
 
     Raises :class:`DataError` when a row cannot become the model's input (its
-    number of values, a non-integral value for an integer input, NaN).
+    number of values, a non-integral value for an integer input, NaN), or
+    when the backbone gives a NaN or infinite feature.
     """
     check_batch_size(batch_size)
     fixed = backbone.fixed_batch
@@ -837,11 +856,25 @@ def embed(backbone: Backbone, source: Source, *, batch_size: int = DEFAULT_BATCH
     task = (progress or NullProgress()).task("embed", source.n_rows)
     try:
         parts = _model_inputs(backbone, source, batch_size)
+        done = 0
         for batch in run_in_order(backbone, parts):
+            _check_features(batch.features, done, backbone)
             yield batch
+            done += len(batch.features)
             task.advance(len(batch.features))
     finally:
         task.close()
+
+
+def _check_features(features: np.ndarray, first_row: int, backbone: Backbone
+                    ) -> None:
+    """Refuse NaN or infinite features (a weigh of them would fail later)."""
+    if np.isfinite(features).all():
+        return
+    row, column = np.argwhere(~np.isfinite(features))[0]
+    raise DataError(f"{backbone.path}: the backbone gave a non-finite feature "
+                    f"({features[row, column]}) at row {first_row + row}, "
+                    f"feature {column} of {backbone.tensor}")
 
 
 def _model_inputs(backbone: Backbone, source: Source, batch_size: int

@@ -144,6 +144,9 @@ def resolve_output(output: str | None, source: str, suffix: str) -> str:
     A terminal never receives binary data: without ``-o`` the output goes to
     ``<input name><suffix>`` in the current folder.
     """
+    if output == "":  # an empty variable in a script: never stdout by chance
+        raise UsageError("-o: the path is empty; give a file name, or - for "
+                         "stdout")
     if output:
         return output
     if not sys.stdout.isatty():
@@ -189,14 +192,29 @@ class _Silent:
         pass
 
 
+# Seconds between two progress lines with -v (no terminal).
+LINE_SECONDS = 10.0
+
+
 class _LineTask:
+    """Plain progress lines: one every LINE_SECONDS while the work lasts, and
+    one at the end."""
+
     def __init__(self, description: str, total: int | None):
         self.description, self.total, self.done = description, total, 0
-        self.started = time.perf_counter()
+        self.started = self.said = time.perf_counter()
 
     def advance(self, amount: int = 1) -> None:
         io.check_stop()
         self.done += amount
+        now = time.perf_counter()
+        if now - self.said >= LINE_SECONDS:
+            self.said = now
+            of = f" of {self.total:,}" if self.total else ""
+            rate = self.done / (now - self.started)
+            stderr.print(f"{self.description}: {self.done:,}{of} "
+                         f"({rate:,.0f}/s, {now - self.started:.0f} s)",
+                         markup=False)
 
     def close(self) -> None:
         seconds = time.perf_counter() - self.started

@@ -45,7 +45,8 @@ def tbs_cli(
     names: Annotated[Optional[str], typer.Option(
         "--names", metavar="A,B,...",
         help="Input column names (default: the bounds file's or the "
-             "built-in's, else x0, x1, ...).")] = None,
+             "built-in's, else x0, x1, ...; a Parquet POINTS file needs "
+             "--names or --bounds).")] = None,
     initial: Annotated[Optional[int], typer.Option(
         "--initial", metavar="N", help="Initial points to draw when POINTS is "
         "not given.")] = None,
@@ -125,6 +126,8 @@ def tbs_cli(
     _refuse_clash(box.names, _label_names(fn, label) if fn else [])
     density = _density(plan, fn, table, points, X, box, eps, step, order,
                        gradient, hessian, label, k, seed)
+    if plan == "function":
+        _note_wide_steps(reporter, box, step, eps)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
                               n_components=components, rng=rng, reg_covar=reg)
 
@@ -318,6 +321,24 @@ def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
         second = tbs.hessian_from_upper(
             _derivative_columns(table, points, hessian, "--hessian"), d)
     return tbs.taylor_density(np.stack(first, axis=1), second, eps_values, order)
+
+
+# A finite-difference step over this share of the box's width looks past the
+# function's detail there: a note says so.
+WIDE_STEP = 0.1
+
+
+def _note_wide_steps(reporter, box, step, eps) -> None:
+    """Say where the finite-difference step is wide against the box."""
+    option, text = ("--step", step) if step else ("--eps", eps)
+    steps = _numbers(text, len(box.names), option)
+    wide = np.flatnonzero(steps > WIDE_STEP * box.width)
+    if len(wide):
+        i = int(wide[0])
+        given = "--step" if step else "the step (--eps, as --step is not given)"
+        reporter.notice(f"{given} {steps[i]:g} is over a tenth of the box's "
+                        f"width in {box.names[i]} ({box.width[i]:g}): the finite "
+                        "differences see past its detail; give a smaller --step")
 
 
 def _derivative_columns(table, points, text, option) -> list[np.ndarray]:
