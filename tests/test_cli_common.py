@@ -133,7 +133,7 @@ def test_an_empty_output_path_is_refused_not_taken_for_stdout(tmp_path):
         np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
         run = run_vbsw(*command, "-o", "")
         assert run.code == 2 and run.stdout == b"", run.stderr
-        assert "-o: the path is empty" in run.stderr
+        assert "-o '': give a file name" in run.stderr
 
 
 def test_a_stop_that_a_library_swallowed_still_writes_nothing(tmp_path):

@@ -145,8 +145,7 @@ def resolve_output(output: str | None, source: str, suffix: str) -> str:
     ``<input name><suffix>`` in the current folder.
     """
     if output == "":  # an empty variable in a script: never stdout by chance
-        raise UsageError("-o: the path is empty; give a file name, or - for "
-                         "stdout")
+        io.check_output_path(output, "-o")
     if output:
         return output
     if not sys.stdout.isatty():
