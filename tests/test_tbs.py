@@ -596,3 +596,25 @@ def test_cli_notes_a_finite_difference_step_wide_against_the_box(tmp_path):
            "tenth of the box's width in x (1e-05)" in narrow.stderr
     assert "note: --step 0.2 is over a tenth" in wide_step.stderr
     assert "note:" not in fine.stderr
+
+
+def test_cli_extreme_scales_end_in_one_line_without_warnings(tmp_path):
+    (tmp_path / "lin.py").write_text("def f(X):\n    return X[:, 0]\n")
+    path = tmp_path / "points.parquet"
+    x = np.linspace(0, 1, 20)
+    pq.write_table(pa.table({"x": x, "y": np.sin(5 * x) * 1e200}), path)
+    out = tmp_path / "out.parquet"
+
+    underflow = run_vbsw("tbs-sample", "--function", "lin:f", "--bounds",
+                         "0:1e-300", "--eps", "1e-303", "--initial", "5", "-o",
+                         out, cwd=tmp_path)
+    overflow = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
+                        "--k", "5", "-o", out)
+    huge_box = run_vbsw("tbs-sample", "--function", "runge", "--bounds",
+                        "-1.7e308:1.7e308", "--initial", "5", "-o", out)
+
+    for run in (underflow, overflow):
+        _one_line_error(run, 1, "the density has NaN or infinite values")
+        assert "Warning" not in run.stderr
+    _one_line_error(huge_box, 2, "dimension 1 spans more than the largest float")
+    assert not out.exists()

@@ -79,6 +79,12 @@ def make_box(low, high, names: list[str]) -> Box:
     high = np.asarray(high, dtype=np.float64).reshape(-1)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         raise UsageError("--bounds: every bound must be a finite number")
+    with np.errstate(over="ignore"):
+        wide = np.flatnonzero(~np.isfinite(high - low))
+    if len(wide):
+        i = int(wide[0])
+        raise UsageError(f"--bounds: dimension {i + 1} spans more than the "
+                         f"largest float ({low[i]:g}:{high[i]:g}); rescale it")
     bad = np.flatnonzero(low >= high)
     if len(bad):
         i = int(bad[0])
@@ -422,7 +428,8 @@ def _check_density(density, n_samples: int) -> np.ndarray:
         raise DataError(f"{len(density)} densities for {n_samples} points")
     if not np.isfinite(density).all():
         raise DataError("the density has NaN or infinite values; check the "
-                        "derivatives or labels")
+                        "derivatives or labels (values or steps of an extreme "
+                        "scale overflow or underflow float64: rescale them)")
     if (density < 0).any():
         raise DataError("the density has negative values")
     return density

@@ -124,8 +124,9 @@ def tbs_cli(
 
     box, table, X = _inputs(points, fn, bounds, names, initial, design, rng)
     _refuse_clash(box.names, _label_names(fn, label) if fn else [])
-    density = _density(plan, fn, table, points, X, box, eps, step, order,
-                       gradient, hessian, label, k, seed)
+    with np.errstate(all="ignore"):  # a non-finite density is refused below
+        density = _density(plan, fn, table, points, X, box, eps, step, order,
+                           gradient, hessian, label, k, seed)
     if plan == "function":
         _note_wide_steps(reporter, box, step, eps)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
