@@ -490,6 +490,9 @@ def test_cli_errors_on_points_files(tmp_path):
     big_k = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
                      "--k", "5", "-o", out)
     _one_line_error(big_k, 2, "--k 5 is larger than the 3 rows")
+    design = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
+                      "--k", "2", "--design", "sobol", "-o", out)
+    _one_line_error(design, 2, "--design draws the initial points when POINTS")
     unknown = run_vbsw("tbs-sample", path, "--names", "x,z", "--label", "y",
                        "--k", "2", "-o", out)
     _one_line_error(unknown, 2, "points.parquet has no column 'z'")

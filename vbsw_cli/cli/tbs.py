@@ -50,11 +50,11 @@ def tbs_cli(
     initial: Annotated[Optional[int], typer.Option(
         "--initial", metavar="N", help="Initial points to draw when POINTS is "
         "not given.")] = None,
-    design: Annotated[str, typer.Option(
+    design: Annotated[Optional[str], typer.Option(
         "--design", metavar="uniform|grid|lhs|sobol",
-        help="Initial design: uniform; grid (N = m^d, ends included); lhs "
-             "(Latin hypercube); sobol (scrambled; balanced for N a power "
-             "of 2).")] = "uniform",
+        help="Initial design: uniform (the default); grid (N = m^d, ends "
+             "included); lhs (Latin hypercube); sobol (scrambled; balanced "
+             "for N a power of 2).")] = None,
     new: Annotated[int, typer.Option(
         "--new", metavar="N'", help="Points to draw by TBS.")] = 100,
     order: Annotated[int, typer.Option(
@@ -111,7 +111,10 @@ def tbs_cli(
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
     function = keyword(function, BUILT_INS)
-    design = keyword(design, tbs.DESIGNS)
+    if points and design is not None:
+        raise UsageError("--design draws the initial points when POINTS is not "
+                         "given; give one of them")
+    design = keyword(design or "uniform", tbs.DESIGNS)
     plan = _plan(points, function, gradient, hessian, label, initial, order,
                  new, components, k)
     reg = _reg_covar(reg_covar)
