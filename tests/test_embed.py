@@ -439,6 +439,7 @@ def test_fixed_batch_model_says_batch_size_is_not_used(tmp_path, here, rng):
     assert "note: the model's batch dimension is fixed at 1: batches of 1 row, " \
         "not --batch-size 64" in run.stderr
     assert run.stderr.index("model: ") < run.stderr.index("fixed at 1")
+    assert "float32 1x2x3" in run.stderr  # the batch as the model fixes it
     assert "fixed at" not in quiet.stderr
     np.testing.assert_allclose(features_of(read_output(tmp_path / "f.parquet")),
                                mlp_features(X, weights), atol=1e-5)

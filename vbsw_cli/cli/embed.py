@@ -252,8 +252,9 @@ def _report(reporter: Reporter, backbone, layer: str, data, batch_size: int
 
 def _report_model(reporter: Reporter, backbone, layer: str) -> None:
     shape = "x".join(str(d) for d in backbone.row_shape)
+    batch = backbone.fixed_batch or "N"
     reporter.say(f"model: {backbone.path}, input '{backbone.input_name}' "
-                 f"{backbone.dtype} Nx{shape}")
+                 f"{backbone.dtype} {batch}x{shape}")
     how = {"auto": "the input of the last linear layer",
            "output": "the model's output"}.get(backbone.layer,
                                                "named with --layer")
