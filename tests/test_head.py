@@ -91,6 +91,35 @@ def test_weight_scale_does_not_change_the_head(scale, seed):
     np.testing.assert_allclose(a.predict(X), b.predict(X), atol=1e-3)
 
 
+def assert_same_head(a, b, atol=1e-6):
+    for (Wa, ba), (Wb, bb) in zip(a.layers(), b.layers()):
+        np.testing.assert_allclose(Wa, Wb, atol=atol)
+        np.testing.assert_allclose(ba, bb, atol=atol)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8, 1e-300, 1e300])
+def test_any_weight_scale_trains_the_same_head(rng, scale):
+    # scikit-learn divides the L2 term by the batch's weight sum: unscaled,
+    # weights x 1e-8 train with an L2 penalty 1e8 times larger.
+    X, y = blobs(rng)
+    weight = rng.uniform(1, 40, len(X))
+    options = HeadOptions(epochs=30, hidden=3, l2=1.0)
+    plain = train_head(X, classes(y), weight, options=options)
+    scaled = train_head(X, classes(y), weight * scale, options=options)
+    assert plain.epochs_run == scaled.epochs_run
+    assert_same_head(plain, scaled)
+
+
+def test_raw_weights_train_the_mean_one_head(rng):
+    X = rng.normal(size=(80, 3)).astype(np.float32)
+    Y = X @ rng.normal(size=(3, 1)) + rng.normal(size=(80, 1))
+    raw = rng.uniform(1, 50, len(X))
+    options = HeadOptions(epochs=30, l2=1.0)
+    a = train_head(X, targets(Y), raw, options=options)
+    b = train_head(X, targets(Y), raw / raw.mean(), options=options)
+    assert_same_head(a, b)
+
+
 def test_heavy_points_are_fitted_better_in_regression(rng):
     # Two groups on the same inputs with opposite slopes: one line cannot fit
     # both, so the weights decide which group it follows.
