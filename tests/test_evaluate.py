@@ -85,6 +85,58 @@ def test_multi_output_regression_averages_over_outputs(rng):
     assert got["pearson"] == pytest.approx(pearson)
 
 
+@pytest.mark.parametrize("scale", [1e78, 1e-90, 1e-200, 1e150])
+def test_regression_metrics_are_right_at_any_scale(rng, scale):
+    # sqrt((a @ a) * (b @ b)) overflowed at 1e78 (Pearson 0.0) and underflowed
+    # at 1e-90 (Pearson None, "constant"); errors squared underflowed at 1e-200.
+    y = rng.random(100)
+    p = y + 0.1 * rng.random(100)
+    got = regression_metrics(y * scale, p * scale)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(y, p)[0], rel=1e-12)
+    assert got["spearman"] == pytest.approx(stats.spearmanr(y, p)[0], rel=1e-12)
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(y, p) * scale,
+                                       rel=1e-12)
+    assert got["rmse"] == pytest.approx(
+        math.sqrt(skm.mean_squared_error(y, p)) * scale, rel=1e-12)
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(y, p)
+                                       * scale ** 2, rel=1e-12)
+
+
+def test_metrics_beyond_float64_are_inf_and_the_rest_exact():
+    y = np.array([1e308, 0.0, 0.0, 0.0])
+    p = np.array([-1e308, 0.0, 0.0, 0.0])  # an error of 2e308: beyond float64
+    with np.errstate(all="raise"):
+        got = regression_metrics(y, p)
+    assert got["mae"] == pytest.approx(5e307)
+    assert got["rmse"] == pytest.approx(1e308)
+    assert math.isinf(got["mse"]) and math.isinf(got["max_abs_error"])
+    big = regression_metrics(np.array([1.0, 2.0, 3.0]) * 1e200,
+                             np.array([1.5, 2.0, 3.0]) * 1e200)
+    assert math.isinf(big["mse"]) and big["rmse"] == pytest.approx(
+        math.sqrt(0.25 / 3) * 1e200)
+    assert big["pearson"] == pytest.approx(stats.pearsonr([1, 2, 3],
+                                                          [1.5, 2, 3])[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), power=st.integers(-300, 300),
+       n=st.integers(3, 40))
+def test_correlations_do_not_depend_on_the_scale(seed, power, n):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=n)
+    p = y + rng.normal(size=n)
+    scale = 10.0 ** power
+    plain = regression_metrics(y, p)
+    scaled = regression_metrics(y * scale, p * scale)
+    assert scaled["pearson"] == pytest.approx(plain["pearson"], abs=1e-12)
+    assert scaled["spearman"] == pytest.approx(plain["spearman"], abs=1e-12)
+    for name, power_of_scale in [("mae", 1), ("rmse", 1), ("mse", 2)]:
+        expected = plain[name] * scale ** power_of_scale \
+            if abs(power * power_of_scale) < 300 else None
+        if expected is not None:
+            assert scaled[name] == pytest.approx(expected, rel=1e-9)
+
+
 def test_constant_predictions_have_no_correlation(rng):
     got = regression_metrics(rng.normal(size=10), np.ones(10))
     assert got["pearson"] is None and got["spearman"] is None
@@ -423,6 +475,27 @@ def test_undefined_metrics_are_null_in_strict_json(capfdbinary, tmp_path, rng):
     assert metrics["pearson"] is None and metrics["spearman"] is None
     assert metrics["mse"] > 0
     assert "pearson, spearman undefined" in run.stderr
+
+
+@pytest.mark.parametrize("scale, notes", [
+    (1e200, ["mse beyond float64's range (above 1.8e308): inf in the table, "
+             "null in the JSON"]),
+    (1e-90, [])])
+def test_cli_huge_and_tiny_metrics_are_honest(capfdbinary, tmp_path, rng,
+                                              scale, notes):
+    y = rng.random(100)
+    p = y + 0.1 * rng.random(100)
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"label": y * scale, "prediction": p * scale}), path)
+    run = vbsw(capfdbinary, "evaluate", "--predictions", path, "--json", "-")
+    assert run.code == 0, run.stderr
+    assert "constant" not in run.stderr and "Warning" not in run.stderr
+    record = json.loads(run.stdout)
+    assert record["metrics"]["pearson"] == pytest.approx(stats.pearsonr(y, p)[0])
+    assert record["notes"] == notes
+    assert all(f"note: {note}" in run.stderr for note in notes)
+    # in the table, in scientific notation rather than written out in full
+    assert f"{skm.mean_absolute_error(y, p) * scale:.3e}" in run.stderr
 
 
 @pytest.mark.parametrize("fixed", [1, 7, 8])

@@ -19,7 +19,8 @@ from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
                                class_positions, classification_metrics,
-                               compare, regression_metrics, run_model)
+                               compare, range_notes, regression_metrics,
+                               run_model)
 
 # Each step makes the files the next one reads (a multi-line shell command).
 EXAMPLE = " && \\\n  ".join([
@@ -127,8 +128,8 @@ def evaluate_cli(
                              reporter)
     record.update({"run": run_name, "seed": seed, "group": group,
                    "version": __version__})
-    record = strict_json(record)
-    _write_json(record, json_path, paths)
+    record["notes"] = record.get("notes", []) + range_notes(record["metrics"])
+    _write_json(strict_json(record), json_path, paths)
     _print_record(reporter, record)
 
 
@@ -510,7 +511,15 @@ def _plain(value):
 
 
 def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    """Four decimals, or four significant digits in scientific notation for
+    values too large or too small to read that way."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(float(value))
+    if value != 0 and not 1e-3 <= abs(value) < 1e5:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
 
 
 def _print_record(reporter, record) -> None:
@@ -579,5 +588,5 @@ def _cell(summary: dict | None) -> str:
     if not summary or summary.get("best") is None:
         return "-"
     se = summary.get("se")
-    spread = f" ± {se:.4f}" if se is not None else ""
-    return f"{summary['best']:.4f}, {summary['mean']:.4f}{spread}"
+    spread = f" ± {_number(se)}" if se is not None else ""
+    return f"{_number(summary['best'])}, {_number(summary['mean'])}{spread}"
