@@ -21,8 +21,8 @@ from sklearn import metrics as skm
 from conftest import Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError
 from vbsw_cli.evaluate import (as_probabilities, classification_metrics,
-                               compare, macro_f1, regression_metrics,
-                               run_model, softmax, summary)
+                               compare, disagreements, macro_f1,
+                               regression_metrics, run_model, softmax, summary)
 from vbsw_cli.head import HeadOptions, head_to_onnx, train_head
 from vbsw_cli.io import Labels
 from vbsw_cli.onnx_graph import make_model
@@ -382,6 +382,9 @@ def test_compare_prints_run_names_as_typed(capfdbinary, tmp_path):
     (lambda m, d, t: [m, d, "--features", "feats"], 1, "no feature column"),
     (lambda m, d, t: [m], 2, "give MODEL.onnx and DATA"),
     (lambda m, d, t: [m, d, "--task", "x"], 2, "--task x"),
+    (lambda m, d, t: ["-", d], 2, "MODEL -: the model cannot come from stdin"),
+    (lambda m, d, t: [m, d, "--save-predictions", t / "p.csv"], 2,
+     "are written as .parquet (or - for stdout)"),
     (lambda m, d, t: [m, d, "--batch-size", "0"], 2, "--batch-size 0"),
     (lambda m, d, t: [t / "bad.onnx", d], 1, "not a valid ONNX model"),
     (lambda m, d, t: [m, t / "empty.parquet"], 1, "no rows"),
@@ -520,6 +523,56 @@ def test_cli_usage_errors(capfdbinary, tmp_path, trained, args, text):
     assert run.code == 2
     assert text in run.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_predictions_go_to_stdout(capfdbinary, tmp_path, trained):
+    model, data, proba, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", "-", "--json", tmp_path / "r.json", "-q")
+    assert run.code == 0, run.stderr
+    table = pq.read_table(pa.BufferReader(run.stdout))
+    np.testing.assert_allclose(table.column("probabilities").to_pylist(), proba,
+                               atol=1e-5)
+    assert (tmp_path / "r.json").exists()
+    both = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+                "--save-predictions", "-", "--json", "-")
+    assert both.code == 2 and both.stdout == b""
+    assert "--json - and --save-predictions -: stdout takes one" in both.stderr
+
+
+def test_cli_notes_predictions_that_disagree_with_probabilities(
+        capfdbinary, tmp_path, trained):
+    model, data, proba, _ = trained
+    saved = tmp_path / "pred.parquet"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", saved, "-q")
+    assert run.code == 0, run.stderr
+    table = pq.read_table(saved)
+    agreeing = vbsw(capfdbinary, "evaluate", "--predictions", saved, "--label",
+                    "kind", "--json", "-")
+    assert "disagree" not in agreeing.stderr and "scored from" not in \
+        agreeing.stderr
+    predicted = table.column("prediction").to_pylist()
+    flipped = ["low" if p != "low" else "top" for p in predicted[:5]]
+    changed = table.set_column(table.schema.get_field_index("prediction"),
+                               "prediction", pa.array(flipped + predicted[5:]))
+    pq.write_table(changed, tmp_path / "bad.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "bad.parquet",
+               "--label", "kind", "--json", "-")
+    assert run.code == 0, run.stderr
+    note = (f"scored from 'probabilities'; 'prediction' is not its most probable "
+            f"class on 5 of {len(predicted)} rows")
+    assert f"note: {note}" in run.stderr
+    record = json.loads(run.stdout)
+    assert record["notes"] == [note]
+    assert record["metrics"] == json.loads(agreeing.stdout)["metrics"]
+
+
+def test_disagreements_count_ties_and_unknown_classes():
+    proba = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    assert disagreements(proba, ["a", "b"], ["b", "a", "b", "b"]) == 0
+    assert disagreements(proba, ["a", "b"], ["a", "b", None, "c"]) == 3
+    assert disagreements(proba, [0, 1], [1.0, 0, 1, 1]) == 0
 
 
 def test_cli_output_paths_are_checked_first(capfdbinary, tmp_path, trained):

@@ -246,6 +246,22 @@ def class_positions(label_classes: list, model_classes: list, name: str
     return np.array([where[_key(c)] for c in label_classes], dtype=np.int64)
 
 
+def disagreements(proba: np.ndarray, classes: list, predicted: list) -> int:
+    """Rows whose predicted class is not among the most probable ones.
+
+    proba : ndarray of shape (n_samples, n_classes), columns in ``classes``
+        order. predicted : one class name per row (None or an unknown class
+        counts as a disagreement).
+    """
+    where = {_key(c): i for i, c in enumerate(classes)}
+    position = np.array([where.get(_key(p), -1) if p is not None else -1
+                         for p in predicted], dtype=np.int64)
+    known = position >= 0
+    picked = proba[np.arange(len(proba)), np.where(known, position, 0)]
+    most = picked >= proba.max(axis=1)
+    return int(np.sum(~(known & most)))
+
+
 def _key(value):
     """Compare 3 and 3.0 and '3' from JSON as the same class name."""
     if isinstance(value, (bool, np.bool_)):
