@@ -166,6 +166,17 @@ def test_the_command_offers_the_core_optimizers():
     from vbsw_cli import head as core_head
 
     assert cli_head.OPTIMIZERS == core_head.OPTIMIZERS
+    assert cli_head.DEFAULT_MOMENTUM == core_head.HeadOptions().momentum
+
+
+def test_cli_momentum_reaches_sgd(capfdbinary, tmp_path, weighted):
+    for args, momentum in [(["--momentum", "0.5"], 0.5), ([], 0.9)]:
+        out = tmp_path / f"h{momentum}.onnx"
+        run = vbsw(capfdbinary, "retrain-head", weighted, "-o", out,
+                   "--optimizer", "sgd", "--epochs", "2", *args)
+        assert run.code == 0, run.stderr
+        training = read_metadata(onnx.load(str(out)))["training"]
+        assert training["momentum"] == momentum
 
 
 def test_options_are_checked():
@@ -356,6 +367,11 @@ def test_cli_merges_with_a_backbone(capfdbinary, tmp_path, rng):
     (["--epochs", "0"], 2, "--epochs 0: must be at least 1"),
     (["--task", "ranking"], 2, "--task ranking"),
     (["--merged-output", "m.onnx"], 2, "--merged-output needs --backbone"),
+    (["--layer", "embedding"], 2, "--layer embedding needs --backbone MODEL.onnx"),
+    (["--momentum", "0.5"], 2, "--momentum 0.5 applies to --optimizer sgd only, "
+     "not --optimizer adam"),
+    (["--momentum", "0", "--optimizer", "lbfgs"], 2, "--momentum 0 applies to "
+     "--optimizer sgd only, not --optimizer lbfgs"),
 ])
 def test_cli_errors_are_one_line(capfdbinary, tmp_path, weighted, args, code, text):
     out = tmp_path / "h.onnx"
