@@ -21,8 +21,8 @@ from sklearn import metrics as skm
 from conftest import Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError
 from vbsw_cli.evaluate import (as_probabilities, classification_metrics,
-                               compare, macro_f1, regression_metrics,
-                               run_model, softmax, summary)
+                               compare, disagreements, macro_f1,
+                               regression_metrics, run_model, softmax, summary)
 from vbsw_cli.head import HeadOptions, head_to_onnx, train_head
 from vbsw_cli.io import Labels
 from vbsw_cli.onnx_graph import make_model
@@ -83,6 +83,58 @@ def test_multi_output_regression_averages_over_outputs(rng):
     assert got["max_abs_error"] == pytest.approx(np.abs(Y - P).max())
     pearson = np.mean([stats.pearsonr(Y[:, j], P[:, j])[0] for j in range(3)])
     assert got["pearson"] == pytest.approx(pearson)
+
+
+@pytest.mark.parametrize("scale", [1e78, 1e-90, 1e-200, 1e150])
+def test_regression_metrics_are_right_at_any_scale(rng, scale):
+    # sqrt((a @ a) * (b @ b)) overflowed at 1e78 (Pearson 0.0) and underflowed
+    # at 1e-90 (Pearson None, "constant"); errors squared underflowed at 1e-200.
+    y = rng.random(100)
+    p = y + 0.1 * rng.random(100)
+    got = regression_metrics(y * scale, p * scale)
+    assert got["pearson"] == pytest.approx(stats.pearsonr(y, p)[0], rel=1e-12)
+    assert got["spearman"] == pytest.approx(stats.spearmanr(y, p)[0], rel=1e-12)
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(y, p) * scale,
+                                       rel=1e-12)
+    assert got["rmse"] == pytest.approx(
+        math.sqrt(skm.mean_squared_error(y, p)) * scale, rel=1e-12)
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(y, p)
+                                       * scale ** 2, rel=1e-12)
+
+
+def test_metrics_beyond_float64_are_inf_and_the_rest_exact():
+    y = np.array([1e308, 0.0, 0.0, 0.0])
+    p = np.array([-1e308, 0.0, 0.0, 0.0])  # an error of 2e308: beyond float64
+    with np.errstate(all="raise"):
+        got = regression_metrics(y, p)
+    assert got["mae"] == pytest.approx(5e307)
+    assert got["rmse"] == pytest.approx(1e308)
+    assert math.isinf(got["mse"]) and math.isinf(got["max_abs_error"])
+    big = regression_metrics(np.array([1.0, 2.0, 3.0]) * 1e200,
+                             np.array([1.5, 2.0, 3.0]) * 1e200)
+    assert math.isinf(big["mse"]) and big["rmse"] == pytest.approx(
+        math.sqrt(0.25 / 3) * 1e200)
+    assert big["pearson"] == pytest.approx(stats.pearsonr([1, 2, 3],
+                                                          [1.5, 2, 3])[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), power=st.integers(-300, 300),
+       n=st.integers(3, 40))
+def test_correlations_do_not_depend_on_the_scale(seed, power, n):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=n)
+    p = y + rng.normal(size=n)
+    scale = 10.0 ** power
+    plain = regression_metrics(y, p)
+    scaled = regression_metrics(y * scale, p * scale)
+    assert scaled["pearson"] == pytest.approx(plain["pearson"], abs=1e-12)
+    assert scaled["spearman"] == pytest.approx(plain["spearman"], abs=1e-12)
+    for name, power_of_scale in [("mae", 1), ("rmse", 1), ("mse", 2)]:
+        expected = plain[name] * scale ** power_of_scale \
+            if abs(power * power_of_scale) < 300 else None
+        if expected is not None:
+            assert scaled[name] == pytest.approx(expected, rel=1e-9)
 
 
 def test_constant_predictions_have_no_correlation(rng):
@@ -330,6 +382,9 @@ def test_compare_prints_run_names_as_typed(capfdbinary, tmp_path):
     (lambda m, d, t: [m, d, "--features", "feats"], 1, "no feature column"),
     (lambda m, d, t: [m], 2, "give MODEL.onnx and DATA"),
     (lambda m, d, t: [m, d, "--task", "x"], 2, "--task x"),
+    (lambda m, d, t: ["-", d], 2, "MODEL -: the model cannot come from stdin"),
+    (lambda m, d, t: [m, d, "--save-predictions", t / "p.csv"], 2,
+     "are written as .parquet (or - for stdout)"),
     (lambda m, d, t: [m, d, "--batch-size", "0"], 2, "--batch-size 0"),
     (lambda m, d, t: [t / "bad.onnx", d], 1, "not a valid ONNX model"),
     (lambda m, d, t: [m, t / "empty.parquet"], 1, "no rows"),
@@ -425,6 +480,27 @@ def test_undefined_metrics_are_null_in_strict_json(capfdbinary, tmp_path, rng):
     assert "pearson, spearman undefined" in run.stderr
 
 
+@pytest.mark.parametrize("scale, notes", [
+    (1e200, ["mse beyond float64's range (above 1.8e308): inf in the table, "
+             "null in the JSON"]),
+    (1e-90, [])])
+def test_cli_huge_and_tiny_metrics_are_honest(capfdbinary, tmp_path, rng,
+                                              scale, notes):
+    y = rng.random(100)
+    p = y + 0.1 * rng.random(100)
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"label": y * scale, "prediction": p * scale}), path)
+    run = vbsw(capfdbinary, "evaluate", "--predictions", path, "--json", "-")
+    assert run.code == 0, run.stderr
+    assert "constant" not in run.stderr and "Warning" not in run.stderr
+    record = json.loads(run.stdout)
+    assert record["metrics"]["pearson"] == pytest.approx(stats.pearsonr(y, p)[0])
+    assert record["notes"] == notes
+    assert all(f"note: {note}" in run.stderr for note in notes)
+    # in the table, in scientific notation rather than written out in full
+    assert f"{skm.mean_absolute_error(y, p) * scale:.3e}" in run.stderr
+
+
 @pytest.mark.parametrize("fixed", [1, 7, 8])
 def test_a_fixed_batch_dimension_is_padded(rng, fixed):
     W, b = rng.normal(size=(6, 2)), rng.normal(size=2)
@@ -447,6 +523,56 @@ def test_cli_usage_errors(capfdbinary, tmp_path, trained, args, text):
     assert run.code == 2
     assert text in run.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_predictions_go_to_stdout(capfdbinary, tmp_path, trained):
+    model, data, proba, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", "-", "--json", tmp_path / "r.json", "-q")
+    assert run.code == 0, run.stderr
+    table = pq.read_table(pa.BufferReader(run.stdout))
+    np.testing.assert_allclose(table.column("probabilities").to_pylist(), proba,
+                               atol=1e-5)
+    assert (tmp_path / "r.json").exists()
+    both = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+                "--save-predictions", "-", "--json", "-")
+    assert both.code == 2 and both.stdout == b""
+    assert "--json - and --save-predictions -: stdout takes one" in both.stderr
+
+
+def test_cli_notes_predictions_that_disagree_with_probabilities(
+        capfdbinary, tmp_path, trained):
+    model, data, proba, _ = trained
+    saved = tmp_path / "pred.parquet"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+               "--save-predictions", saved, "-q")
+    assert run.code == 0, run.stderr
+    table = pq.read_table(saved)
+    agreeing = vbsw(capfdbinary, "evaluate", "--predictions", saved, "--label",
+                    "kind", "--json", "-")
+    assert "disagree" not in agreeing.stderr and "scored from" not in \
+        agreeing.stderr
+    predicted = table.column("prediction").to_pylist()
+    flipped = ["low" if p != "low" else "top" for p in predicted[:5]]
+    changed = table.set_column(table.schema.get_field_index("prediction"),
+                               "prediction", pa.array(flipped + predicted[5:]))
+    pq.write_table(changed, tmp_path / "bad.parquet")
+    run = vbsw(capfdbinary, "evaluate", "--predictions", tmp_path / "bad.parquet",
+               "--label", "kind", "--json", "-")
+    assert run.code == 0, run.stderr
+    note = (f"scored from 'probabilities'; 'prediction' is not its most probable "
+            f"class on 5 of {len(predicted)} rows")
+    assert f"note: {note}" in run.stderr
+    record = json.loads(run.stdout)
+    assert record["notes"] == [note]
+    assert record["metrics"] == json.loads(agreeing.stdout)["metrics"]
+
+
+def test_disagreements_count_ties_and_unknown_classes():
+    proba = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    assert disagreements(proba, ["a", "b"], ["b", "a", "b", "b"]) == 0
+    assert disagreements(proba, ["a", "b"], ["a", "b", None, "c"]) == 3
+    assert disagreements(proba, [0, 1], [1.0, 0, 1, 1]) == 0
 
 
 def test_cli_output_paths_are_checked_first(capfdbinary, tmp_path, trained):

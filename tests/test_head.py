@@ -91,6 +91,35 @@ def test_weight_scale_does_not_change_the_head(scale, seed):
     np.testing.assert_allclose(a.predict(X), b.predict(X), atol=1e-3)
 
 
+def assert_same_head(a, b, atol=1e-6):
+    for (Wa, ba), (Wb, bb) in zip(a.layers(), b.layers()):
+        np.testing.assert_allclose(Wa, Wb, atol=atol)
+        np.testing.assert_allclose(ba, bb, atol=atol)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8, 1e-300, 1e300])
+def test_any_weight_scale_trains_the_same_head(rng, scale):
+    # scikit-learn divides the L2 term by the batch's weight sum: unscaled,
+    # weights x 1e-8 train with an L2 penalty 1e8 times larger.
+    X, y = blobs(rng)
+    weight = rng.uniform(1, 40, len(X))
+    options = HeadOptions(epochs=30, hidden=3, l2=1.0)
+    plain = train_head(X, classes(y), weight, options=options)
+    scaled = train_head(X, classes(y), weight * scale, options=options)
+    assert plain.epochs_run == scaled.epochs_run
+    assert_same_head(plain, scaled)
+
+
+def test_raw_weights_train_the_mean_one_head(rng):
+    X = rng.normal(size=(80, 3)).astype(np.float32)
+    Y = X @ rng.normal(size=(3, 1)) + rng.normal(size=(80, 1))
+    raw = rng.uniform(1, 50, len(X))
+    options = HeadOptions(epochs=30, l2=1.0)
+    a = train_head(X, targets(Y), raw, options=options)
+    b = train_head(X, targets(Y), raw / raw.mean(), options=options)
+    assert_same_head(a, b)
+
+
 def test_heavy_points_are_fitted_better_in_regression(rng):
     # Two groups on the same inputs with opposite slopes: one line cannot fit
     # both, so the weights decide which group it follows.
@@ -137,6 +166,17 @@ def test_the_command_offers_the_core_optimizers():
     from vbsw_cli import head as core_head
 
     assert cli_head.OPTIMIZERS == core_head.OPTIMIZERS
+    assert cli_head.DEFAULT_MOMENTUM == core_head.HeadOptions().momentum
+
+
+def test_cli_momentum_reaches_sgd(capfdbinary, tmp_path, weighted):
+    for args, momentum in [(["--momentum", "0.5"], 0.5), ([], 0.9)]:
+        out = tmp_path / f"h{momentum}.onnx"
+        run = vbsw(capfdbinary, "retrain-head", weighted, "-o", out,
+                   "--optimizer", "sgd", "--epochs", "2", *args)
+        assert run.code == 0, run.stderr
+        training = read_metadata(onnx.load(str(out)))["training"]
+        assert training["momentum"] == momentum
 
 
 def test_options_are_checked():
@@ -327,6 +367,11 @@ def test_cli_merges_with_a_backbone(capfdbinary, tmp_path, rng):
     (["--epochs", "0"], 2, "--epochs 0: must be at least 1"),
     (["--task", "ranking"], 2, "--task ranking"),
     (["--merged-output", "m.onnx"], 2, "--merged-output needs --backbone"),
+    (["--layer", "embedding"], 2, "--layer embedding needs --backbone MODEL.onnx"),
+    (["--momentum", "0.5"], 2, "--momentum 0.5 applies to --optimizer sgd only, "
+     "not --optimizer adam"),
+    (["--momentum", "0", "--optimizer", "lbfgs"], 2, "--momentum 0 applies to "
+     "--optimizer sgd only, not --optimizer lbfgs"),
 ])
 def test_cli_errors_are_one_line(capfdbinary, tmp_path, weighted, args, code, text):
     out = tmp_path / "h.onnx"

@@ -246,6 +246,22 @@ def class_positions(label_classes: list, model_classes: list, name: str
     return np.array([where[_key(c)] for c in label_classes], dtype=np.int64)
 
 
+def disagreements(proba: np.ndarray, classes: list, predicted: list) -> int:
+    """Rows whose predicted class is not among the most probable ones.
+
+    proba : ndarray of shape (n_samples, n_classes), columns in ``classes``
+        order. predicted : one class name per row (None or an unknown class
+        counts as a disagreement).
+    """
+    where = {_key(c): i for i, c in enumerate(classes)}
+    position = np.array([where.get(_key(p), -1) if p is not None else -1
+                         for p in predicted], dtype=np.int64)
+    known = position >= 0
+    picked = proba[np.arange(len(proba)), np.where(known, position, 0)]
+    most = picked >= proba.max(axis=1)
+    return int(np.sum(~(known & most)))
+
+
 def _key(value):
     """Compare 3 and 3.0 and '3' from JSON as the same class name."""
     if isinstance(value, (bool, np.bool_)):
@@ -310,19 +326,69 @@ def regression_metrics(Y_true: np.ndarray, Y_pred: np.ndarray) -> dict:
     Y_true, Y_pred : ndarrays of shape (n_samples, n_outputs) (or (n_samples,)).
     RMSE is the square root of the mean of the per-output MSEs. Correlations
     are ``None`` when an output is constant in the labels or the predictions.
+    Every metric is computed on values scaled by a power of two, so it is
+    right at any finite scale; one whose value lies beyond float64's range is
+    ``inf`` (or 0 below it), never a wrong number.
     """
     Y_true = np.asarray(Y_true, dtype=np.float64).reshape(len(Y_true), -1)
     Y_pred = np.asarray(Y_pred, dtype=np.float64).reshape(len(Y_pred), -1)
     if Y_true.shape != Y_pred.shape:
         raise DataError(f"{Y_pred.shape[1]} predicted outputs per row for "
                         f"{Y_true.shape[1]} label outputs")
-    error = Y_pred - Y_true
-    mse = float(np.mean(error ** 2))
-    return {"mse": mse, "rmse": math.sqrt(mse),
-            "mae": float(np.mean(np.abs(error))),
-            "max_abs_error": float(np.max(np.abs(error))),
+    error, shift = _scaled_error(Y_true, Y_pred)
+    mean_square = float(np.mean(error ** 2))
+    return {"mse": _times_two_to(mean_square, 2 * shift),
+            "rmse": _times_two_to(math.sqrt(mean_square), shift),
+            "mae": _times_two_to(float(np.mean(np.abs(error))), shift),
+            "max_abs_error": _times_two_to(float(np.max(np.abs(error))), shift),
             "pearson": _mean_correlation(Y_true, Y_pred, rank=False),
             "spearman": _mean_correlation(Y_true, Y_pred, rank=True)}
+
+
+def _scaled_error(Y_true, Y_pred) -> tuple[np.ndarray, int]:
+    """``(E, k)`` with ``Y_pred - Y_true == E * 2**k`` and max |E| in [0.5, 1).
+
+    The difference of two finite floats can overflow by at most a factor 2,
+    so it is then taken of the halves.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        error, shift = Y_pred - Y_true, 0
+    if not np.isfinite(error).all():
+        error, shift = Y_pred / 2 - Y_true / 2, 1
+    unit, exponent = unit_scaled(error)
+    return unit, shift + exponent
+
+
+def unit_scaled(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(v, k)`` with ``values == v * 2**k`` and max |v| in [0.5, 1) (or all 0).
+
+    Scaling by a power of two is exact, so nothing is lost but the overflow
+    and underflow of squares and products of large or tiny values."""
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    if largest == 0:
+        return values, 0
+    exponent = math.frexp(largest)[1]
+    return np.ldexp(values, -exponent), exponent
+
+
+def _times_two_to(value: float, exponent: int) -> float:
+    """``value * 2**exponent``: inf above float64's range, 0 below it."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.ldexp(value, exponent))
+
+
+def range_notes(metrics: dict) -> list[str]:
+    """Notes on metrics whose true value lies outside float64's range."""
+    notes = []
+    beyond = [name for name, value in metrics.items()
+              if value is not None and math.isinf(value)]
+    if beyond:
+        notes.append(f"{', '.join(beyond)} beyond float64's range (above "
+                     "1.8e308): inf in the table, null in the JSON")
+    if metrics.get("mse") == 0 and (metrics.get("rmse") or 0) > 0:
+        notes.append("mse below float64's smallest value (about 5e-324): "
+                     "rounded to 0")
+    return notes
 
 
 def _mean_correlation(Y_true, Y_pred, *, rank: bool) -> float | None:
@@ -339,13 +405,26 @@ def _mean_correlation(Y_true, Y_pred, *, rank: bool) -> float | None:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Pearson correlation of two vectors; ``None`` if either is constant."""
-    a = a - a.mean()
-    b = b - b.mean()
-    scale = math.sqrt(float(a @ a) * float(b @ b))
-    if scale == 0:
+    """Pearson correlation of two vectors; ``None`` if either is constant.
+
+    Each vector is scaled by a power of two before and after centring, so the
+    sums of squares neither overflow nor underflow at any finite scale.
+    """
+    a, b = _centred(a), _centred(b)
+    if a is None or b is None:
         return None
+    scale = math.sqrt(float(a @ a) * float(b @ b))
     return float(np.clip((a @ b) / scale, -1.0, 1.0))
+
+
+def _centred(values: np.ndarray) -> np.ndarray | None:
+    """Values minus their mean, scaled to max |value| in [0.5, 1); ``None``
+    when they are all equal."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.all(values == values[0]):
+        return None
+    values = unit_scaled(values)[0]
+    return unit_scaled(values - values.mean())[0]
 
 
 # ---------------------------------------------------------------------------

@@ -7,10 +7,12 @@ ReLU layer (``hidden``), which is also Algorithm 2's small model on raw features
 
 How the weights enter the fit: scikit-learn multiplies each row's loss (cross
 entropy, or half the squared error) by its weight and divides each batch's sum
-by the batch's weight sum, the L2 term too. The weights therefore act relative
-to each other inside a batch; their overall scale does not change the step
-size, so the mean-1 normalisation of ``vbsw weigh`` and raw weights in [1, m]
-train the same head. All weights equal give exactly the unweighted fit.
+by the batch's weight sum. It divides the L2 term by that sum too, so the scale
+of the weights would scale the effective ``l2``; the weights are therefore
+rescaled to mean 1 before training. Their overall scale then changes nothing:
+the mean-1 normalisation of ``vbsw weigh``, raw weights in [1, m] and the same
+weights times 1e-8 train the same head (to rounding). All weights equal give
+exactly the unweighted fit.
 
 Features (and regression targets) are standardised before training by default,
 with the unweighted mean and standard deviation so that a weighted and an
@@ -194,8 +196,8 @@ def train_head(X: np.ndarray, labels: list[Labels],
     X : ndarray of shape (n_samples, n_features).
     labels : one classification column, or one or more regression columns,
         from :func:`vbsw_cli.io.read_labels`.
-    weight : ndarray of shape (n_samples,), non-negative, or ``None`` for the
-        unweighted baseline.
+    weight : ndarray of shape (n_samples,), non-negative, of any scale (they
+        are rescaled to mean 1), or ``None`` for the unweighted baseline.
     options : training settings (:class:`HeadOptions`).
 
     Returns
@@ -268,7 +270,14 @@ def _checked_weight(weight, n_samples: int) -> np.ndarray | None:
         raise DataError(f"weight column has negative values (first: row {first})")
     if weight.sum() <= 0:
         raise DataError("every weight is 0; nothing to train on")
-    return weight
+    return mean_one(weight)
+
+
+def mean_one(weight: np.ndarray) -> np.ndarray:
+    """Non-negative weights, not all 0, rescaled to mean 1 at any finite scale
+    (first by the largest, so that neither the sum nor the mean overflows)."""
+    weight = weight / weight.max()
+    return weight / weight.mean()
 
 
 def _scaling(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

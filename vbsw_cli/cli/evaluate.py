@@ -19,7 +19,8 @@ from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
                                class_positions, classification_metrics,
-                               compare, regression_metrics, run_model)
+                               compare, disagreements, range_notes,
+                               regression_metrics, run_model)
 
 # Each step makes the files the next one reads (a multi-line shell command).
 EXAMPLE = " && \\\n  ".join([
@@ -119,27 +120,41 @@ def evaluate_cli(
                              "arguments")
         record = _predictions_mode(predictions, label, labels_file, task)
     else:
-        if len(paths) != 2:
-            raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
-                             "or --compare RUN.json...)")
+        _check_model_paths(paths)
         record = _model_mode(paths, features_column, feature_columns, label,
                              labels_file, task, batch_size, save_predictions,
                              reporter)
     record.update({"run": run_name, "seed": seed, "group": group,
                    "version": __version__})
-    record = strict_json(record)
-    _write_json(record, json_path, paths)
+    record["notes"] = record.get("notes", []) + range_notes(record["metrics"])
+    _write_json(strict_json(record), json_path, paths)
     _print_record(reporter, record)
 
 
+def _check_model_paths(paths) -> None:
+    """MODEL.onnx and DATA, the model a file: onnx reads a model from a path."""
+    if len(paths) != 2:
+        raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
+                         "or --compare RUN.json...)")
+    if paths[0] == io.STDIO:
+        raise UsageError("MODEL -: the model cannot come from stdin; save it "
+                         "to a file (e.g. retrain-head -o head.onnx) and give "
+                         "that path (the DATA may be -)")
+
+
 def _check_outputs(json_path, save_predictions, inputs) -> None:
-    """Every output path, before any work: writable, no input, not the same."""
+    """Every output path, before any work: writable, no input, not the same;
+    stdout for one of them at most."""
     io.check_output_path(json_path, "--json")
     io.check_output_path(save_predictions, "--save-predictions")
-    if save_predictions and Path(save_predictions).suffix.lower() not in (
-            ".parquet", ".pq") and not io.is_devnull(save_predictions):
+    if save_predictions == io.STDIO and json_path == io.STDIO:
+        raise UsageError("--json - and --save-predictions -: stdout takes one "
+                         "of them; give the other a file name")
+    if save_predictions and save_predictions != io.STDIO and Path(
+            save_predictions).suffix.lower() not in (".parquet", ".pq") \
+            and not io.is_devnull(save_predictions):
         raise UsageError(f"--save-predictions {save_predictions}: predictions "
-                         "are written as .parquet")
+                         "are written as .parquet (or - for stdout)")
     io.refuse_overwrite(json_path, "--json", inputs)
     io.refuse_overwrite(save_predictions, "--save-predictions", inputs)
     if json_path and save_predictions and json_path != io.STDIO \
@@ -397,8 +412,11 @@ def _predicted_classes(table, path, column) -> dict:
             classes = _proba_classes(table, proba.shape[1], column)
             proba, note = as_probabilities(proba, len(classes))
         y_true = class_positions(column.classes, classes, path)[column.values]
+        notes = [note] if note else []
+        if PREDICTION in table.column_names:
+            notes += _disagreement_notes(table.column(PREDICTION), proba, classes)
         return {"task": "classification", "n_samples": len(y_true),
-                "classes": classes, "notes": [note] if note else [],
+                "classes": classes, "notes": notes,
                 "metrics": classification_metrics(y_true, proba)}
     predicted = io.read_labels(table, path, [PREDICTION],
                                task="classification")[0]
@@ -408,6 +426,15 @@ def _predicted_classes(table, path, column) -> dict:
     return {"task": "classification", "n_samples": len(y_true),
             "classes": classes, "notes": ["no probabilities: no log loss"],
             "metrics": classification_metrics(y_true, y_pred=y_pred)}
+
+
+def _disagreement_notes(prediction, proba, classes) -> list[str]:
+    """A note when the 'prediction' column is not the most probable class."""
+    differ = disagreements(proba, classes, prediction.to_pylist())
+    if not differ:
+        return []
+    return [f"scored from '{PROBABILITIES}'; '{PREDICTION}' is not its most "
+            f"probable class on {differ} of {len(proba)} rows"]
 
 
 def _sort_key(value):
@@ -510,7 +537,15 @@ def _plain(value):
 
 
 def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    """Four decimals, or four significant digits in scientific notation for
+    values too large or too small to read that way."""
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(float(value))
+    if value != 0 and not 1e-3 <= abs(value) < 1e5:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
 
 
 def _print_record(reporter, record) -> None:
@@ -579,5 +614,5 @@ def _cell(summary: dict | None) -> str:
     if not summary or summary.get("best") is None:
         return "-"
     se = summary.get("se")
-    spread = f" ± {se:.4f}" if se is not None else ""
-    return f"{summary['best']:.4f}, {summary['mean']:.4f}{spread}"
+    spread = f" ± {_number(se)}" if se is not None else ""
+    return f"{_number(summary['best'])}, {_number(summary['mean'])}{spread}"

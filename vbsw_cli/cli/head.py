@@ -19,6 +19,7 @@ from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+DEFAULT_MOMENTUM = 0.9  # HeadOptions' default; --momentum applies to sgd only
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet"
            " && vbsw retrain-head w.parquet --hidden 30 -o head.onnx")
@@ -59,8 +60,9 @@ def retrain_head_cli(
         "--batch-size", help="Rows per step (adam, sgd).")] = 256,
     l2: Annotated[float, typer.Option(
         "--l2", help="L2 penalty on the weights (scikit-learn's alpha).")] = 1e-4,
-    momentum: Annotated[float, typer.Option(
-        "--momentum", help="sgd momentum (Nesterov when > 0).")] = 0.9,
+    momentum: Annotated[Optional[float], typer.Option(
+        "--momentum", help="sgd momentum (Nesterov when > 0). Default: 0.9; "
+        "sgd only.")] = None,
     tol: Annotated[float, typer.Option(
         "--tol", help="Stop when the loss has not improved by this for 10 "
         "epochs; 0 runs every epoch (adam, sgd; lbfgs still stops when it "
@@ -73,9 +75,10 @@ def retrain_head_cli(
         "--backbone", metavar="MODEL.onnx",
         help="Also write one merged model: this backbone cut at --layer, then "
         "the new head.")] = None,
-    layer: Annotated[str, typer.Option(
+    layer: Annotated[Optional[str], typer.Option(
         "--layer", metavar="auto|output|NAME",
-        help="Where to cut the backbone, as in vbsw embed.")] = "auto",
+        help="Where to cut the --backbone, as in vbsw embed. Default: auto.")
+    ] = None,
     merged_output: Annotated[Optional[str], typer.Option(
         "--merged-output", metavar="PATH.onnx",
         help="The merged model. Default: <head stem>.merged.onnx beside the head "
@@ -99,10 +102,13 @@ def retrain_head_cli(
 
     reporter = Reporter(verbose=verbose, quiet=quiet)
     task, optimizer = keyword(task, io.TASKS), keyword(optimizer, OPTIMIZERS)
+    _refuse_unused(optimizer, momentum, backbone, layer)
     options = HeadOptions(hidden=hidden, optimizer=optimizer,
                           learning_rate=learning_rate, epochs=epochs,
-                          batch_size=batch_size, l2=l2, momentum=momentum,
-                          tol=tol, standardize=not no_standardize, seed=seed)
+                          batch_size=batch_size, l2=l2, tol=tol,
+                          momentum=DEFAULT_MOMENTUM if momentum is None
+                          else momentum,
+                          standardize=not no_standardize, seed=seed)
     options.check()
     if task not in io.TASKS:
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
@@ -136,11 +142,23 @@ def retrain_head_cli(
     merged = None
     if backbone_model is not None:
         with named_errors(backbone):
-            merged = merge_with_backbone(backbone_model, model, layer)
+            merged = merge_with_backbone(backbone_model, model, layer or "auto")
 
     inputs = [features] + ([backbone] if backbone else [])
     _write_models(model, destination, merged, merged_path, inputs)
     _summary(reporter, head, X, labels, weight, destination, merged_path)
+
+
+def _refuse_unused(optimizer, momentum, backbone, layer) -> None:
+    """Options that would be silently ignored: --momentum without sgd, --layer
+    without --backbone."""
+    if momentum is not None and optimizer != "sgd":
+        raise UsageError(f"--momentum {momentum:g} applies to --optimizer sgd "
+                         f"only, not --optimizer {optimizer}; drop one of them")
+    if layer is not None and backbone is None:
+        raise UsageError(f"--layer {layer} needs --backbone MODEL.onnx (it says "
+                         "where to cut the backbone); drop --layer or add "
+                         "--backbone")
 
 
 def _feature_choice(features_column, feature_columns) -> list[str]:
