@@ -22,14 +22,20 @@ from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                compare, disagreements, range_notes,
                                regression_metrics, run_model)
 
-# Each step makes the files the next one reads (a multi-line shell command).
+# Each step makes the files the next one reads (a multi-line shell command):
+# heads trained on the train split, scored on the held-out test split.
 EXAMPLE = " && \\\n  ".join([
-    "vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet",
-    "vbsw retrain-head w.parquet --no-weights --hidden 30 -o base.onnx",
-    "vbsw retrain-head w.parquet --hidden 30 -o vbsw.onnx",
-    "vbsw evaluate base.onnx w.parquet --run-name baseline --seed 0 "
+    "vbsw embed sample_data/digits_backbone.onnx sample_data/digits_train.parquet "
+    "-o train.parquet",
+    "vbsw embed sample_data/digits_backbone.onnx sample_data/digits_test.parquet "
+    "-o test.parquet",
+    "vbsw weigh train.parquet --k 20 --m 40 -o w.parquet",
+    "vbsw retrain-head w.parquet --no-weights -o base.onnx",
+    "vbsw retrain-head w.parquet -o vbsw.onnx",
+    "vbsw evaluate base.onnx test.parquet --run-name baseline --seed 0 "
     "--json base.json",
-    "vbsw evaluate vbsw.onnx w.parquet --run-name vbsw --seed 0 --json vbsw.json",
+    "vbsw evaluate vbsw.onnx test.parquet --run-name vbsw --seed 0 "
+    "--json vbsw.json",
     "vbsw evaluate --compare base.json vbsw.json"])
 
 # scikit-learn's (and numpy's legacy) seeds are 32-bit.
