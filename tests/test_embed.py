@@ -984,6 +984,19 @@ def test_model_without_a_linear_layer_names_the_file(tmp_path, here):
     assert_failed(run, 1, "add.onnx: ", "--layer")
 
 
+def test_a_model_from_stdin_is_refused_in_one_line(tmp_path):
+    from conftest import run_vbsw
+
+    embed = run_vbsw("embed", "-", TEST, "-o", tmp_path / "f.parquet")
+    head = run_vbsw("retrain-head", tmp_path / "w.parquet", "--backbone", "-",
+                    "-o", tmp_path / "h.onnx")
+
+    for run in (embed, head):
+        assert run.code == 2, run.stderr
+        assert "-: a model cannot come from stdin" in run.stderr
+    no_files_left(tmp_path, "f.parquet")
+
+
 def test_corrupt_model(tmp_path, here):
     (tmp_path / "m.onnx").write_bytes(b"not a model")
     run = here("embed", tmp_path / "m.onnx", TEST, "-o", tmp_path / "f.parquet")

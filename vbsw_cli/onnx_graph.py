@@ -60,6 +60,9 @@ def make_model(graph: onnx.GraphProto, *, opset: int = OPSET,
 
 def load_model(path: str) -> onnx.ModelProto:
     """Load and check an ONNX model, with one clear error when it is unusable."""
+    if path == "-":  # the data may come from stdin, a model never does
+        raise UsageError("-: a model cannot come from stdin; give its .onnx "
+                         "file")
     try:
         model = onnx.load(path)
         onnx.checker.check_model(model)
