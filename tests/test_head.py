@@ -166,7 +166,7 @@ def test_the_command_offers_the_core_optimizers():
     from vbsw_cli import head as core_head
 
     assert cli_head.OPTIMIZERS == core_head.OPTIMIZERS
-    assert cli_head.DEFAULT_MOMENTUM == core_head.HeadOptions().momentum
+    assert set(cli_head.STEP_OPTIONS) <= set(vars(core_head.HeadOptions()))
 
 
 def test_cli_momentum_reaches_sgd(capfdbinary, tmp_path, weighted):
@@ -177,6 +177,18 @@ def test_cli_momentum_reaches_sgd(capfdbinary, tmp_path, weighted):
         assert run.code == 0, run.stderr
         training = read_metadata(onnx.load(str(out)))["training"]
         assert training["momentum"] == momentum
+
+
+def test_cli_step_options_reach_adam_with_their_defaults(capfdbinary, tmp_path,
+                                                         weighted):
+    given = ["--learning-rate", "0.01", "--batch-size", "32"]
+    for args, rate, batch in [(given, 0.01, 32), ([], 1e-3, 256)]:
+        out = tmp_path / f"h{batch}.onnx"
+        run = vbsw(capfdbinary, "retrain-head", weighted, "-o", out,
+                   "--epochs", "2", *args)
+        assert run.code == 0, run.stderr
+        training = read_metadata(onnx.load(str(out)))["training"]
+        assert (training["learning_rate"], training["batch_size"]) == (rate, batch)
 
 
 def test_options_are_checked():
@@ -372,6 +384,10 @@ def test_cli_merges_with_a_backbone(capfdbinary, tmp_path, rng):
      "not --optimizer adam"),
     (["--momentum", "0", "--optimizer", "lbfgs"], 2, "--momentum 0 applies to "
      "--optimizer sgd only, not --optimizer lbfgs"),
+    (["--learning-rate", "0.1", "--optimizer", "lbfgs"], 2, "--learning-rate 0.1 "
+     "applies to --optimizer adam or sgd only, not --optimizer lbfgs"),
+    (["--batch-size", "32", "--optimizer", "lbfgs"], 2, "--batch-size 32 "
+     "applies to --optimizer adam or sgd only"),
 ])
 def test_cli_errors_are_one_line(capfdbinary, tmp_path, weighted, args, code, text):
     out = tmp_path / "h.onnx"

@@ -19,7 +19,6 @@ from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
-DEFAULT_MOMENTUM = 0.9  # HeadOptions' default; --momentum applies to sgd only
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet"
            " && vbsw retrain-head w.parquet --hidden 30 -o head.onnx")
@@ -52,12 +51,13 @@ def retrain_head_cli(
     optimizer: Annotated[str, typer.Option(
         "--optimizer", metavar="|".join(OPTIMIZERS),
         help="adam or sgd (mini-batches), or lbfgs (full batch).")] = "adam",
-    learning_rate: Annotated[float, typer.Option(
-        "--learning-rate", "--lr", help="Initial step size (adam, sgd).")] = 1e-3,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", "--lr", help="Initial step size (adam, sgd). "
+        "Default: 1e-3.")] = None,
     epochs: Annotated[int, typer.Option(
         "--epochs", help="Most passes over the data (lbfgs: iterations).")] = 200,
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Rows per step (adam, sgd).")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Rows per step (adam, sgd). Default: 256.")] = None,
     l2: Annotated[float, typer.Option(
         "--l2", help="L2 penalty on the weights (scikit-learn's alpha).")] = 1e-4,
     momentum: Annotated[Optional[float], typer.Option(
@@ -102,13 +102,13 @@ def retrain_head_cli(
 
     reporter = Reporter(verbose=verbose, quiet=quiet)
     task, optimizer = keyword(task, io.TASKS), keyword(optimizer, OPTIMIZERS)
-    _refuse_unused(optimizer, momentum, backbone, layer)
-    options = HeadOptions(hidden=hidden, optimizer=optimizer,
-                          learning_rate=learning_rate, epochs=epochs,
-                          batch_size=batch_size, l2=l2, tol=tol,
-                          momentum=DEFAULT_MOMENTUM if momentum is None
-                          else momentum,
-                          standardize=not no_standardize, seed=seed)
+    steps = {"learning_rate": learning_rate, "batch_size": batch_size,
+             "momentum": momentum}
+    _refuse_unused(optimizer, steps, backbone, layer)
+    options = HeadOptions(hidden=hidden, optimizer=optimizer, epochs=epochs,
+                          l2=l2, tol=tol, standardize=not no_standardize,
+                          seed=seed, **{name: value for name, value
+                                        in steps.items() if value is not None})
     options.check()
     if task not in io.TASKS:
         raise UsageError(f"--task {task}: choose one of " + ", ".join(io.TASKS))
@@ -149,12 +149,22 @@ def retrain_head_cli(
     _summary(reporter, head, X, labels, weight, destination, merged_path)
 
 
-def _refuse_unused(optimizer, momentum, backbone, layer) -> None:
-    """Options that would be silently ignored: --momentum without sgd, --layer
-    without --backbone."""
-    if momentum is not None and optimizer != "sgd":
-        raise UsageError(f"--momentum {momentum:g} applies to --optimizer sgd "
-                         f"only, not --optimizer {optimizer}; drop one of them")
+# The optimizers each step option applies to.
+STEP_OPTIONS = {"learning_rate": ("--learning-rate", ("adam", "sgd")),
+                "batch_size": ("--batch-size", ("adam", "sgd")),
+                "momentum": ("--momentum", ("sgd",))}
+
+
+def _refuse_unused(optimizer, steps: dict, backbone, layer) -> None:
+    """Options that would be silently ignored: a step option the optimizer
+    does not use (--momentum without sgd, --learning-rate and --batch-size
+    with lbfgs), --layer without --backbone."""
+    for name, value in steps.items():
+        option, users = STEP_OPTIONS[name]
+        if value is not None and optimizer not in users:
+            raise UsageError(f"{option} {value:g} applies to --optimizer "
+                             f"{' or '.join(users)} only, not --optimizer "
+                             f"{optimizer}; drop one of them")
     if layer is not None and backbone is None:
         raise UsageError(f"--layer {layer} needs --backbone MODEL.onnx (it says "
                          "where to cut the backbone); drop --layer or add "
