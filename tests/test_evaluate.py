@@ -700,3 +700,16 @@ def test_compare_refuses_mixed_tasks_under_one_name():
                 "metrics": {"mse": 0.1}}]
     with pytest.raises(DataError, match="runs named 'vbsw' mix tasks"):
         compare(records)
+
+
+@pytest.mark.parametrize("mode", [["--predictions", "p.parquet"],
+                                  ["--compare", "a.json"]])
+def test_cli_save_predictions_without_a_model_run_is_refused(capfdbinary,
+                                                             tmp_path, mode):
+    run = vbsw(capfdbinary, "evaluate", *mode, "--save-predictions",
+               tmp_path / "s.parquet")
+
+    assert run.code == 2
+    assert "--save-predictions saves a model's predictions; with " \
+           f"{mode[0]} no model runs" in run.stderr
+    assert not (tmp_path / "s.parquet").exists()

@@ -116,6 +116,10 @@ def evaluate_cli(
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     _check_outputs(json_path, save_predictions,
                    paths + [predictions, labels_file])
+    if save_predictions and (compare_runs or predictions is not None):
+        given = "--compare" if compare_runs else "--predictions"
+        raise UsageError(f"--save-predictions saves a model's predictions; "
+                         f"with {given} no model runs: drop one of them")
     if compare_runs:
         _compare_mode(paths, predictions, reference, json_path, reporter)
         return
