@@ -142,8 +142,37 @@ def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     run = run_vbsw("weigh", path, "--k", "4", "-o", "-")
     assert run.code == 0, run.stderr
     assert "30 rows have a duplicate feature vector" in run.stderr
-    assert "all weights are 1" in run.stderr
+    assert "(all labels are equal): all weights are 1" in run.stderr
     assert (read(run.stdout).column("weight").to_numpy() == 1).all()
+
+
+def test_labels_all_different_are_not_called_equal(tmp_path, rng):
+    X = rng.normal(size=(60, 2))
+    path = write_features(tmp_path / "f.parquet", X, np.arange(60))
+
+    run = run_vbsw("weigh", path, "--k", "5", "-o", tmp_path / "w.parquet")
+
+    assert run.code == 0, run.stderr
+    assert "(every row has a class of its own): all weights are 1" in run.stderr
+    assert "note: label column 'label' has 60 classes for 60 rows; if these " \
+           "are numbers to regress, use --task regression" in run.stderr
+
+
+def test_an_integer_target_of_many_values_gets_a_note_classes_do_not(tmp_path,
+                                                                     rng):
+    X = rng.normal(size=(400, 2))
+    prices = np.round(100 * np.tanh(X[:, 0])).astype(np.int64)  # ~200 values
+    many = write_features(tmp_path / "p.parquet", X, prices)
+    ten = write_features(tmp_path / "c.parquet", X, prices % 10)
+
+    noted = run_vbsw("weigh", many, "-o", tmp_path / "w.parquet")
+    plain = run_vbsw("weigh", ten, "-o", tmp_path / "w.parquet")
+    regression = run_vbsw("weigh", many, "--task", "regression", "-o",
+                          tmp_path / "w.parquet")
+
+    assert noted.code == plain.code == regression.code == 0
+    assert "classes for 400 rows; if these are numbers to regress" in noted.stderr
+    assert "classes for" not in plain.stderr + regression.stderr
 
 
 def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
@@ -387,6 +416,9 @@ def test_one_row_is_refused_naming_the_file(tmp_path):
     path = write_features(tmp_path / "one.parquet", np.zeros((1, 2)), [0])
     _fails(tmp_path, [path, "--k", "2"], 1,
            f"error: {path}: a neighbourhood needs at least 2 points")
+    two = write_features(tmp_path / "two.parquet", np.eye(2), [0, 1])
+    _fails(tmp_path, [two, "--k", "2", "--exclude-self"], 1,
+           "the data has 2 row(s), 1 besides the point itself (--exclude-self)")
 
 
 def test_debug_shows_the_traceback(tmp_path, small):
@@ -481,7 +513,7 @@ def test_the_ef_note_only_when_the_graph_was_kept(rng, method):
     reporter = SimpleNamespace(quiet=False, say=lines.append,
                                notice=lambda text: lines.append(f"note: {text}"))
     _summary(reporter, X, 5, result, {"search_s": 0.1}, "-", "mean", 10, None,
-             True, [])
+             True, [], labels)
     raised = [line for line in lines if "--ef 10 raised to 40" in line]
     fell_back = [line for line in lines if "fell back to exact search" in line]
     assert (len(raised), len(fell_back)) == ((1, 0) if method == "hnsw" else (0, 1))
@@ -512,7 +544,9 @@ def test_an_output_that_is_not_a_regular_file_is_refused(tmp_path, small, kind):
         target.symlink_to(kept if kind == "link to a file" else fifo)
     run = run_vbsw("weigh", small, "--k", "5", "-o", target)
     assert run.code == 2
-    assert "is not a regular file" in one_line(run)
+    said = "exists and is not a regular file" if kind == "fifo" \
+        else "is a symbolic link, which would be replaced"
+    assert said in one_line(run)
     assert kept.read_bytes() == b"old" and fifo.is_fifo()
     assert target.is_fifo() if kind == "fifo" else target.is_symlink()
 

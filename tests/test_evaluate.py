@@ -713,3 +713,20 @@ def test_cli_save_predictions_without_a_model_run_is_refused(capfdbinary,
     assert "--save-predictions saves a model's predictions; with " \
            f"{mode[0]} no model runs" in run.stderr
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_cli_compare_refuses_a_record_file_given_twice(capfdbinary, tmp_path,
+                                                      trained):
+    model, data, _, _ = trained
+    record = tmp_path / "r.json"
+    made = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind",
+                "--json", record)
+    assert made.code == 0, made.stderr
+
+    twice = vbsw(capfdbinary, "evaluate", "--compare", record,
+                 tmp_path / "." / "r.json")
+    once = vbsw(capfdbinary, "evaluate", "--compare", record, "--json", "-")
+
+    assert twice.code == 2
+    assert "is given twice" in twice.stderr and twice.stdout == b""
+    assert once.code == 0, once.stderr

@@ -179,6 +179,13 @@ def test_cli_momentum_reaches_sgd(capfdbinary, tmp_path, weighted):
         assert training["momentum"] == momentum
 
 
+def test_cli_head_to_the_null_device_for_a_smoke_check(capfdbinary, weighted):
+    run = vbsw(capfdbinary, "retrain-head", weighted, "-o", "/dev/null",
+               "--epochs", "2")
+    assert run.code == 0, run.stderr
+    assert "wrote /dev/null" in run.stderr
+
+
 def test_cli_step_options_reach_adam_with_their_defaults(capfdbinary, tmp_path,
                                                          weighted):
     given = ["--learning-rate", "0.01", "--batch-size", "32"]
@@ -388,6 +395,8 @@ def test_cli_merges_with_a_backbone(capfdbinary, tmp_path, rng):
      "applies to --optimizer adam or sgd only, not --optimizer lbfgs"),
     (["--batch-size", "32", "--optimizer", "lbfgs"], 2, "--batch-size 32 "
      "applies to --optimizer adam or sgd only"),
+    (["--no-weights", "--weight-column", "weight"], 2, "--weight-column weight "
+     "and --no-weights: the baseline reads no weights"),
 ])
 def test_cli_errors_are_one_line(capfdbinary, tmp_path, weighted, args, code, text):
     out = tmp_path / "h.onnx"

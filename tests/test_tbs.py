@@ -493,9 +493,10 @@ def test_cli_errors_on_points_files(tmp_path):
     design = run_vbsw("tbs-sample", path, "--names", "x", "--label", "y",
                       "--k", "2", "--design", "sobol", "-o", out)
     _one_line_error(design, 2, "--design draws the initial points when POINTS")
-    unknown = run_vbsw("tbs-sample", path, "--names", "x,z", "--label", "y",
+    unknown = run_vbsw("tbs-sample", path, "--names", "x,x9", "--label", "y",
                        "--k", "2", "-o", out)
-    _one_line_error(unknown, 2, "points.parquet has no column 'z'")
+    _one_line_error(unknown, 2, "points.parquet: no input column 'x9'; did you "
+                    "mean 'x'?")
     assert unknown.stderr.startswith("vbsw tbs-sample: error: --names: ")
     assert not out.exists()
 
@@ -621,3 +622,16 @@ def test_cli_extreme_scales_end_in_one_line_without_warnings(tmp_path):
         assert "Warning" not in run.stderr
     _one_line_error(huge_box, 2, "dimension 1 spans more than the largest float")
     assert not out.exists()
+
+
+def test_cli_never_overwrites_its_bounds_file(tmp_path):
+    bounds = tmp_path / "bounds.parquet"
+    pq.write_table(pa.table({"low": [-1.0], "high": [1.0]}), bounds)
+    before = bounds.read_bytes()
+
+    for out in (bounds, tmp_path / "." / "bounds.parquet"):
+        run = run_vbsw("tbs-sample", "--function", "runge", "--initial", "8",
+                       "--bounds", bounds, "-o", out)
+        _one_line_error(run, 2, "refusing to overwrite the input file")
+
+    assert bounds.read_bytes() == before

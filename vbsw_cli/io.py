@@ -740,7 +740,7 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
     if target.is_dir():
         raise DataError(f"{target}: is a folder; give a file name")
     if _not_regular(target):
-        raise DataError(f"{target}: exists and is not a regular file")
+        raise DataError(f"{target}: {_not_regular_text(target)}")
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.",
                                              suffix=".tmp", dir=folder)
@@ -780,7 +780,7 @@ def check_output_path(path: str | None, option: str) -> None:
         raise UsageError(f"{option} {path}: is a folder; give a file name")
     if _not_regular(target):
         stdout = " (or - for stdout)" if option == "-o" else ""
-        raise UsageError(f"{option} {path}: exists and is not a regular file; "
+        raise UsageError(f"{option} {path}: {_not_regular_text(target)}; "
                          f"give a file name{stdout}")
     problem = _folder_problem(target)
     if problem:
@@ -803,6 +803,14 @@ def _not_regular(target: Path) -> bool:
     pipe, not write through it. The null device is written directly."""
     return os.path.lexists(target) and not is_devnull(target) \
         and (target.is_symlink() or not target.is_file())
+
+
+def _not_regular_text(target: Path) -> str:
+    """What an output that is no regular file is, in a few words."""
+    if target.is_symlink():
+        dangling = "" if target.exists() else " (to nothing)"
+        return f"is a symbolic link{dangling}, which would be replaced"
+    return "exists and is not a regular file"
 
 
 def _umask() -> int:

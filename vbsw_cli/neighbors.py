@@ -163,8 +163,10 @@ def check_k(k: int, n_samples: int, include_self: bool) -> None:
         raise UsageError(f"--k {k}: the unbiased variance needs k >= 2")
     available = n_samples if include_self else n_samples - 1
     if available < 2:
+        others = "" if include_self else (
+            f", {available} besides the point itself (--exclude-self)")
         raise DataError(f"a neighbourhood needs at least 2 points, and the data "
-                        f"has {n_samples} row(s)")
+                        f"has {n_samples} row(s){others}")
     if k > available:
         who = "rows" if include_self else "other rows (--exclude-self)"
         raise UsageError(f"--k {k} is larger than the {available} {who} in the "

@@ -155,6 +155,22 @@ def resolve_output(output: str | None, source: str, suffix: str) -> str:
     return Path(source).stem + suffix
 
 
+# More than MANY_CLASSES classes with fewer than ROWS_PER_CLASS rows a class,
+# on average, look like the integer values of a numeric target.
+MANY_CLASSES, ROWS_PER_CLASS = 20, 10
+
+
+def many_classes_notes(labels, n_samples: int) -> list[str]:
+    """A note for each class label that looks like a numeric target read as
+    classes (see MANY_CLASSES)."""
+    return [f"label column '{column.column}' has {len(column.classes):,} "
+            f"classes for {n_samples:,} rows; if these are numbers to "
+            "regress, use --task regression"
+            for column in labels if column.kind == "classification"
+            and len(column.classes) > MANY_CLASSES
+            and len(column.classes) * ROWS_PER_CLASS > n_samples]
+
+
 # ---------------------------------------------------------------------------
 # Progress and messages
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -489,12 +490,25 @@ def _compare_mode(paths, predictions, reference, json_path, reporter) -> None:
         raise UsageError("--compare and --predictions cannot be combined")
     if not paths:
         raise UsageError("--compare: give the run records (RUN.json ...)")
+    _refuse_twice(paths)
     records = []
     for path in paths:
         records += _read_records(path)
     result = strict_json(compare(records, reference=reference))
     _write_json(result, json_path, paths)
     _print_comparison(reporter, result)
+
+
+def _refuse_twice(paths: list[str]) -> None:
+    """A record file given twice (a glob and its own name) would count its
+    runs twice."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"--compare: {path} is given twice (as "
+                             f"{seen[real]}); its runs would count twice")
+        seen[real] = path
 
 
 def _read_records(path: str) -> list[dict]:

@@ -13,12 +13,14 @@ import typer
 from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
-                                  VerboseOpt, command, keyword, named_errors,
+                                  VerboseOpt, command, keyword,
+                                  many_classes_notes, named_errors,
                                   resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
+WEIGHT_COLUMN = "weight"  # the column vbsw weigh writes
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 -o w.parquet"
            " && vbsw retrain-head w.parquet --hidden 30 -o head.onnx")
@@ -40,8 +42,9 @@ def retrain_head_cli(
         "--task", metavar="auto|classification|regression",
         help="auto: float labels are regression targets; integers, strings and "
         "categories are classes.")] = "auto",
-    weight_column: Annotated[str, typer.Option(
-        "--weight-column", metavar="COLUMN", help="Per-row weights.")] = "weight",
+    weight_column: Annotated[Optional[str], typer.Option(
+        "--weight-column", metavar="COLUMN", help="Per-row weights. Default: "
+        "weight.")] = None,
     no_weights: Annotated[bool, typer.Option(
         "--no-weights", help="Ignore the weights: the unweighted baseline.")
     ] = False,
@@ -105,6 +108,10 @@ def retrain_head_cli(
     steps = {"learning_rate": learning_rate, "batch_size": batch_size,
              "momentum": momentum}
     _refuse_unused(optimizer, steps, backbone, layer)
+    if no_weights and weight_column is not None:
+        raise UsageError(f"--weight-column {weight_column} and --no-weights: "
+                         "the baseline reads no weights; drop one of them")
+    weight_column = weight_column or WEIGHT_COLUMN
     options = HeadOptions(hidden=hidden, optimizer=optimizer, epochs=epochs,
                           l2=l2, tol=tol, standardize=not no_standardize,
                           seed=seed, **{name: value for name, value
@@ -130,7 +137,8 @@ def retrain_head_cli(
                                 columns=columns,
                                 exclude=[io.ID_COLUMN, *label_columns, *weighted])
     labels = io.read_labels(table, features, label_columns, task=task)
-    _note_many_classes(reporter, labels, len(X))
+    for note in many_classes_notes(labels, len(X)):
+        reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
 
     with named_errors(features):
@@ -198,7 +206,8 @@ def _output_paths(output, merged_output, source, backbone):
 
 def _head_path(output: str | None, source: str) -> str:
     destination = resolve_output(output, source, ".head.onnx")
-    if destination != io.STDIO and Path(destination).suffix.lower() != ".onnx":
+    if destination != io.STDIO and Path(destination).suffix.lower() != ".onnx" \
+            and not io.is_devnull(destination):
         raise UsageError(f"-o {destination}: the head is written as .onnx")
     return destination
 
@@ -209,15 +218,6 @@ def upstream_records(table: pa.Table) -> list[dict]:
     records = json.loads(metadata.get(io.HISTORY_KEY, b"[]"))
     own = io.read_provenance(table)
     return records + ([own] if own else [])
-
-
-def _note_many_classes(reporter, labels, n_samples: int) -> None:
-    """Classes for more than half the rows look like real values read as classes."""
-    for column in labels:
-        if column.kind == "classification" and len(column.classes) > n_samples / 2:
-            reporter.notice(f"label column '{column.column}' has "
-                            f"{len(column.classes)} classes for {n_samples} rows; "
-                            "if these are real values, use --task regression")
 
 
 def _merged_path(merged_output, destination, backbone) -> str | None:

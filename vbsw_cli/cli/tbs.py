@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import numpy as np
@@ -122,6 +123,8 @@ def tbs_cli(
     if destination != "-" and io.output_kind(destination) != "parquet":
         raise UsageError(f"-o {destination}: tbs-sample writes Parquet")
     io.check_output_path(destination, "-o")
+    inputs = [path for path in (points, bounds) if path and os.path.isfile(path)]
+    io.refuse_overwrite(destination, "-o", inputs)
     rng = np.random.default_rng(seed)
     fn = load_function(function) if function else None
 
@@ -143,7 +146,7 @@ def tbs_cli(
     record = io.provenance("tbs-sample", parameters)
     upstream = table.schema.metadata if table is not None else None
     io.write_table(io.with_provenance(out, record, upstream), destination,
-                   inputs=[points] if points else [])
+                   inputs=inputs)
     _summary(reporter, plan, X, density, sampling, destination)
 
 
@@ -261,9 +264,8 @@ def _require_columns(table, chosen, points) -> None:
     """Every column --names gives is in the points file."""
     missing = [name for name in chosen if name not in table.column_names]
     if missing:
-        raise UsageError(f"--names: {io.describe(points)} has no column "
-                         f"{missing[0]!r} (columns: "
-                         f"{', '.join(table.column_names)})")
+        raise UsageError("--names: " + io.missing_column_message(
+            table, missing[0], points, "input"))
 
 
 def _named_points(table, points, chosen, given: str):

@@ -15,7 +15,8 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, OutputOpt, QuietOpt, Reporter,
                                   SeedOpt, VerboseOpt, command, keyword,
-                                  named_errors, resolve_output)
+                                  many_classes_notes, named_errors,
+                                  resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
                                 SearchOptions, check_k, check_search_options,
@@ -141,6 +142,7 @@ def weigh_cli(
         table, features, column=features_column, columns=feature_patterns,
         exclude=[io.ID_COLUMN, *own])
     labels = io.read_labels(label_table, label_source, label_columns, task=task)
+    notes += many_classes_notes(labels, len(X))
     notes += _shadowed(table.column_names, features, weights_only, kind)
     if not (weights_only or kind == "npy"):
         notes += _relabelled(table, label_table, label_columns, features)
@@ -188,7 +190,7 @@ def weigh_cli(
 
     given = _graph_options_given(ef, hnsw_m, ef_construction)
     _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, not exclude_self, given)
+             check_recall, not exclude_self, given, labels)
 
 
 def _validate(k, m, normalize, task, threads, check_recall, graph):
@@ -331,8 +333,19 @@ def _searched_again(count: int) -> str:
             "lead back to")
 
 
+def _alike(labels, n_samples: int) -> str:
+    """Why every neighbourhood's labels vary alike, as far as the labels say."""
+    if all(len(c.classes) == 1 if c.kind == "classification"
+           else np.ptp(c.values, axis=0).max() == 0 for c in labels):
+        return "all labels are equal"
+    if all(c.kind == "classification" and len(c.classes) == n_samples
+           for c in labels):
+        return "every row has a class of its own"
+    return "the labels vary alike in every neighbourhood"
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, include_self, graph_given):
+             check_recall, include_self, graph_given, labels):
     if reporter.quiet:
         return
     details = result.neighbours.details
@@ -374,7 +387,7 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     if result.all_equal:
         covered = k + (0 if include_self else 1) >= len(X)
         why = "every neighbourhood holds every row" if covered \
-            else "all labels equal?"
+            else _alike(labels, len(X))
         reporter.notice(f"every local variance is equal ({why}): all weights "
                         "are 1 before normalisation")
     stages = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in timings.items())
