@@ -783,3 +783,25 @@ def test_out_of_memory_suggests_a_smaller_k(tmp_path, rng):
                                   "input or a smaller --k (the search holds 32 "
                                   "bytes per row and neighbour)")
     assert not (tmp_path / "w.parquet").exists()
+
+
+@pytest.mark.parametrize("index", ["reversed range", "named"])
+def test_pandas_finds_the_input_index_again(tmp_path, rng, index):
+    import pandas as pd
+
+    frame = pd.DataFrame({"x0": rng.normal(size=80), "x1": rng.normal(size=80),
+                          "label": rng.integers(2, size=80)})
+    frame.index = frame.index[::-1] if index == "reversed range" \
+        else pd.Index(np.arange(80) * 10, name="sample")
+    frame.to_parquet(tmp_path / "in.parquet")
+
+    for extra in ([], ["--weights-only"]):
+        run = run_vbsw("weigh", tmp_path / "in.parquet", "--feature-columns", "x*",
+                       "--k", "5", *extra, "-o", tmp_path / "out.parquet")
+        assert run.code == 0, run.stderr
+        back = pd.read_parquet(tmp_path / "out.parquet")
+        if extra and index == "named":  # the index column is not written
+            assert back.index.equals(pd.RangeIndex(80))
+        else:
+            assert back.index.equals(frame.index)
+        assert back["weight"].mean() == pytest.approx(1.0)

@@ -692,20 +692,40 @@ def _jsonable(value):
 
 
 def with_provenance(table: pa.Table, record: dict,
-                    upstream: dict[bytes, bytes] | None = None) -> pa.Table:
+                    upstream: dict[bytes, bytes] | None = None, *,
+                    same_rows: Sequence[str] = ()) -> pa.Table:
     """Attach this step's record, keeping earlier steps' records as history.
 
     ``upstream`` is the metadata of the input file; its own vbsw record moves
-    into ``vbsw.history``. pandas metadata is dropped: the columns changed.
+    into ``vbsw.history``. pandas metadata is dropped (the columns changed),
+    unless the table holds the input's rows in their order (``same_rows``:
+    the columns this step wrote): then it is kept for the input's other
+    columns, so that pandas finds the input's index again.
     """
     metadata = {**(table.schema.metadata or {}), **(upstream or {})}
-    metadata.pop(b"pandas", None)
+    described = metadata.pop(b"pandas", None)
+    if same_rows and described:
+        metadata.update(_pandas_for(described, table, same_rows))
     history = json.loads(metadata.get(HISTORY_KEY, b"[]"))
     if PROVENANCE_KEY in metadata:
         history.append(json.loads(metadata[PROVENANCE_KEY]))
     metadata[HISTORY_KEY] = json.dumps(history).encode()
     metadata[PROVENANCE_KEY] = json.dumps(record, sort_keys=True).encode()
     return table.replace_schema_metadata(metadata)
+
+
+def _pandas_for(described: bytes, table: pa.Table, written: Sequence[str]
+                ) -> dict[bytes, bytes]:
+    """pandas metadata of the input, less the columns gone or written anew;
+    none where an index column is gone."""
+    pandas = json.loads(described)
+    kept = set(table.column_names) - set(written)
+    index = [c for c in pandas.get("index_columns", []) if isinstance(c, str)]
+    if not set(index) <= kept:
+        return {}
+    pandas["columns"] = [c for c in pandas.get("columns", [])
+                         if c.get("field_name", c.get("name")) in kept]
+    return {b"pandas": json.dumps(pandas).encode()}
 
 
 def read_provenance(path_or_table) -> dict | None:

@@ -292,7 +292,8 @@ def _write(result, table, destination, kind, weights_only, parameters, inputs,
                          metadata=weight_meta if name == "weight" else None)
         out = out.append_column(field, values)
     record = io.provenance("weigh", parameters)
-    out = io.with_provenance(out, record, table.schema.metadata)
+    out = io.with_provenance(out, record, table.schema.metadata,
+                             same_rows=list(columns))
     io.write_table(out, destination, inputs=inputs)
 
 
