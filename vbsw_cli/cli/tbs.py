@@ -233,10 +233,8 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
 
     table = None
     if points:
-        from_fn = fn is not None and chosen is fn.input_names
-        given = fn.name if from_fn else "--names"
         table, chosen = _named_points(io.read_table(points), points, chosen,
-                                      given)
+                                      _names_from(names, fn, chosen))
         io.require_rows(table, points)
         if names:
             _require_columns(table, chosen, points)
@@ -260,6 +258,15 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
     return box, table, X
 
 
+def _names_from(names, fn: Function | None, chosen) -> str:
+    """Where the input names came from, for the messages about them."""
+    if names:
+        return "--names"
+    if fn is not None and chosen is fn.input_names:
+        return fn.name
+    return "--bounds"
+
+
 def _require_columns(table, chosen, points) -> None:
     """Every column --names gives is in the points file."""
     missing = [name for name in chosen if name not in table.column_names]
@@ -270,13 +277,13 @@ def _require_columns(table, chosen, points) -> None:
 
 def _named_points(table, points, chosen, given: str):
     """A bare array (.npy) of points as one named column per input; ``given``
-    says where the names came from (--names, or the function's name)."""
+    says where the names came from (--names, --bounds or the function)."""
     if table.column_names != [io.DEFAULT_FEATURES]:
         return table, chosen
     X, _ = io.feature_matrix(table, points)
     names = chosen or [f"x{i}" for i in range(X.shape[1])]
-    if len(names) != X.shape[1] and given == "--names":
-        raise UsageError(f"--names: {len(names)} names for the {X.shape[1]} "
+    if len(names) != X.shape[1] and given.startswith("--"):
+        raise UsageError(f"{given}: {len(names)} names for the {X.shape[1]} "
                          f"columns of {io.describe(points)}")
     if len(names) != X.shape[1]:
         raise UsageError(f"{given} takes {len(names)} input(s) "
