@@ -127,6 +127,24 @@ def test_verbose_task_says_how_far_it_got_while_the_work_lasts(capsys,
     assert all(line.endswith(" s)") and "/s, " in line for line in lines)
 
 
+def test_verbose_task_says_it_still_runs_when_the_work_reports_no_step(
+        capsys, monkeypatch):
+    import time
+
+    from vbsw_cli.cli import _common
+
+    monkeypatch.setattr(_common, "LINE_SECONDS", 0.2)
+    task = _common._LineTask("training head, epochs", 80)
+    time.sleep(0.7)  # one call that reports nothing until it returns
+    task.close()
+    time.sleep(0.3)  # closed: no more lines after the last
+    lines = capsys.readouterr().err.splitlines()
+
+    assert len(lines) >= 3 and lines[-1].startswith("training head, epochs: 0 in")
+    assert all(line.startswith("training head, epochs: 0 of 80 (0/s, ")
+               for line in lines[:-1])
+
+
 def test_an_empty_output_path_is_refused_not_taken_for_stdout(tmp_path):
     for command in (["embed", BACKBONE_FOR_EMPTY, tmp_path / "x.npy"],
                     ["tbs-sample", "--function", "runge", "--initial", "4"]):

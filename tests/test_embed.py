@@ -1171,13 +1171,21 @@ def test_a_class_folder_without_images_of_its_own_is_refused(tmp_path, here):
     (stray / "notes").mkdir()
     (stray / "notes" / "readme.txt").write_text("not an image")
 
+    both = image_folder(tmp_path / "both")
+    (both / "digit3" / "extra").mkdir()
+    (both / "digit3" / "extra" / "9.png").write_bytes(
+        (both / "digit3" / "0.png").read_bytes())
+
     deeper = here("embed", BACKBONE, nested, "-o", tmp_path / "f.parquet")
     empty = here("embed", BACKBONE, stray, "-o", tmp_path / "f.parquet")
+    inside = here("embed", BACKBONE, both, "-o", tmp_path / "f.parquet")
 
     assert_failed(deeper, 1, "nested", "class sub-folder digit9/ holds no PNG",
                   "not in more/")
     assert_failed(empty, 1, "stray", "class sub-folder notes/ holds no PNG",
                   "remove it or add its images")
+    assert_failed(inside, 1, "both", "class sub-folder digit3/ has images in its "
+                  "folder extra/ too")
     no_files_left(tmp_path, "f.parquet")
 
 

@@ -723,10 +723,30 @@ def test_cli_compare_refuses_a_record_file_given_twice(capfdbinary, tmp_path,
                 "--json", record)
     assert made.code == 0, made.stderr
 
+    (tmp_path / "linked.json").hardlink_to(record)
     twice = vbsw(capfdbinary, "evaluate", "--compare", record,
                  tmp_path / "." / "r.json")
+    linked = vbsw(capfdbinary, "evaluate", "--compare", record,
+                  tmp_path / "linked.json")
     once = vbsw(capfdbinary, "evaluate", "--compare", record, "--json", "-")
 
-    assert twice.code == 2
-    assert "is given twice" in twice.stderr and twice.stdout == b""
+    for run in (twice, linked):
+        assert run.code == 2
+        assert "is given twice" in run.stderr and run.stdout == b""
     assert once.code == 0, once.stderr
+
+
+def test_cli_compare_reads_a_record_from_stdin(tmp_path, trained):
+    model, data, _, _ = trained
+    record = tmp_path / "r.json"
+    made = run_vbsw("evaluate", model, data, "--label", "kind", "--run-name",
+                    "b", "--json", record)
+    assert made.code == 0, made.stderr
+    other = record.read_text().replace('"run": "b"', '"run": "a"')
+
+    run = run_vbsw("evaluate", "--compare", record, "-", "--json", "-",
+                   stdin=other.encode())
+
+    assert run.code == 0, run.stderr
+    table = json.loads(run.stdout)
+    assert {"a", "b"} <= set(json.dumps(table).replace('"', " ").split())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 import numpy as np
@@ -184,6 +185,26 @@ def test_cli_head_to_the_null_device_for_a_smoke_check(capfdbinary, weighted):
                "--epochs", "2")
     assert run.code == 0, run.stderr
     assert "wrote /dev/null" in run.stderr
+
+
+def test_cli_merged_model_follows_a_head_to_the_null_device(capfdbinary,
+                                                           tmp_path, rng):
+    backbone = small_backbone(rng)
+    onnx.save(backbone, str(tmp_path / "bb.onnx"))
+    images = rng.normal(size=(30, 3, 4)).astype(np.float32)
+    features = run_onnx(cut(backbone, "embedding"), images)
+    write_features(tmp_path / "f.parquet", features, rng.integers(0, 2, 30),
+                   weight=np.ones(30))
+    before = sorted(p.name for p in Path("/dev").iterdir())
+
+    for merged in ([], ["--merged-output", "/dev/null"]):
+        run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o",
+                   "/dev/null", "--backbone", tmp_path / "bb.onnx", "--epochs",
+                   "2", *merged)
+        assert run.code == 0, run.stderr
+
+    # never a file beside the null device (/dev/null.merged.onnx)
+    assert sorted(p.name for p in Path("/dev").iterdir()) == before
 
 
 def test_cli_step_options_reach_adam_with_their_defaults(capfdbinary, tmp_path,

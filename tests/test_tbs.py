@@ -469,6 +469,12 @@ def test_cli_user_function_from_the_current_folder(tmp_path):
      "--k 0: the unbiased variance needs k >= 2"),
     (["--function", "runge", "--initial", "8", "--names", "a,b"], 2,
      "--names: 2 names, but runge takes 1 input(s)"),
+    (["--function", "runge", "--initial", "8", "--names", "a,a"], 2,
+     "--names a,a: column 'a' is named twice"),
+    (["--function", "runge", "--initial", "8", "--label", "f,f"], 2,
+     "--label f,f: column 'f' is named twice"),
+    (["--function", "runge", "--initial", "8", "--bounds", "1e-320:2e-320"], 2,
+     "--bounds: the box's volume is below float64's range"),
 ])
 def test_cli_usage_and_data_errors(tmp_path, args, code, text):
     run = run_vbsw("tbs-sample", *args, "-o", tmp_path / "out.parquet")
@@ -600,6 +606,8 @@ def test_cli_notes_a_finite_difference_step_wide_against_the_box(tmp_path):
            "tenth of the box's width in x (1e-05)" in narrow.stderr
     assert "note: --step 0.2 is over a tenth" in wide_step.stderr
     assert "note:" not in fine.stderr
+    huge = run_vbsw(*args, "--bounds", "-1e300:1e300")
+    assert "0.001 is below float64's resolution at 1e+300 in x" in huge.stderr
 
 
 def test_cli_extreme_scales_end_in_one_line_without_warnings(tmp_path):

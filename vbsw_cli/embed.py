@@ -666,15 +666,11 @@ def _per_channel(values: tuple[float, ...], channels: int, option: str
 
 def _image_files(folder: str) -> list[Path]:
     """Image files in class sub-folders, sorted by class then name."""
-    root = Path(folder)
-    classes = sorted(p for p in root.iterdir() if p.is_dir()
-                     and not p.name.startswith("."))
-    by_class = {c: [f for f in sorted(c.iterdir()) if _is_image(f)]
-                for c in classes}
-    files = [f for found in by_class.values() for f in found]
-    loose = sorted(f for f in root.iterdir() if _is_image(f))
+    loose, classes = _scan(Path(folder))
+    by_class = {c: _scan(c) for c in classes}
+    files = [f for images, _ in by_class.values() for f in images]
     if files:
-        _refuse_empty_classes(folder, by_class)
+        _refuse_odd_classes(folder, by_class)
     if files and loose:
         raise DataError(f"{folder}: {len(loose)} image(s) lie directly in the "
                         f"folder beside its class sub-folders (first: "
@@ -690,22 +686,44 @@ def _image_files(folder: str) -> list[Path]:
                     "(expected one sub-folder of images per class)")
 
 
-def _refuse_empty_classes(folder: str, by_class: dict[Path, list[Path]]) -> None:
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(images, sub-folders)`` directly in ``folder``, sorted; hidden
+    folders left out. One directory read, no extra call per file."""
+    images, folders = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.name.startswith("."):
+                    folders.append(Path(entry.path))
+            elif entry.is_file() and _has_image_suffix(entry.name):
+                images.append(Path(entry.path))
+    return sorted(images), sorted(folders)
+
+
+def _refuse_odd_classes(folder: str, by_class: dict) -> None:
     """A class sub-folder without images of its own would drop out silently
-    (its images one level deeper, or a stray folder beside the classes)."""
-    empty = [c for c, found in by_class.items() if not found]
+    (its images one level deeper, or a stray folder beside the classes), and
+    so would images in a folder inside a class's folder."""
+    deeper = {c: [d for d in inner if _scan(d)[0]]
+              for c, (_, inner) in by_class.items() if inner}
+    for name, (images, _) in by_class.items():
+        if images and deeper.get(name):
+            raise DataError(f"{folder}: the class sub-folder {name.name}/ has "
+                            f"images in its folder {deeper[name][0].name}/ too; "
+                            "images must sit directly in their class's folder")
+    empty = [c for c, (images, _) in by_class.items() if not images]
     if not empty:
         return
-    deeper = [d for d in sorted(empty[0].iterdir()) if d.is_dir()]
-    where = (f"; its images must sit in it directly, not in {deeper[0].name}/"
-             if deeper else "; remove it or add its images")
+    inner = by_class[empty[0]][1]
+    where = (f"; its images must sit in it directly, not in {inner[0].name}/"
+             if inner else "; remove it or add its images")
     more = f" ({len(empty) - 1} more sub-folder(s) alike)" if len(empty) > 1 else ""
     raise DataError(f"{folder}: the class sub-folder {empty[0].name}/ holds no "
                     f"PNG or JPEG image{where}{more}")
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def _has_image_suffix(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass

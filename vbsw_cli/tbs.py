@@ -85,6 +85,11 @@ def make_box(low, high, names: list[str]) -> Box:
         i = int(wide[0])
         raise UsageError(f"--bounds: dimension {i + 1} spans more than the "
                          f"largest float ({low[i]:g}:{high[i]:g}); rescale it")
+    with np.errstate(over="ignore", under="ignore", divide="ignore"):
+        if np.all(high > low) and not np.isfinite(1 / np.prod(high - low)):
+            raise UsageError("--bounds: the box's volume is below float64's "
+                             f"range ({np.prod(high - low):g}): its densities "
+                             "would overflow; rescale the inputs")
     bad = np.flatnonzero(low >= high)
     if len(bad):
         i = int(bad[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -212,26 +213,39 @@ LINE_SECONDS = 10.0
 
 
 class _LineTask:
-    """Plain progress lines: one every LINE_SECONDS while the work lasts, and
-    one at the end."""
+    """Plain progress lines: one every LINE_SECONDS while the work lasts (from
+    a timer too, for work that cannot report its steps, such as a head's
+    training in one scikit-learn call), and one at the end."""
 
     def __init__(self, description: str, total: int | None):
         self.description, self.total, self.done = description, total, 0
         self.started = self.said = time.perf_counter()
+        self.stopped = threading.Event()
+        period = LINE_SECONDS
+        threading.Thread(target=self._beat, args=(period,), daemon=True,
+                         name="vbsw-progress").start()
 
     def advance(self, amount: int = 1) -> None:
         io.check_stop()
         self.done += amount
+        if time.perf_counter() - self.said >= LINE_SECONDS:
+            self._say()
+
+    def _beat(self, period: float) -> None:
+        while not self.stopped.wait(period):
+            if time.perf_counter() - self.said >= period:
+                self._say()
+
+    def _say(self) -> None:
         now = time.perf_counter()
-        if now - self.said >= LINE_SECONDS:
-            self.said = now
-            of = f" of {self.total:,}" if self.total else ""
-            rate = self.done / (now - self.started)
-            stderr.print(f"{self.description}: {self.done:,}{of} "
-                         f"({rate:,.0f}/s, {now - self.started:.0f} s)",
-                         markup=False)
+        self.said = now
+        of = f" of {self.total:,}" if self.total else ""
+        rate = self.done / (now - self.started)
+        stderr.print(f"{self.description}: {self.done:,}{of} "
+                     f"({rate:,.0f}/s, {now - self.started:.0f} s)", markup=False)
 
     def close(self) -> None:
+        self.stopped.set()
         seconds = time.perf_counter() - self.started
         # Closed from a `finally` while an error propagates: the work stopped.
         if sys.exc_info()[0] is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -502,19 +502,21 @@ def _compare_mode(paths, predictions, reference, json_path, reporter) -> None:
 def _refuse_twice(paths: list[str]) -> None:
     """A record file given twice (a glob and its own name) would count its
     runs twice."""
-    seen: dict[str, str] = {}
-    for path in paths:
-        real = os.path.realpath(path)
-        if real in seen:
+    for i, path in enumerate(paths):
+        earlier = [other for other in paths[:i] if other == path or (
+            io.STDIO not in (path, other) and io.same_path(path, other))]
+        if earlier:
             raise UsageError(f"--compare: {path} is given twice (as "
-                             f"{seen[real]}); its runs would count twice")
-        seen[real] = path
+                             f"{earlier[0]}); its runs would count twice")
 
 
 def _read_records(path: str) -> list[dict]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        if path == io.STDIO:
+            data = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+        else:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -112,6 +112,8 @@ def tbs_cli(
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
     function = keyword(function, BUILT_INS)
+    io.split_names(names, "--names")  # refuses a name given twice
+    io.split_names(label, "--label")
     if points and design is not None:
         raise UsageError("--design draws the initial points when POINTS is not "
                          "given; give one of them")
@@ -134,7 +136,7 @@ def tbs_cli(
         density = _density(plan, fn, table, points, X, box, eps, step, order,
                            gradient, hessian, label, k, seed)
     if plan == "function":
-        _note_wide_steps(reporter, box, step, eps)
+        _note_steps(reporter, box, step, eps)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
                               n_components=components, rng=rng, reg_covar=reg)
 
@@ -341,17 +343,25 @@ def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
 WIDE_STEP = 0.1
 
 
-def _note_wide_steps(reporter, box, step, eps) -> None:
-    """Say where the finite-difference step is wide against the box."""
+def _note_steps(reporter, box, step, eps) -> None:
+    """Say where the finite-difference step is wide against the box, or too
+    small to move its values in float64."""
     option, text = ("--step", step) if step else ("--eps", eps)
     steps = _numbers(text, len(box.names), option)
+    given = "--step" if step else "the step (--eps, as --step is not given)"
     wide = np.flatnonzero(steps > WIDE_STEP * box.width)
+    values = np.maximum(np.abs(box.low), np.abs(box.high))
+    lost = np.flatnonzero(values + steps / 2 == values)
     if len(wide):
         i = int(wide[0])
-        given = "--step" if step else "the step (--eps, as --step is not given)"
         reporter.notice(f"{given} {steps[i]:g} is over a tenth of the box's "
                         f"width in {box.names[i]} ({box.width[i]:g}): the finite "
                         "differences see past its detail; give a smaller --step")
+    if len(lost):
+        i = int(lost[0])
+        reporter.notice(f"{given} {steps[i]:g} is below float64's resolution at "
+                        f"{values[i]:g} in {box.names[i]}: the finite "
+                        "differences there are 0; give a larger --step")
 
 
 def _derivative_columns(table, points, text, option) -> list[np.ndarray]:
