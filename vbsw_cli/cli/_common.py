@@ -221,8 +221,7 @@ class _LineTask:
         self.description, self.total, self.done = description, total, 0
         self.started = self.said = time.perf_counter()
         self.stopped = threading.Event()
-        period = LINE_SECONDS
-        threading.Thread(target=self._beat, args=(period,), daemon=True,
+        threading.Thread(target=self._beat, args=(LINE_SECONDS,), daemon=True,
                          name="vbsw-progress").start()
 
     def advance(self, amount: int = 1) -> None:
