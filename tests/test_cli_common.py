@@ -125,6 +125,7 @@ def test_verbose_task_says_how_far_it_got_while_the_work_lasts(capsys,
     assert [line.split(" (")[0] for line in lines] == [
         "embed: 50 of 100", "embed: 1,050 of 100"]
     assert all(line.endswith(" s)") and "/s, " in line for line in lines)
+    task.close()
 
 
 def test_verbose_task_says_it_still_runs_when_the_work_reports_no_step(
@@ -143,6 +144,23 @@ def test_verbose_task_says_it_still_runs_when_the_work_reports_no_step(
     assert len(lines) >= 2 and lines[-1].startswith("training head, epochs: 0 in")
     assert all(line.startswith("training head, epochs: 0 of 80 (0/s, ")
                for line in lines[:-1])
+
+
+def test_a_task_an_error_left_open_stops_its_lines(capsys, monkeypatch):
+    import gc
+    import time
+
+    from vbsw_cli.cli import _common
+
+    monkeypatch.setattr(_common, "LINE_SECONDS", 0.1)
+    task = _common._LineTask("searching", 10)
+    time.sleep(0.35)
+    del task  # never closed
+    gc.collect()
+    time.sleep(0.3)
+    capsys.readouterr()
+    time.sleep(0.4)
+    assert capsys.readouterr().err == ""
 
 
 def test_an_empty_output_path_is_refused_not_taken_for_stdout(tmp_path):

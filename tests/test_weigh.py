@@ -443,3 +443,31 @@ def test_a_sparse_graph_is_retried_denser_then_kept_with_a_warning(rng,
     assert found.details["M"] == 4 and found.details["ef_construction"] == 8
     assert "short of --recall 0.9999" in found.details["warning"]
     assert (found.indices[:, 0] == np.arange(len(X))).all()
+
+
+@pytest.mark.parametrize("exact_affordable", [False, True])
+def test_a_graph_short_of_the_recall_once_used_is_retried_denser(
+        rng, monkeypatch, exact_affordable):
+    import vbsw_cli.neighbors as search
+
+    # The tuning on the rows the graph leads back to passes; the recall of
+    # the neighbourhoods as used (after the query and its repair) misses.
+    monkeypatch.setattr(search, "_sample_recall", lambda *a, **k: (1.0, 1.0))
+    monkeypatch.setattr(search, "_recall_as_used", lambda *a, **k: (0.5, 0.4))
+    if not exact_affordable:
+        monkeypatch.setattr(search, "HARD_EXACT_SECONDS", 0.0)
+        monkeypatch.setattr(search, "EXACT_PATIENCE", 0.0)
+    X = rng.normal(size=(2000, 8))
+    options = SearchOptions(method="hnsw", M=6, ef_construction=20, seed=0,
+                            threads=1)
+
+    found = nearest_neighbours(X, 10, options=options)
+
+    if exact_affordable:  # the first graph's miss sends it to exact search
+        assert found.method == "exact"
+        assert "(M=6, ef_construction=20, ef=" in found.details["reason"]
+        assert "reached recall 0.500 (at least 0.400)" in found.details["reason"]
+    else:  # a denser graph is tried before the answer is kept with a warning
+        assert found.method == "hnsw"
+        assert (found.details["M"], found.details["ef_construction"]) == (12, 40)
+        assert "short of --recall 0.95" in found.details["warning"]

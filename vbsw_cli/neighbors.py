@@ -433,6 +433,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
 
     details = {"recall_sample": int(len(sample)), "relative_contrast": contrast,
                "predicted_exact_s": predicted_exact}
+    sampled = (sample, reference, include_self)
     spent = 0.0
     attempts = _graph_attempts(options)
     for graph in attempts:
@@ -454,46 +455,68 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                       f"predicted {graph_s} s) is slower than exact search "
                       f"(predicted {exact_s} s)")
             return _exact_instead(X, n_query, options, progress, details, reason)
-        if low >= options.recall or options.ef is not None:
-            break
-        short = (f"hnswlib (M={graph.M}, ef_construction="
-                 f"{graph.ef_construction}) reached recall {floor_text(recall)} "
-                 f"(at least {floor_text(low)}) with ef up to {ef}, short of "
-                 f"--recall {options.recall}")
+        last = graph is attempts[-1]
+        found = None
+        if low >= options.recall or options.ef is not None or last:
+            # Queried, repaired and measured as used; a miss here is a miss
+            # of the graph as much as one of the tuning below.
+            found = _query_graph(index, X, n_query, ef, graph, options, progress,
+                                 kept, sampled, details)
+            if found is None:
+                reason = (f"hnswlib could not return {n_query} neighbours for "
+                          "every row")
+                return _exact_instead(X, n_query, options, progress, details,
+                                      reason)
+            low = details["sample_recall_low"]
+            if low >= options.recall or options.ef is not None:
+                return _graph_result(found, options, details)
+            short = (f"hnswlib (M={graph.M}, ef_construction="
+                     f"{graph.ef_construction}, ef={ef}) reached recall "
+                     f"{floor_text(details['sample_recall'])} (at least "
+                     f"{floor_text(low)}), short of --recall {options.recall}")
+        else:
+            short = (f"hnswlib (M={graph.M}, ef_construction="
+                     f"{graph.ef_construction}) reached recall "
+                     f"{floor_text(recall)} (at least {floor_text(low)}) with "
+                     f"ef up to {ef}, short of --recall {options.recall}")
+        del index
         if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
+            del found
             return _exact_instead(X, n_query, options, progress, details, short)
-        if graph is not attempts[-1]:
-            del index  # free it before the denser one is built
-    else:
-        # Neither graph reached the recall and exact search would take far
-        # longer: keep the last graph, and say so.
-        details["warning"] = (f"{short}; exact search would take about "
-                              f"{predicted_exact:.0f} s (use --exact for it)")
+        if not last:
+            del found  # free before the denser graph is built
+    # Neither graph reached the recall and exact search would take far
+    # longer: keep the last graph's answer, and say so.
+    details["warning"] = (f"{short}; exact search would take about "
+                          f"{predicted_exact:.0f} s (use --exact for it)")
+    return (*found, "hnsw", details)
 
+
+def _query_graph(index, X, n_query, ef, graph, options, progress, kept,
+                 sampled, details):
+    """Every row's neighbours from the graph, the rows it does not lead back
+    to searched again; the sample's recall as used goes into ``details``.
+    None where the graph cannot give n_query for some row."""
     found = query_index(index, X, n_query, ef, options, progress)
     if found is None:
-        del index
-        reason = f"hnswlib could not return {n_query} neighbours for every row"
-        return _exact_instead(X, n_query, options, progress, details, reason)
-    del index
+        return None
     again = _search_again(X, *found, n_query, graph, ef, progress, kept)
+    sample, reference, include_self = sampled
     recall, low = _recall_as_used(found[0][sample], found[1][sample], sample,
                                   reference, include_self)
     details.update(searched_again=again, sample_recall=recall,
                    sample_recall_low=low)
-    if options.ef is None and low < options.recall and "warning" not in details:
-        short = (f"hnswlib (M={graph.M}, ef_construction={graph.ef_construction},"
-                 f" ef={ef}) reached recall {floor_text(recall)} (at least "
-                 f"{floor_text(low)}), short of --recall {options.recall}")
-        if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
-            del found
-            return _exact_instead(X, n_query, options, progress, details, short)
-        details["warning"] = (f"{short}; exact search would take about "
-                              f"{predicted_exact:.0f} s (use --exact for it)")
+    return found
+
+
+def _graph_result(found, options, details):
+    """The graph's answer as the search's result, with a warning where a
+    fixed --ef left the recall short."""
+    low = details["sample_recall_low"]
     if options.ef is not None and low < options.recall:
         details["warning"] = (f"with --ef {options.ef} fixed, the sample recall "
-                              f"is {floor_text(recall)} (at least "
-                              f"{floor_text(low)}), below --recall "
+                              f"is {floor_text(details['sample_recall'])} (at "
+                              f"least {floor_text(low)}), below --recall "
                               f"{options.recall}")
     return (*found, "hnsw", details)
 

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -221,19 +222,17 @@ class _LineTask:
         self.description, self.total, self.done = description, total, 0
         self.started = self.said = time.perf_counter()
         self.stopped = threading.Event()
-        threading.Thread(target=self._beat, args=(LINE_SECONDS,), daemon=True,
-                         name="vbsw-progress").start()
+        # The timer holds the task weakly: a task an error left open stops
+        # its lines once it is gone.
+        threading.Thread(target=_beat, args=(weakref.ref(self), self.stopped,
+                                             LINE_SECONDS),
+                         daemon=True, name="vbsw-progress").start()
 
     def advance(self, amount: int = 1) -> None:
         io.check_stop()
         self.done += amount
         if time.perf_counter() - self.said >= LINE_SECONDS:
             self._say()
-
-    def _beat(self, period: float) -> None:
-        while not self.stopped.wait(period):
-            if time.perf_counter() - self.said >= period:
-                self._say()
 
     def _say(self) -> None:
         now = time.perf_counter()
@@ -254,6 +253,18 @@ class _LineTask:
             return
         stderr.print(f"{self.description}: {self.done} in {seconds:.2f} s",
                      markup=False)
+
+
+def _beat(task_ref, stopped: threading.Event, period: float) -> None:
+    """A line every ``period`` seconds that the task says nothing, until it
+    is closed or gone."""
+    while not stopped.wait(period):
+        task = task_ref()
+        if task is None:
+            return
+        if time.perf_counter() - task.said >= period:
+            task._say()
+        del task
 
 
 class _BarTask:
