@@ -460,26 +460,21 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
         if low >= options.recall or options.ef is not None or last:
             # Queried, repaired and measured as used; a miss here is a miss
             # of the graph as much as one of the tuning below.
-            found = _query_graph(index, X, n_query, ef, graph, options, progress,
-                                 kept, sampled, details)
+            found = query_index(index, X, n_query, ef, options, progress)
+            del index  # before the repair, which may build a graph of its own
             if found is None:
                 reason = (f"hnswlib could not return {n_query} neighbours for "
                           "every row")
                 return _exact_instead(X, n_query, options, progress, details,
                                       reason)
-            low = details["sample_recall_low"]
+            _repair(X, found, n_query, graph, ef, progress, kept, sampled, details)
+            recall, low = details["sample_recall"], details["sample_recall_low"]
             if low >= options.recall or options.ef is not None:
                 return _graph_result(found, options, details)
-            short = (f"hnswlib (M={graph.M}, ef_construction="
-                     f"{graph.ef_construction}, ef={ef}) reached recall "
-                     f"{floor_text(details['sample_recall'])} (at least "
-                     f"{floor_text(low)}), short of --recall {options.recall}")
         else:
-            short = (f"hnswlib (M={graph.M}, ef_construction="
-                     f"{graph.ef_construction}) reached recall "
-                     f"{floor_text(recall)} (at least {floor_text(low)}) with "
-                     f"ef up to {ef}, short of --recall {options.recall}")
-        del index
+            del index
+        short = _short_text(graph, ef, recall, low, options.recall,
+                            queried=found is not None)
         if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
             del found
             return _exact_instead(X, n_query, options, progress, details, short)
@@ -492,21 +487,25 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     return (*found, "hnsw", details)
 
 
-def _query_graph(index, X, n_query, ef, graph, options, progress, kept,
-                 sampled, details):
-    """Every row's neighbours from the graph, the rows it does not lead back
-    to searched again; the sample's recall as used goes into ``details``.
-    None where the graph cannot give n_query for some row."""
-    found = query_index(index, X, n_query, ef, options, progress)
-    if found is None:
-        return None
+def _repair(X, found, n_query, graph, ef, progress, kept, sampled, details):
+    """Search again, in place, the rows the graph does not lead back to; the
+    sample's recall as used goes into ``details``."""
     again = _search_again(X, *found, n_query, graph, ef, progress, kept)
     sample, reference, include_self = sampled
     recall, low = _recall_as_used(found[0][sample], found[1][sample], sample,
                                   reference, include_self)
     details.update(searched_again=again, sample_recall=recall,
                    sample_recall_low=low)
-    return found
+
+
+def _short_text(graph, ef, recall, low, target, queried: bool) -> str:
+    """A graph's recall short of the target: after the query (``queried``,
+    at its ef) or while tuning (ef up to ``ef``)."""
+    at = f", ef={ef}" if queried else ""
+    tuned = "" if queried else f" with ef up to {ef}"
+    return (f"hnswlib (M={graph.M}, ef_construction={graph.ef_construction}"
+            f"{at}) reached recall {floor_text(recall)} (at least "
+            f"{floor_text(low)}){tuned}, short of --recall {target}")
 
 
 def _graph_result(found, options, details):

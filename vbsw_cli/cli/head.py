@@ -207,10 +207,14 @@ def _output_paths(output, merged_output, source, backbone):
 
 def _head_path(output: str | None, source: str) -> str:
     destination = resolve_output(output, source, ".head.onnx")
-    if destination != io.STDIO and Path(destination).suffix.lower() != ".onnx" \
-            and not io.is_devnull(destination):
+    if destination != io.STDIO and not _onnx_path(destination):
         raise UsageError(f"-o {destination}: the head is written as .onnx")
     return destination
+
+
+def _onnx_path(path: str) -> bool:
+    """A model output: a .onnx file, or the null device (a smoke check)."""
+    return Path(path).suffix.lower() == ".onnx" or io.is_devnull(path)
 
 
 def upstream_records(table: pa.Table) -> list[dict]:
@@ -235,8 +239,7 @@ def _merged_path(merged_output, destination, backbone) -> str | None:
             return destination
         head = Path(destination)
         return str(head.with_name(head.stem + ".merged.onnx"))
-    if Path(merged_output).suffix.lower() != ".onnx" \
-            and not io.is_devnull(merged_output):
+    if not _onnx_path(merged_output):
         raise UsageError(f"--merged-output {merged_output}: write it as .onnx")
     return merged_output
 

@@ -222,16 +222,7 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
         low, high, file_names = tbs.parse_bounds(bounds)
     elif fn is not None and fn.bounds is not None:
         low, high = fn.bounds[:, 0], fn.bounds[:, 1]
-    chosen = io.split_names(names) or file_names
-    if chosen and not bounds and low is not None and len(chosen) != len(low):
-        raise UsageError(f"--names: {len(chosen)} names, but {fn.name} takes "
-                         f"{len(low)} input(s)")
-    if not chosen and fn is not None and fn.input_names:
-        chosen = fn.input_names
-        if low is not None and len(chosen) != len(low):
-            raise UsageError(f"--bounds: {len(low)} dimensions, but {fn.name} "
-                             f"takes {len(chosen)} input(s) "
-                             f"({', '.join(chosen)})")
+    chosen = _given_names(names, file_names, fn, low, bounds)
 
     table = None
     if points:
@@ -258,6 +249,23 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
         X = tbs.initial_design(box, initial, design, rng)
     _check_inside(box, X, points)
     return box, table, X
+
+
+def _given_names(names, file_names, fn: Function | None, low, bounds
+                 ) -> list[str] | None:
+    """The input names given (--names, the bounds file's, the function's),
+    checked against the box's dimensions where the function gave the box."""
+    chosen = io.split_names(names) or file_names
+    if chosen and not bounds and low is not None and len(chosen) != len(low):
+        raise UsageError(f"--names: {len(chosen)} names, but {fn.name} takes "
+                         f"{len(low)} input(s)")
+    if not chosen and fn is not None and fn.input_names:
+        chosen = fn.input_names
+        if low is not None and len(chosen) != len(low):
+            raise UsageError(f"--bounds: {len(low)} dimensions, but {fn.name} "
+                             f"takes {len(chosen)} input(s) "
+                             f"({', '.join(chosen)})")
+    return chosen
 
 
 def _names_from(names, fn: Function | None, chosen) -> str:
