@@ -136,6 +136,23 @@ def test_hnsw_with_recall_check_and_same_seed_same_bytes(tmp_path, rng):
     assert first.stdout == second.stdout
 
 
+def test_reproducible_graphs_give_the_same_bytes_on_two_threads(tmp_path, rng):
+    centres = rng.normal(size=(30, 16)) * 3
+    cluster = rng.integers(30, size=12_000)
+    X = (centres[cluster] + rng.normal(size=(12_000, 16))).astype(np.float32)
+    path = write_features(tmp_path / "f.parquet", X, cluster % 3)
+    args = ("weigh", path, "--k", "10", "--search", "hnsw", "--threads", "2",
+            "--hnsw-m", "4", "--ef-construction", "8", "--ef", "10",
+            "--reproducible", "-o", "-")
+    first, second = run_vbsw(*args), run_vbsw(*args)
+    assert first.code == 0, first.stderr
+    assert "search: hnsw (2 graphs built on a thread each, M=4" in first.stderr
+    assert first.stdout == second.stdout
+    search = json.loads(read(first.stdout).schema.metadata[b"vbsw"]
+                        )["parameters"]["search"]
+    assert (search["reproducible"], search["shards"]) == (True, 2)
+
+
 def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     X = np.repeat(rng.normal(size=(10, 2)), 3, axis=0)
     path = write_features(tmp_path / "f.parquet", X, np.full(30, 2))

@@ -5,7 +5,9 @@ Two searches sit behind one function:
 * exact: blocked matrix products with per-row thresholds
   (:mod:`vbsw_cli.exact`), or scikit-learn's k-d tree for large sets in few
   dimensions;
-* approximate: an hnswlib graph. Its recall is measured, on a sample of rows,
+* approximate: hnswlib graphs (:mod:`vbsw_cli.graph`; with ``reproducible``,
+  shards built on one thread each, so that every run gives the same
+  neighbours). Their recall is measured, on a sample of rows,
   against the exact search; ``ef`` is raised until the recall asked for is
   reached. When no affordable ``ef`` reaches it, or when the exact search would
   be cheaper than the approximate one, the exact search is used instead and the
@@ -27,6 +29,7 @@ import numpy as np
 from vbsw_cli.copies import alone, identical_rows
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.exact import ExactSearch, column_span
+from vbsw_cli.graph import build_graph, shard_count
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")
@@ -126,6 +129,7 @@ class SearchOptions:
     sample_size: int = RECALL_SAMPLE
     exact_below: int = EXACT_BELOW
     seed: int = 0
+    reproducible: bool = False
 
 
 @dataclass
@@ -440,6 +444,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
         started = time.perf_counter()
         index = build_index(X, graph, progress)
         details.update(M=graph.M, ef_construction=graph.ef_construction,
+                       shards=min(graph_shards(graph), len(X)),
+                       reproducible=graph.reproducible,
                        build_s=time.perf_counter() - started)
         ceiling = predicted_exact if options.method == "auto" else None
         ef, recall, low, per_row = _choose_ef(index, X, sample, reference,
@@ -662,22 +668,17 @@ def contrast_ratios(X, sample, reference, rng) -> np.ndarray:
         return np.where(kth > 0, spread / np.where(kth > 0, kth, 1), np.inf)
 
 
-def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
-    """An hnswlib graph of the rows of X (float32, squared Euclidean)."""
-    import hnswlib
+def graph_shards(options: SearchOptions) -> int:
+    """The graphs a search with ``options`` builds (see :mod:`vbsw_cli.graph`)."""
+    return shard_count(thread_count(options.threads)) if options.reproducible else 1
 
-    index = hnswlib.Index(space="l2", dim=X.shape[1])
-    index.init_index(max_elements=len(X), M=options.M,
-                     ef_construction=options.ef_construction,
-                     random_seed=options.seed)
-    threads = thread_count(options.threads)
-    task = progress.task("building index", len(X))
-    for start, stop in chunks(len(X), QUERY_CHUNK):
-        block = np.ascontiguousarray(X[start:stop], dtype=np.float32)
-        index.add_items(block, np.arange(start, stop), num_threads=threads)
-        task.advance(stop - start)
-    task.close()
-    return index
+
+def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
+    """An hnswlib graph of the rows of X (float32, squared Euclidean); the
+    same graph on every run with ``options.reproducible``."""
+    return build_graph(X, M=options.M, ef_construction=options.ef_construction,
+                       seed=options.seed, threads=thread_count(options.threads),
+                       reproducible=options.reproducible, progress=progress)
 
 
 def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None,

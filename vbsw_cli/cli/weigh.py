@@ -81,6 +81,11 @@ def weigh_cli(
         "--recall.")] = None,
     threads: Annotated[Optional[int], typer.Option(
         "--threads", help="Threads for the search (default: all cores).")] = None,
+    reproducible: Annotated[bool, typer.Option(
+        "--reproducible", help="Build hnswlib graphs of shards of the rows, one "
+        "thread each, so that runs with the same input, --seed and --threads give "
+        "the same output (by default one graph is built on every thread at once: "
+        "faster, but its neighbours change from run to run).")] = False,
     check_recall: Annotated[Optional[int], typer.Option(
         "--check-recall", metavar="N",
         help="Report recall@k against exact search on N sampled rows.")] = None,
@@ -117,7 +122,8 @@ def weigh_cli(
         raise UsageError("FEATURES and --labels cannot both be - (stdin)")
     options = SearchOptions(method="exact" if exact else search, recall=recall,
                             M=hnsw_m, ef_construction=ef_construction, ef=ef,
-                            threads=threads, seed=seed)
+                            threads=threads, seed=seed,
+                            reproducible=reproducible)
     # Checked again by the search, but here before the file is read, so a
     # misspelt option gets its usage error alone.
     check_search_options(options)
@@ -345,6 +351,10 @@ def _alike(labels, n_samples: int) -> str:
     return "the labels vary alike in every neighbourhood"
 
 
+def _graphs(shards: int) -> str:
+    return f"{shards} graphs built on a thread each, " if shards > 1 else ""
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
              check_recall, include_self, graph_given, labels):
     if reporter.quiet:
@@ -352,8 +362,9 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     details = result.neighbours.details
     search = result.neighbours.method
     if search == "hnsw":
-        search += (f" (M={details['M']}, ef_construction="
-                   f"{details['ef_construction']}, ef={details['ef']}, "
+        search += (f" ({_graphs(details.get('shards', 1))}M={details['M']}, "
+                   f"ef_construction={details['ef_construction']}, "
+                   f"ef={details['ef']}, "
                    f"sample recall {floor_text(details['sample_recall'])}, "
                    f"at least {floor_text(details['sample_recall_low'])}"
                    f"{_searched_again(details.get('searched_again', 0))})")
