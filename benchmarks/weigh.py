@@ -3,6 +3,7 @@
     python benchmarks/weigh.py            # the full run (about 15 minutes)
     python benchmarks/weigh.py --quick    # smaller sizes, a couple of minutes
     python benchmarks/weigh.py --hard-only  # far outliers, identical rows
+    python benchmarks/weigh.py --reproducible-only 200000  # its cost alone
 
 First, inputs that once slowed the exact search down a hundredfold (a few far
 outliers; masses of identical rows), against scikit-learn's brute force.
@@ -29,7 +30,9 @@ an installed command does (PYTHONDONTWRITEBYTECODE, where set, would make it
 compile the package on every run). Peak memory is the child's maximum
 resident set size. Against the k-d tree loop, the command is timed without
 ``--check-recall`` and its recall measured in a second run; in the growth
-table the timed run includes the recall check on 500 rows.
+table the timed run includes the recall check on 500 rows. Last, two runs
+with ``--reproducible`` and two without: whether each pair's outputs are the
+same bytes, and what the reproducible graphs cost.
 """
 
 from __future__ import annotations
@@ -218,6 +221,28 @@ def growth(sizes, folder, rng):
         out.unlink()
 
 
+def reproducibility(n, folder, rng):
+    """Two runs with --reproducible give the same bytes; its cost against the
+    default graph shared by the threads (whose runs differ)."""
+    X, y = clustered(n, rng)
+    path = folder / "r.parquet"
+    write_parquet(path, X, y)
+    outs = [folder / f"r_{name}.parquet" for name in ("a", "b", "c", "d")]
+    runs = [run_command(path, out, *flag) for out, flag in
+            zip(outs, [["--reproducible"]] * 2 + [[]] * 2)]
+    same = [outs[0].read_bytes() == outs[1].read_bytes(),
+            outs[2].read_bytes() == outs[3].read_bytes()]
+    for label, pair, equal in (("--reproducible", runs[:2], same[0]),
+                               ("default", runs[2:], same[1])):
+        times = " / ".join(f"{r['s']:.2f}" for r in pair)
+        print(f"clustered N={n:>9,d}  {label:15s} {times} s  two runs "
+              f"{'identical' if equal else 'differ'}  [{pair[0]['search']}]")
+    best = min(r["s"] for r in runs[:2]) / min(r["s"] for r in runs[2:])
+    print(f"--reproducible costs x{best:.2f} the time (best of two each)")
+    for file in (path, *outs):
+        file.unlink()
+
+
 def hard_inputs(folder, rng):
     """Inputs that used to slow the exact search down, against scikit-learn's
     brute force on the same array (its k neighbours only: a lower bound)."""
@@ -252,6 +277,8 @@ def main() -> None:
     parser.add_argument("--skip-million", action="store_true")
     parser.add_argument("--hard-only", action="store_true",
                         help="only the far outliers and identical rows")
+    parser.add_argument("--reproducible-only", type=int, metavar="N",
+                        help="only the cost of --reproducible, on N rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     threads = len(os.sched_getaffinity(0))
@@ -261,6 +288,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="vbsw-bench-") as name:
         folder = Path(name)
+        if args.reproducible_only:
+            print("\n== --reproducible against the default graph")
+            reproducibility(args.reproducible_only, folder, rng)
+            return
         print("\n== hard inputs for the exact search")
         hard_inputs(folder, np.random.default_rng(1))  # leaves rng as it was
         if args.hard_only:
@@ -282,6 +313,9 @@ def main() -> None:
         if args.skip_million:
             sizes = [s for s in sizes if s < 1_000_000]
         growth(sizes, folder, rng)
+
+        print("\n== --reproducible against the default graph")
+        reproducibility(n_mid * 4, folder, rng)
 
 
 if __name__ == "__main__":

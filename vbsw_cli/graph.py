@@ -100,7 +100,9 @@ def build_graph(X: np.ndarray, *, M: int, ef_construction: int, seed: int,
             if stop.is_set():  # another shard failed or the run was stopped
                 return None
             part = rows[start:end]
-            block = np.ascontiguousarray(X[part], dtype=np.float32)
+            # Every row in order (one graph): a slice, no copy of float32 rows.
+            taken = X[start:end] if len(rows) == len(X) else X[part]
+            block = np.ascontiguousarray(taken, dtype=np.float32)
             index.add_items(block, part, num_threads=on_threads)
             advance(len(part))
         return index
