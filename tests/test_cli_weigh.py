@@ -153,6 +153,26 @@ def test_reproducible_graphs_give_the_same_bytes_on_two_threads(tmp_path, rng):
     assert (search["reproducible"], search["shards"]) == (True, 2)
 
 
+def test_provenance_names_the_threads_and_the_checked_recall(tmp_path, rng):
+    X = rng.normal(size=(12_000, 4)).astype(np.float32)
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(3, size=12_000))
+    out, graph = tmp_path / "w.parquet", tmp_path / "g.npz"
+    run = run_vbsw("weigh", path, "--k", "5", "--threads", "2", "--reproducible",
+                   "--check-recall", "50", "--graph", graph, "-o", out)
+    assert run.code == 0, run.stderr
+    parameters = json.loads(pq.read_schema(out).metadata[b"vbsw"])["parameters"]
+    assert parameters["threads"] == 2 and parameters["check_recall"] == 50
+    shown = float(run.stderr.split("against exact search: ")[1].split()[0])
+    assert parameters["checked_recall"] == pytest.approx(shown, abs=1e-4)
+    assert f"wrote {out} and {graph}" in run.stderr
+    # auto chose by measured times: the note says how to make runs the same
+    assert "add --search hnsw (or --exact) for the same output" in run.stderr
+    fixed = run_vbsw("weigh", path, "--k", "5", "--threads", "2", "--reproducible",
+                     "--search", "hnsw", "-o", out)
+    assert fixed.code == 0, fixed.stderr
+    assert "measured times" not in fixed.stderr
+
+
 def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     X = np.repeat(rng.normal(size=(10, 2)), 3, axis=0)
     path = write_features(tmp_path / "f.parquet", X, np.full(30, 2))

@@ -280,6 +280,21 @@ def test_cli_evaluates_a_head_with_string_labels(trained):
     assert "accuracy" in run.stderr and "macro_f1" in run.stderr
 
 
+def test_cli_dash_o_writes_the_record_like_every_command(capfdbinary, tmp_path,
+                                                          trained):
+    model, data, _, _ = trained
+    out = tmp_path / "m.json"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "kind", "-o", out)
+    assert run.code == 0, run.stderr
+    assert "accuracy" in json.loads(out.read_text())["metrics"]
+
+    again = vbsw(capfdbinary, "evaluate", out, data, "--label", "kind")
+    assert again.code == 2
+    assert again.stderr.strip() == (f"vbsw evaluate: error: MODEL {out}: a "
+                                    ".json file is a run record, not a model; "
+                                    "to compare run records, give --compare")
+
+
 def test_cli_dev_null_takes_the_predictions_and_the_record(capfdbinary,
                                                           trained):
     model, data, _, _ = trained

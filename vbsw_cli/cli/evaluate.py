@@ -83,8 +83,8 @@ def evaluate_cli(
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Rows per onnxruntime call.")] = 1024,
     json_path: Annotated[Optional[str], typer.Option(
-        "--json", metavar="PATH", help="Write the record (or the comparison) "
-        "as JSON to PATH, or - for stdout.")] = None,
+        "--json", "-o", metavar="PATH", help="Write the record (or the "
+        "comparison) as JSON to PATH, or - for stdout.")] = None,
     run_name: Annotated[Optional[str], typer.Option(
         "--run-name", metavar="NAME", help="Name of the method, e.g. baseline "
         "or vbsw; runs with one name are aggregated by --compare.")] = None,
@@ -151,6 +151,9 @@ def _check_model_paths(paths) -> None:
         raise UsageError("MODEL -: the model cannot come from stdin; save it "
                          "to a file (e.g. retrain-head -o head.onnx) and give "
                          "that path (the DATA may be -)")
+    if paths[0].lower().endswith(".json"):
+        raise UsageError(f"MODEL {paths[0]}: a .json file is a run record, not "
+                         "a model; to compare run records, give --compare")
 
 
 def _check_outputs(json_path, save_predictions, inputs) -> None:

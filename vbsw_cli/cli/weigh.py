@@ -20,7 +20,8 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
                                 SearchOptions, check_k, check_search_options,
-                                csr_graph, duplicate_rows, floor_text)
+                                csr_graph, duplicate_rows, floor_text,
+                                thread_count)
 from vbsw_cli.weigh import (NORMALIZATIONS, check_label_span, check_m,
                             check_normalization, histogram, weigh)
 
@@ -179,6 +180,8 @@ def weigh_cli(
         "standardize": standardize, "features": feature_names,
         "labels": label_columns, "tasks": {c.column: c.kind for c in labels},
         "weights_only": weights_only, "graph": graph, "seed": seed,
+        "threads": thread_count(threads), "check_recall": check_recall,
+        "checked_recall": result.recall,
         "search": {"requested": options.method, "used": result.neighbours.method,
                    **_jsonable(result.neighbours.details)},
     }
@@ -196,7 +199,8 @@ def weigh_cli(
 
     given = _graph_options_given(ef, hnsw_m, ef_construction)
     _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, not exclude_self, given, labels)
+             check_recall, not exclude_self, given, labels,
+             graph_path=graph, options=options)
 
 
 def _validate(k, m, normalize, task, threads, check_recall, graph):
@@ -355,8 +359,15 @@ def _graphs(shards: int) -> str:
     return f"{shards} graphs built on a thread each, " if shards > 1 else ""
 
 
+def _timed_choice(options, n_rows: int) -> bool:
+    """Whether a --reproducible run's search was chosen by measured times."""
+    return options is not None and options.reproducible and \
+        options.method == "auto" and n_rows > options.exact_below
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
-             check_recall, include_self, graph_given, labels):
+             check_recall, include_self, graph_given, labels, *,
+             graph_path=None, options=None):
     if reporter.quiet:
         return
     details = result.neighbours.details
@@ -385,6 +396,11 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
         reporter.notice(f"fell back to exact search: {details['reason']}")
     if "warning" in details:
         reporter.say(f"warning: {details['warning']}")
+    if _timed_choice(options, len(X)):
+        reporter.notice("--search auto chose between the graph and exact search "
+                        "by measured times, which a loaded machine can change; "
+                        "add --search hnsw (or --exact) for the same output on "
+                        "every run")
     if result.recall is not None:
         rows = min(check_recall, len(X))
         reporter.say(f"recall@{k} against exact search: {result.recall:.4f} "
@@ -409,4 +425,5 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
                  f"{weight.max():.4g}, mean {weight.mean():.4g}")
     for line in histogram(weight):
         reporter.say(line)
-    reporter.say(f"wrote {'stdout' if destination == '-' else destination}")
+    written = "stdout" if destination == "-" else destination
+    reporter.say(f"wrote {written}" + (f" and {graph_path}" if graph_path else ""))
