@@ -76,6 +76,11 @@ class Shards:
                 np.take_along_axis(squared, order, axis=1))
 
 
+def graph_count(index) -> int:
+    """How many graphs ``index`` (from :func:`build_graph`) searches."""
+    return len(index.indexes) if isinstance(index, Shards) else 1
+
+
 def build_graph(X: np.ndarray, *, M: int, ef_construction: int, seed: int,
                 threads: int, reproducible: bool, progress: Progress):
     """A graph of the rows of X (squared Euclidean) with hnswlib's interface.

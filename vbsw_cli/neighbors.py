@@ -29,7 +29,7 @@ import numpy as np
 from vbsw_cli.copies import alone, identical_rows
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.exact import ExactSearch, column_span
-from vbsw_cli.graph import build_graph, shard_count
+from vbsw_cli.graph import build_graph, graph_count
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
 METHODS = ("auto", "hnsw", "exact")
@@ -444,7 +444,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
         started = time.perf_counter()
         index = build_index(X, graph, progress)
         details.update(M=graph.M, ef_construction=graph.ef_construction,
-                       shards=min(graph_shards(graph), len(X)),
+                       shards=graph_count(index),
                        reproducible=graph.reproducible,
                        build_s=time.perf_counter() - started)
         ceiling = predicted_exact if options.method == "auto" else None
@@ -666,11 +666,6 @@ def contrast_ratios(X, sample, reference, rng) -> np.ndarray:
     kth = reference[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(kth > 0, spread / np.where(kth > 0, kth, 1), np.inf)
-
-
-def graph_shards(options: SearchOptions) -> int:
-    """The graphs a search with ``options`` builds (see :mod:`vbsw_cli.graph`)."""
-    return shard_count(thread_count(options.threads)) if options.reproducible else 1
 
 
 def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
