@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import stats
 from sklearn import metrics as skm
 
-from conftest import Run, run_here, run_vbsw, write_features
+from conftest import SAMPLE, Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError
 from vbsw_cli.evaluate import (as_probabilities, classification_metrics,
                                compare, disagreements, macro_f1,
@@ -365,6 +365,49 @@ def test_cli_model_without_metadata_and_image_column(capfdbinary, tmp_path, rng)
     assert json.loads(run.stdout)["metrics"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_cli_prefers_the_column_named_as_the_model_input(capfdbinary, tmp_path,
+                                                         rng):
+    W, b = rng.normal(size=(6, 3)), rng.normal(size=3)
+    onnx.save(linear_model(W, b, ["N", 6]), str(tmp_path / "m.onnx"))
+    X, other = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    y = rng.integers(0, 3, 30)
+    write_features(tmp_path / "d.parquet", other, y, x=io_vectors(X))
+    run = vbsw(capfdbinary, "evaluate", tmp_path / "m.onnx", tmp_path / "d.parquet",
+               "--json", "-", "-q")
+    assert run.code == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["features"] == ["x"]
+    expected = classification_metrics(y, softmax(X @ W + b))
+    assert record["metrics"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cli_refuses_a_backbone_fed_embedded_features(capfdbinary, tmp_path):
+    """8 x 8 digits and 64 features: the widths agree, the inputs do not."""
+    backbone, images = SAMPLE / "digits_backbone.onnx", SAMPLE / "digits_test.parquet"
+    features, head = tmp_path / "test.parquet", tmp_path / "head.onnx"
+    merged = tmp_path / "merged.onnx"
+    assert vbsw(capfdbinary, "embed", backbone, images, "-o", features,
+                "-q").code == 0
+    run = vbsw(capfdbinary, "retrain-head", features, "--no-weights", "-o", head,
+               "--backbone", backbone, "--merged-output", merged, "-q")
+    assert run.code == 0, run.stderr
+
+    for model, what in ((backbone, "is the backbone that made them"),
+                        (merged, "is a merged model")):
+        run = vbsw(capfdbinary, "evaluate", model, features, "--json", "-")
+        assert (run.code, run.stdout) == (1, b""), run.stderr
+        assert run.stderr.count("\n") == 1
+        assert what in run.stderr and "--features features" in run.stderr
+
+    asked = vbsw(capfdbinary, "evaluate", backbone, features, "--features",
+                 "features", "--json", "-", "-q")
+    assert asked.code == 0, asked.stderr
+    for model, data in ((head, features), (merged, images)):
+        run = vbsw(capfdbinary, "evaluate", model, data, "--json", "-", "-q")
+        assert run.code == 0, run.stderr
+        assert json.loads(run.stdout)["metrics"]["accuracy"] > 0.5
+
+
 def test_cli_compare_prints_and_writes_the_table(capfdbinary, tmp_path):
     paths = []
     for name, seed, accuracy in [("baseline", 0, 0.9), ("baseline", 1, 0.8),
@@ -539,6 +582,16 @@ def test_cli_usage_errors(capfdbinary, tmp_path, trained, args, text):
     assert text in run.stderr
     assert not (tmp_path / "r.json").exists()
 
+
+
+@pytest.mark.parametrize("name", ["record.parquet", "record.NPY"])
+def test_cli_json_under_a_data_name_is_refused(capfdbinary, tmp_path, trained,
+                                               name):
+    model, data, _, _ = trained
+    run = vbsw(capfdbinary, "evaluate", model, data, "--json", tmp_path / name)
+    assert (run.code, run.stdout) == (2, b"")
+    assert f"--json {tmp_path / name}: the run record is JSON" in run.stderr
+    assert not (tmp_path / name).exists()
 
 def test_cli_predictions_go_to_stdout(capfdbinary, tmp_path, trained):
     model, data, proba, _ = trained

@@ -78,7 +78,7 @@ def run_model(model, X: np.ndarray, *, name: str = "model",
     import onnxruntime as ort
 
     progress = progress or NullProgress()
-    info = _data_input(model, name)
+    info = data_input(model, name)
     X = _shaped(X, info, name)
     notes = []
     fixed = _fixed_batch(info)
@@ -133,7 +133,8 @@ def _check_outputs(outputs: np.ndarray, name: str) -> None:
                         f"{int(np.argmax(bad))})")
 
 
-def _data_input(model, name: str):
+def data_input(model, name: str):
+    """The model's one data input (initialisers listed as inputs are not)."""
     constants = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in constants]
     if len(inputs) != 1:

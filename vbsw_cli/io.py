@@ -15,6 +15,7 @@ Conventions (see DESIGN.md):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import fnmatch
 import io
 import json
@@ -726,6 +727,15 @@ def _pandas_for(described: bytes, table: pa.Table, written: Sequence[str]
     pandas["columns"] = [c for c in pandas.get("columns", [])
                          if c.get("field_name", c.get("name")) in kept]
     return {b"pandas": json.dumps(pandas).encode()}
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex (models are recorded by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_provenance(path_or_table) -> dict | None:

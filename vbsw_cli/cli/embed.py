@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import time
 from pathlib import Path
@@ -272,7 +271,7 @@ def _report_model(reporter: Reporter, backbone, layer: str) -> None:
 def _parameters(model, source, layer, device, batch_size, backbone, data,
                 images) -> dict:
     parameters = {
-        "model": model, "model_sha256": _sha256(model), "input": source,
+        "model": model, "model_sha256": io.sha256_of(model), "input": source,
         "input_kind": data.kind, "layer": backbone.layer,
         "tensor": backbone.tensor,
         "model_input": backbone.input_name,
@@ -289,14 +288,6 @@ def _parameters(model, source, layer, device, batch_size, backbone, data,
                                 "mean": list(images.mean), "std": list(images.std),
                                 "skip_bad_images": images.skip_bad}
     return parameters
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _summary(reporter, n_rows, n_features, seconds, data, destination) -> None:

@@ -21,7 +21,7 @@ from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
                                class_positions, classification_metrics,
                                compare, disagreements, range_notes,
-                               regression_metrics, run_model)
+                               data_input, regression_metrics, run_model)
 
 # Each step makes the files the next one reads (a multi-line shell command):
 # heads trained on the train split, scored on the held-out test split.
@@ -41,6 +41,9 @@ EXAMPLE = " && \\\n  ".join([
 
 # scikit-learn's (and numpy's legacy) seeds are 32-bit.
 MAX_SEED = 2**32 - 1
+
+# Names that promise data: a record written there would mislead its readers.
+DATA_SUFFIXES = (".parquet", ".pq", ".npy", ".npz", ".onnx")
 
 PREDICTION = "prediction"
 PROBABILITIES = "probabilities"
@@ -176,6 +179,10 @@ def _check_outputs(json_path, save_predictions, inputs) -> None:
         if io.same_path(json_path, save_predictions):
             raise UsageError(f"--json {json_path} and --save-predictions "
                              f"{save_predictions}: the same file; give two names")
+    if json_path and Path(json_path).suffix.lower() in DATA_SUFFIXES:
+        raise UsageError(f"--json {json_path}: the run record is JSON text, not "
+                         "data; give it a .json name (predictions go to "
+                         "--save-predictions)")
 
 
 # ---------------------------------------------------------------------------
@@ -198,8 +205,12 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
     label_table, source, notes = _label_table(table, data_path, labels_file)
     label_names = _label_names(label, metadata.get("labels"), label_table,
                                source, notes)
+    input_name = data_input(model, model_path).name
     choice = _feature_choice(table, data_path, features_column, feature_columns,
-                             metadata, label_names, notes)
+                             metadata, label_names, notes, input_name)
+    if features_column is None and feature_columns is None:
+        _refuse_embedded(table, data_path, choice.get("column"), model_path,
+                         metadata, input_name)
     label_names = io.expand_columns(label_table, label_names, source, "label")
     own = label_names if label_table is table else []
     X, used = io.feature_matrix(table, data_path, **choice,
@@ -220,8 +231,11 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
     return record
 
 
-def _input_column(table: pa.Table, name: str, labels: list[str]) -> str:
-    """'features' if present, else the only list column that is not a label."""
+def _input_column(table: pa.Table, labels: list[str], input_name: str) -> str:
+    """The column named as the model's input, else 'features' if present, else
+    the only list column that is not a label."""
+    if input_name in table.column_names and input_name not in labels:
+        return input_name
     if io.DEFAULT_FEATURES in table.column_names:
         return io.DEFAULT_FEATURES
     labels = set(labels)
@@ -234,7 +248,7 @@ def _input_column(table: pa.Table, name: str, labels: list[str]) -> str:
 
 
 def _feature_choice(table, name, features_column, feature_columns, metadata,
-                    labels, notes) -> dict:
+                    labels, notes, input_name) -> dict:
     """``column=`` or ``columns=`` for io.feature_matrix; notes when the
     choice differs from the columns the head was trained on."""
     columns = io.split_names(feature_columns, "--feature-columns")
@@ -247,7 +261,7 @@ def _feature_choice(table, name, features_column, feature_columns, metadata,
         _check_given(given, recorded, feature_columns, notes)
         return {"columns": columns} if columns else {"column": features_column}
     if recorded is None:
-        return {"column": _input_column(table, name, labels)}
+        return {"column": _input_column(table, labels, input_name)}
     missing = [c for c in recorded if c not in table.column_names]
     if missing:
         raise DataError(f"{io.describe(name)}: the head was trained on "
@@ -258,6 +272,45 @@ def _feature_choice(table, name, features_column, feature_columns, metadata,
     if len(recorded) == 1 and _is_list(table.schema.field(recorded[0]).type):
         return {"column": recorded[0]}
     return {"columns": recorded}
+
+
+def _refuse_embedded(table, name, column, model_path, metadata, input_name
+                     ) -> None:
+    """A backbone, or a merged model, fed the features vbsw embed made.
+
+    Where the widths agree (8 x 8 digits, 64 features) the model would run
+    and score nonsense, so the run stops unless --features asks for it.
+    """
+    record = _embedded_by(table)
+    if record is None or column != io.DEFAULT_FEATURES or input_name == column:
+        return
+    merged = "merged" in metadata
+    if not merged and record.get("model_sha256") != io.sha256_of(model_path):
+        return
+    what = ("a merged model (backbone and head)" if merged
+            else "the backbone that made them")
+    read = io.describe(record.get("input", "-"))
+    raise DataError(f"{io.describe(name)}: column 'features' holds features "
+                    f"made by vbsw embed, and {model_path} is {what}: its input "
+                    f"'{input_name}' takes the data embed read ({read}); "
+                    "evaluate it on those, or give --features features to "
+                    "feed this column anyway")
+
+
+def _embedded_by(table: pa.Table) -> dict | None:
+    """The parameters of the latest vbsw embed among the table's records."""
+    metadata = table.schema.metadata or {}
+    records = []
+    for key in (io.HISTORY_KEY, io.PROVENANCE_KEY):  # oldest first
+        try:
+            found = json.loads(metadata.get(key, b"null"))
+        except ValueError:
+            continue
+        records += found if isinstance(found, list) else [found]
+    for record in reversed(records):
+        if isinstance(record, dict) and record.get("command") == "embed":
+            return record.get("parameters") or {}
+    return None
 
 
 def _recorded_features(metadata: dict) -> list[str] | None:
