@@ -693,6 +693,7 @@ def test_a_run_failing_after_rows_went_to_stdout_leaves_no_footer(
         tmp_path, here, monkeypatch):
     monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
     monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    monkeypatch.setattr(cli, "HOLD_BYTES", 1)
     source = digits_with_nan(tmp_path / "nan.parquet", row=300)
 
     run = here("embed", BACKBONE, source, "-o", "-", "--batch-size", "30")
@@ -713,6 +714,7 @@ def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
 
     monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
     monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    monkeypatch.setattr(cli, "HOLD_BYTES", 1)
     real = cli.embed
 
     def signalled(*args, **kwargs):
@@ -727,6 +729,35 @@ def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
 
     assert run.code == 128 + getattr(signal, name), run.stderr
     assert_cut_stream(run.stdout)
+
+
+@pytest.mark.parametrize("stop", ["nan", "interrupt"])
+def test_a_run_stopped_before_much_output_writes_nothing_to_stdout(
+        tmp_path, capfdbinary, monkeypatch, stop):
+    """Row groups are written (GROUP_BYTES 1), but held back, not sent."""
+    monkeypatch.setattr(cli, "MAX_GROUP_ROWS", 30)
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    source = digits_with_nan(tmp_path / "nan.parquet", row=300)
+    if stop == "interrupt":
+        source, real = TEST, cli.embed
+
+        def cut_short(*args, **kwargs):
+            for number, batch in enumerate(real(*args, **kwargs)):
+                if number == 8:
+                    raise KeyboardInterrupt
+                yield batch
+
+        monkeypatch.setattr(cli, "embed", cut_short)
+    run = run_here(capfdbinary, "embed", BACKBONE, source, "-o", "-",
+                   "--batch-size", "30")
+
+    assert run.stdout == b""
+    last = run.stderr.strip().splitlines()[-1]
+    if stop == "nan":
+        assert run.code == 1 and "NaN" in last
+    else:
+        assert (run.code, last) == (130, "vbsw embed: error: interrupted; no "
+                                         "output was written")
 
 
 def test_provenance_records_the_cut_and_the_device(tmp_path, here):
@@ -1287,6 +1318,8 @@ def test_help_shows_a_working_example(here):
 
 def test_an_interrupt_after_rows_went_to_stdout_says_the_stream_is_cut(
         capfdbinary, monkeypatch):
+    monkeypatch.setattr(cli, "GROUP_BYTES", 1)
+    monkeypatch.setattr(cli, "HOLD_BYTES", 1)
     real = cli.embed
 
     def cut_short(*args, **kwargs):

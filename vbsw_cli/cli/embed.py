@@ -28,6 +28,8 @@ FEATURES = io.DEFAULT_FEATURES
 # Rows are written in row groups of about this many bytes of features (at least
 # one batch), so memory stays flat and readers do not meet tiny row groups.
 GROUP_BYTES = 8 * 2**20
+# Output to stdout held back until it passes this much (see _RefusableStream).
+HOLD_BYTES = 64 * 2**20
 MAX_GROUP_ROWS = 65536
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # Parquet codecs for --compression. None is the default: features are dense
@@ -312,13 +314,15 @@ def write_features(batches, data, destination: str, parameters: dict, *,
     """Write the feature batches as Parquet row groups; ``(rows, features)``.
 
     A file goes to a temporary path renamed on success, so a failed or
-    interrupted run leaves nothing. stdout is written as the rows come; a run
-    that fails leaves it without the Parquet footer, so readers refuse it.
+    interrupted run leaves nothing. stdout is written as the rows come, once
+    past HOLD_BYTES (a run that fails before writes nothing); a run that fails
+    later leaves it without the Parquet footer, so readers refuse it.
     """
     if destination == io.STDIO:
-        stream = _RefusableStream(io.data_stdout())
+        stream = _RefusableStream()
         counts = _write_groups(batches, data, pa.PythonFile(stream, mode="w"),
                                parameters, compression, on_failure=stream.refuse)
+        stream.release()
         io.data_stdout().flush()
         return counts
     with io.atomic_output(destination, inputs=inputs) as temporary:
@@ -375,23 +379,42 @@ def _put_all(batches, writer, group_rows: int) -> int:
 class _RefusableStream:
     """stdout for the Parquet writer, cut off for good once the run fails.
 
-    After ``refuse()`` every write raises OSError, so the footer that
+    The first HOLD_BYTES are held back, so a run that fails before its output
+    passes them (most failures: a bad row, a wrong model) writes nothing at
+    all. After ``refuse()`` every write raises OSError, so the footer that
     pyarrow's close or the C++ writer's destructor would add never gets out.
     """
 
-    def __init__(self, stream):
-        self.stream, self.refused = stream, False
+    def __init__(self):
+        self.stream, self.refused = None, False  # stdout, once released
+        self.held, self.held_bytes = [], 0
 
     def refuse(self) -> None:
         self.refused = True
+        self.held, self.held_bytes = [], 0
 
     def write(self, data) -> int:
         if self.refused:
             raise OSError("the run failed: no more output to stdout")
-        return self.stream.write(data)
+        if self.held is None:
+            return self.stream.write(data)
+        self.held.append(bytes(data))
+        self.held_bytes += len(data)
+        if self.held_bytes > HOLD_BYTES:
+            self.release()
+        return len(data)
+
+    def release(self) -> None:
+        """Send what is held back; write straight through from now on."""
+        if self.refused or self.held is None:
+            return
+        held, self.held = self.held, None
+        self.stream = io.data_stdout()  # from here an interrupt cuts a stream
+        for data in held:
+            self.stream.write(data)
 
     def flush(self) -> None:
-        if not self.refused:
+        if not self.refused and self.held is None:
             self.stream.flush()
 
     def close(self) -> None:
@@ -399,7 +422,7 @@ class _RefusableStream:
 
     @property
     def closed(self) -> bool:
-        return self.stream.closed
+        return self.stream is not None and self.stream.closed
 
 
 class _BackgroundWriter:
