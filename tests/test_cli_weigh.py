@@ -153,6 +153,21 @@ def test_reproducible_graphs_give_the_same_bytes_on_two_threads(tmp_path, rng):
     assert (search["reproducible"], search["shards"]) == (True, 2)
 
 
+
+def test_auto_choosing_exact_by_time_writes_the_same_bytes(tmp_path, rng):
+    """12,000 rows: auto times a sample and picks the exact search; the
+    predicted seconds stay on stderr, out of the metadata."""
+    X = rng.normal(size=(12_000, 4)).astype(np.float32)
+    path = write_features(tmp_path / "f.parquet", X, rng.integers(3, size=12_000))
+    args = ("weigh", path, "--k", "5", "-o", "-")
+    first, second = run_vbsw(*args), run_vbsw(*args)
+    assert first.code == 0, first.stderr
+    assert "search: exact (exact search predicted " in first.stderr
+    search = json.loads(read(first.stdout).schema.metadata[b"vbsw"]
+                        )["parameters"]["search"]
+    assert search["reason"] == "exact search predicted faster than a graph"
+    assert first.stdout == second.stdout
+
 def test_provenance_names_the_threads_and_the_checked_recall(tmp_path, rng):
     X = rng.normal(size=(12_000, 4)).astype(np.float32)
     path = write_features(tmp_path / "f.parquet", X, rng.integers(3, size=12_000))

@@ -115,6 +115,14 @@ TREE_PROBE_ROWS = 64
 # sample's row took 1.1 times as long as one of the whole search).
 SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 
+# Why exact search ran where auto could have used a graph, in fixed words for
+# the output's metadata (the messages give the measured figures, which differ
+# from run to run).
+CHEAPER = "exact search predicted faster than a graph"
+LOW_CONTRAST = "relative contrast too low for a graph"
+SLOWER = "the graph predicted slower than exact search at the recall asked for"
+SHORT = "the graphs fell short of --recall"
+
 
 @dataclass
 class SearchOptions:
@@ -460,7 +468,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
             reason = (f"hnswlib at ef={ef} (recall {floor_text(recall)}, "
                       f"predicted {graph_s} s) is slower than exact search "
                       f"(predicted {exact_s} s)")
-            return _exact_instead(X, n_query, options, progress, details, reason)
+            return _exact_instead(X, n_query, options, progress, details,
+                                  (SLOWER, reason))
         last = graph is attempts[-1]
         found = None
         if low >= options.recall or options.ef is not None or last:
@@ -472,7 +481,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                 reason = (f"hnswlib could not return {n_query} neighbours for "
                           "every row")
                 return _exact_instead(X, n_query, options, progress, details,
-                                      reason)
+                                      (reason, reason))
             _repair(X, found, n_query, graph, ef, progress, kept, sampled, details)
             recall, low = details["sample_recall"], details["sample_recall_low"]
             if low >= options.recall or options.ef is not None:
@@ -483,7 +492,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                             queried=found is not None)
         if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
             del found
-            return _exact_instead(X, n_query, options, progress, details, short)
+            return _exact_instead(X, n_query, options, progress, details,
+                                  (SHORT, short))
         if not last:
             del found  # free before the denser graph is built
     # Neither graph reached the recall and exact search would take far
@@ -554,8 +564,10 @@ def self_join_speed_up(prepared: ExactSearch, n_query: int) -> float:
     return 1.0 if prepared.by_whole_rows(n_query) else SELF_JOIN_SPEED_UP
 
 
-def _exact_at_once(options, X, ratios, predicted_exact, part) -> str | None:
-    """Why the exact search should run without trying a graph, if it should.
+def _exact_at_once(options, X, ratios, predicted_exact, part
+                   ) -> tuple[str, str] | None:
+    """Why the exact search should run without trying a graph, if it should:
+    the fixed phrase for the metadata and the text with the figures.
 
     ``part``: the ratios come from part of the sample, so a low contrast must
     be clear: more rows under HARD_CONTRAST than a fair coin would give by
@@ -564,15 +576,15 @@ def _exact_at_once(options, X, ratios, predicted_exact, part) -> str | None:
     if options.method != "auto":
         return None
     if predicted_exact < CHEAP_EXACT_SECONDS and not _probes(X):
-        return (f"exact search predicted {predicted_exact:.2f} s, less than "
-                "a graph would take")
+        return CHEAPER, (f"exact search predicted {predicted_exact:.2f} s, less "
+                         "than a graph would take")
     below = int((ratios < HARD_CONTRAST).sum())
     clear = len(ratios) / 2 + 1.5 * np.sqrt(len(ratios)) if part \
         else len(ratios) / 2
     if below > clear and predicted_exact < HARD_EXACT_SECONDS:
-        return (f"relative contrast {np.median(ratios):.2f} < {HARD_CONTRAST}: "
-                f"a graph would need a huge ef; exact search predicted "
-                f"{predicted_exact:.1f} s")
+        return LOW_CONTRAST, (f"relative contrast {np.median(ratios):.2f} < "
+                              f"{HARD_CONTRAST}: a graph would need a huge ef; "
+                              f"exact search predicted {predicted_exact:.1f} s")
     return None
 
 
@@ -580,7 +592,8 @@ def _exact_first(X, prepared, n_query, options, progress, reason, contrast):
     """The exact search, chosen before any graph was built."""
     indices, distances = exact_search(X, n_query, options, progress,
                                       prepared=prepared)
-    return indices, distances, "exact", {"reason": reason,
+    why, reason = reason
+    return indices, distances, "exact", {"reason": reason, "why": why,
                                          "relative_contrast": contrast}
 
 
@@ -653,8 +666,11 @@ def _graph_attempts(options: SearchOptions) -> list[SearchOptions]:
 
 
 def _exact_instead(X, n_query, options, progress, details, reason):
+    """The exact search after a graph was tried; ``reason``: (the fixed
+    phrase, the text with the figures)."""
+    why, reason = reason
     indices, distances = exact_search(X, n_query, options, progress)
-    return indices, distances, "exact", {**details, "reason": reason}
+    return indices, distances, "exact", {**details, "reason": reason, "why": why}
 
 
 def contrast_ratios(X, sample, reference, rng) -> np.ndarray:

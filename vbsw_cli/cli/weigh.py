@@ -321,10 +321,15 @@ def _write_graph(result, temporary, include_self):
 
 
 def _jsonable(details: dict) -> dict:
-    """Search details for the metadata: timings left out, so that the same
+    """Search details for the metadata: timings left out, and a reason in
+    fixed words (``why``) for one with measured figures, so that the same
     seed writes the same bytes."""
-    return {key: (round(value, 4) if isinstance(value, float) else value)
-            for key, value in details.items() if not key.endswith("_s")}
+    record = {key: (round(value, 4) if isinstance(value, float) else value)
+              for key, value in details.items()
+              if not key.endswith("_s") and key != "why"}
+    if "why" in details:
+        record["reason"] = details["why"]
+    return record
 
 
 def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
