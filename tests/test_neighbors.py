@@ -643,6 +643,57 @@ def test_an_exact_search_cheaper_than_a_graph_runs_at_once(rng, monkeypatch):
 
 
 
+def clocked(monkeypatch, factor: float):
+    """neighbors' clock running ``factor`` times as fast as the real one."""
+    import vbsw_cli.neighbors as search
+
+    real = time.perf_counter
+    monkeypatch.setattr(search, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: real() * factor)}))
+
+
+@pytest.mark.parametrize("rate", [None, 1.0])
+@pytest.mark.parametrize("threads, reproducible", [(1, False), (2, True)])
+def test_a_fixed_graph_is_chosen_without_a_clock(rng, monkeypatch, threads,
+                                                 reproducible, rate):
+    """Where the graph is the same on every run, so is the choice between
+    it and exact search: a clock 1000 times faster or slower changes
+    nothing. ``rate``: EXACT_RATE so low that the graph is chosen."""
+    import vbsw_cli.neighbors as search
+
+    if rate is not None:
+        monkeypatch.setattr(search, "EXACT_RATE", rate)
+    centres = rng.normal(size=(20, 8)) * 10
+    X = centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 8))
+    options = SearchOptions(exact_below=500, sample_size=400, threads=threads,
+                            reproducible=reproducible)
+    found = []
+    for factor in (1e-3, 1e3):
+        clocked(monkeypatch, factor)
+        found.append(search.nearest_neighbours(X, 10, options=options))
+
+    first, second = found
+    assert first.method == second.method == ("exact" if rate is None else "hnsw")
+    assert first.details.get("why") == second.details.get("why")
+    assert ("ef" in first.details) == ("ef" in second.details)
+    np.testing.assert_array_equal(first.indices, second.indices)
+
+
+def test_a_graph_built_on_threads_is_chosen_by_the_clock(rng, monkeypatch):
+    """The other side: on two threads without --reproducible, measured
+    times decide (the clock above would change the choice)."""
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(20, 8)) * 10
+    X = centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 8))
+    options = SearchOptions(exact_below=500, sample_size=400, threads=2)
+    tried = []
+    for factor in (1e-3, 1e3):
+        clocked(monkeypatch, factor)
+        tried.append("ef" in search.nearest_neighbours(X, 10,
+                                                       options=options).details)
+    assert tried == [False, True]
+
 @pytest.mark.parametrize("k, tiles", [(10, True), (300, False)])
 def test_a_whole_search_by_whole_rows_is_predicted_without_the_self_join(
         rng, k, tiles):

@@ -115,6 +115,13 @@ TREE_PROBE_ROWS = 64
 # sample's row took 1.1 times as long as one of the whole search).
 SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 
+# A run whose graph is the same on every run (--reproducible, or one thread)
+# chooses between the graph and exact search without a clock: the exact
+# search's seconds are estimated from its size, at EXACT_RATE entries (pairs
+# of rows times d + 2) per second and thread (50,000 x 64 Gaussian rows took
+# 2.2 s on 2 cores), and the graph is kept whenever it reaches the recall.
+EXACT_RATE = 1.9e10
+
 # Why exact search ran where auto could have used a graph, in fixed words for
 # the output's metadata (the messages give the measured figures, which differ
 # from run to run).
@@ -409,6 +416,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     # row predicts the whole exact search.
     prepared = ExactSearch(X, copies)
     prepared.products(n_query, None, thread_count(options.threads))
+    fixed = fixed_choice(options)
     exact_search(X, n_query, options, progress, rows=sample[:8],
                  prepared=prepared)
 
@@ -420,8 +428,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     seconds = _timed_reference(X, prepared, n_query, options, sample,
                                first, reference)
     ratios = contrast_ratios(X, sample[first], reference[first], rng)
-    predicted_exact = _predicted_exact(X, seconds / first.sum(), options,
-                                       prepared, n_query)
+    predicted_exact = estimated_exact(X, options) if fixed else \
+        _predicted_exact(X, seconds / first.sum(), options, prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=True)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
@@ -431,8 +439,9 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                                 ~first, reference)
     ratios = contrast_ratios(X, sample, reference, rng)
     contrast = float(np.median(ratios))
-    predicted_exact = _predicted_exact(X, seconds / len(sample), options,
-                                       prepared, n_query)
+    if not fixed:
+        predicted_exact = _predicted_exact(X, seconds / len(sample), options,
+                                           prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=False)
     if reason:
         return _exact_first(X, prepared, n_query, options, progress, reason,
@@ -455,7 +464,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                        shards=graph_count(index),
                        reproducible=graph.reproducible,
                        build_s=time.perf_counter() - started)
-        ceiling = predicted_exact if options.method == "auto" else None
+        ceiling = predicted_exact if options.method == "auto" and not fixed \
+            else None
         ef, recall, low, per_row = _choose_ef(index, X, sample, reference,
                                               n_query, graph, ceiling,
                                               include_self)
@@ -490,7 +500,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
             del index
         short = _short_text(graph, ef, recall, low, options.recall,
                             queried=found is not None)
-        if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
+        patience = 0.0 if fixed else EXACT_PATIENCE * spent
+        if predicted_exact <= max(HARD_EXACT_SECONDS, patience):
             del found
             return _exact_instead(X, n_query, options, progress, details,
                                   (SHORT, short))
@@ -556,6 +567,18 @@ def _predicted_exact(X, per_row: float, options: SearchOptions,
     # The sample was searched by blocked products, which do the whole set
     # faster per row (where a probe then picks a tree, faster still).
     return per_row * len(X) / self_join_speed_up(prepared, n_query)
+
+
+def fixed_choice(options: SearchOptions) -> bool:
+    """Whether the graph is the same on every run, and so must be the choice
+    between it and exact search: no measured time may decide."""
+    return options.reproducible or thread_count(options.threads) == 1
+
+
+def estimated_exact(X: np.ndarray, options: SearchOptions) -> float:
+    """Seconds of the exact search of every row, from its size alone."""
+    entries = float(len(X)) ** 2 * (X.shape[1] + 2) / 2  # a self-join: half
+    return entries / (EXACT_RATE * thread_count(options.threads))
 
 
 def self_join_speed_up(prepared: ExactSearch, n_query: int) -> float:

@@ -364,12 +364,6 @@ def _graphs(shards: int) -> str:
     return f"{shards} graphs built on a thread each, " if shards > 1 else ""
 
 
-def _timed_choice(options, n_rows: int) -> bool:
-    """Whether a --reproducible run's search was chosen by measured times."""
-    return options is not None and options.reproducible and \
-        options.method == "auto" and n_rows > options.exact_below
-
-
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
              check_recall, include_self, graph_given, labels, *,
              graph_path=None, options=None):
@@ -401,11 +395,6 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
         reporter.notice(f"fell back to exact search: {details['reason']}")
     if "warning" in details:
         reporter.say(f"warning: {details['warning']}")
-    if _timed_choice(options, len(X)):
-        reporter.notice("--search auto chose between the graph and exact search "
-                        "by measured times, which a loaded machine can change; "
-                        "add --search hnsw (or --exact) for the same output on "
-                        "every run")
     if result.recall is not None:
         rows = min(check_recall, len(X))
         reporter.say(f"recall@{k} against exact search: {result.recall:.4f} "
