@@ -445,6 +445,28 @@ def test_a_sparse_graph_is_retried_denser_then_kept_with_a_warning(rng,
     assert (found.indices[:, 0] == np.arange(len(X))).all()
 
 
+@pytest.mark.parametrize("rate, method", [(None, "exact"), (1.0, "hnsw")])
+def test_a_fixed_graph_short_of_the_recall_weighs_estimated_costs(
+        rng, monkeypatch, rate, method):
+    """On one thread, a graph that misses the recall gives way to the exact
+    search when that is estimated under EXACT_PATIENCE times the graphs'
+    estimated cost (no minute for free here); a slow exact search does not."""
+    import vbsw_cli.neighbors as search
+
+    monkeypatch.setattr(search, "_sample_recall", lambda *a, **k: (1.0, 1.0))
+    monkeypatch.setattr(search, "_recall_as_used", lambda *a, **k: (0.5, 0.4))
+    monkeypatch.setattr(search, "HARD_EXACT_SECONDS", 0.0)
+    if rate is not None:
+        monkeypatch.setattr(search, "EXACT_RATE", rate)
+    X = rng.normal(size=(2000, 8))
+    options = SearchOptions(method="hnsw", M=6, ef_construction=20, seed=0,
+                            threads=1)
+
+    found = nearest_neighbours(X, 10, options=options)
+
+    assert found.method == method
+    assert (found.details.get("why") == search.SHORT) == (method == "exact")
+
 @pytest.mark.parametrize("exact_affordable", [False, True])
 def test_a_graph_short_of_the_recall_once_used_is_retried_denser(
         rng, monkeypatch, exact_affordable):

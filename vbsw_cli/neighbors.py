@@ -120,7 +120,11 @@ SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 # search's seconds are estimated from its size, at EXACT_RATE entries (pairs
 # of rows times d + 2) per second and thread (50,000 x 64 Gaussian rows took
 # 2.2 s on 2 cores), and the graph is kept whenever it reaches the recall.
+# A graph's seconds (for EXACT_PATIENCE) are estimated likewise, at GRAPH_RATE
+# rows x d x M x (ef_construction + ef) per second and thread (50,000 x 64,
+# M = 12, ef_construction = 40, ef = 20: 0.82 s to build and query on 2 cores).
 EXACT_RATE = 1.9e10
+GRAPH_RATE = 1.4e9
 
 # Why exact search ran where auto could have used a graph, in fixed words for
 # the output's metadata (the messages give the measured figures, which differ
@@ -472,7 +476,8 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
         predicted_hnsw = per_row * len(X)
         details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
                        predicted_query_s=predicted_hnsw)
-        spent += details["build_s"] + predicted_hnsw
+        spent += estimated_graph(X, graph, ef) if fixed else \
+            details["build_s"] + predicted_hnsw
         if ceiling is not None and predicted_hnsw > ceiling:
             graph_s, exact_s = seconds_apart(predicted_hnsw, ceiling)
             reason = (f"hnswlib at ef={ef} (recall {floor_text(recall)}, "
@@ -500,8 +505,7 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
             del index
         short = _short_text(graph, ef, recall, low, options.recall,
                             queried=found is not None)
-        patience = 0.0 if fixed else EXACT_PATIENCE * spent
-        if predicted_exact <= max(HARD_EXACT_SECONDS, patience):
+        if predicted_exact <= max(HARD_EXACT_SECONDS, EXACT_PATIENCE * spent):
             del found
             return _exact_instead(X, n_query, options, progress, details,
                                   (SHORT, short))
@@ -579,6 +583,12 @@ def estimated_exact(X: np.ndarray, options: SearchOptions) -> float:
     """Seconds of the exact search of every row, from its size alone."""
     entries = float(len(X)) ** 2 * (X.shape[1] + 2) / 2  # a self-join: half
     return entries / (EXACT_RATE * thread_count(options.threads))
+
+
+def estimated_graph(X: np.ndarray, graph: SearchOptions, ef: int) -> float:
+    """Seconds to build and query a graph of X, from its size alone."""
+    work = float(len(X)) * X.shape[1] * graph.M * (graph.ef_construction + ef)
+    return work / (GRAPH_RATE * thread_count(graph.threads))
 
 
 def self_join_speed_up(prepared: ExactSearch, n_query: int) -> float:
