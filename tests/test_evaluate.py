@@ -573,6 +573,8 @@ def test_a_fixed_batch_dimension_is_padded(rng, fixed):
     (["--seed", str(2**32)], "--seed"),
     (["--label", "kind,kind"], "column 'kind' is named twice"),
     (["--features", "features", "--feature-columns", "kind"], "give one of them"),
+    (["--task", "regression"], "is a classification model (its vbsw metadata"),
+    (["--reference", "vbsw"], "--reference vbsw names the run gains are"),
 ])
 def test_cli_usage_errors(capfdbinary, tmp_path, trained, args, text):
     model, data, _, _ = trained
@@ -592,6 +594,31 @@ def test_cli_json_under_a_data_name_is_refused(capfdbinary, tmp_path, trained,
     assert (run.code, run.stdout) == (2, b"")
     assert f"--json {tmp_path / name}: the run record is JSON" in run.stderr
     assert not (tmp_path / name).exists()
+
+
+def test_cli_refuses_swapped_paths_and_two_files_on_stdin(capfdbinary,
+                                                          tmp_path, trained):
+    model, data, _, y = trained
+    run = vbsw(capfdbinary, "evaluate", data, model)
+    assert run.code == 2 and f"DATA {model} is an ONNX model: the model comes " \
+        "first" in run.stderr
+    np.save(tmp_path / "y.npy", y)
+    run = vbsw(capfdbinary, "evaluate", model, "-", "--labels", "-")
+    assert run.code == 2 and "DATA - and --labels -: stdin holds one file" \
+        in run.stderr
+    run = vbsw(capfdbinary, "evaluate", "--predictions", "-", "--labels", "-")
+    assert run.code == 2 and "--predictions - and --labels -" in run.stderr
+
+
+def test_cli_notes_labels_taken_from_the_labels_file(capfdbinary, tmp_path,
+                                                     trained):
+    model, data, _, y = trained
+    np.save(tmp_path / "y.npy", np.array(["low", "mid", "top"])[y])
+    run = vbsw(capfdbinary, "evaluate", model, data, "--labels",
+               tmp_path / "y.npy", "--json", "-")
+    assert run.code == 0, run.stderr
+    assert f"note: 'label' of {data} not used: the labels come from the " \
+        "--labels file" in run.stderr
 
 def test_cli_predictions_go_to_stdout(capfdbinary, tmp_path, trained):
     model, data, proba, _ = trained
@@ -716,6 +743,28 @@ def test_cli_uses_the_heads_recorded_columns(capfdbinary, tmp_path,
     assert again.code == 0, again.stderr
     assert json.loads(again.stdout)["metrics"] == pytest.approx(result["metrics"])
 
+
+
+def test_cli_refuses_labels_in_another_order(capfdbinary, tmp_path,
+                                             regression_head):
+    """Trained on a,b: --label b,a would score output a against column b."""
+    model, data, _, _ = regression_head
+    saved = tmp_path / "pred.parquet"
+    run = vbsw(capfdbinary, "evaluate", model, data, "--save-predictions", saved,
+               "-q")
+    assert run.code == 0, run.stderr
+    for args in ([model, data], ["--predictions", saved]):
+        run = vbsw(capfdbinary, "evaluate", *args, "--label", "b,a", "--json",
+                   tmp_path / "r.json")
+        assert run.code == 2
+        assert "--label b,a: the outputs follow the labels in the order a,b" \
+            in run.stderr
+        assert not (tmp_path / "r.json").exists()
+    run = vbsw(capfdbinary, "evaluate", model, data, "--label", "a,label",
+               "--json", "-")
+    assert run.code == 0, run.stderr
+    assert "note: the model was trained to predict 2 columns (a, b); scored " \
+        "against 2 columns (a, label) as asked" in run.stderr
 
 def test_cli_refuses_permuted_or_missing_feature_columns(capfdbinary, tmp_path,
                                                          regression_head):

@@ -62,10 +62,10 @@ def evaluate_cli(
     compare_runs: Annotated[bool, typer.Option(
         "--compare", help="Aggregate run records by run name: best, mean ± se, "
         "gain per base model.")] = False,
-    reference: Annotated[str, typer.Option(
+    reference: Annotated[Optional[str], typer.Option(
         "--reference", metavar="NAME",
-        help="With --compare: the run name gains are measured against.")
-    ] = "baseline",
+        help="With --compare: the run name gains are measured against. "
+        "Default: baseline.")] = None,
     features_column: Annotated[Optional[str], typer.Option(
         "--features", metavar="COLUMN", help="The model's input column. "
         "Default: the column(s) a vbsw head was trained on, else 'features', "
@@ -125,8 +125,16 @@ def evaluate_cli(
         raise UsageError(f"--save-predictions saves a model's predictions; "
                          f"with {given} no model runs: drop one of them")
     if compare_runs:
-        _compare_mode(paths, predictions, reference, json_path, reporter)
+        _compare_mode(paths, predictions, reference or "baseline", json_path,
+                      reporter)
         return
+    if reference is not None:
+        raise UsageError(f"--reference {reference} names the run gains are "
+                         "measured against in --compare; without --compare "
+                         "drop it")
+    if predictions == io.STDIO and labels_file == io.STDIO:
+        raise UsageError("--predictions - and --labels -: stdin holds one "
+                         "file; give the other a file name")
 
     if predictions is not None:
         if paths:
@@ -134,7 +142,7 @@ def evaluate_cli(
                              "arguments")
         record = _predictions_mode(predictions, label, labels_file, task)
     else:
-        _check_model_paths(paths)
+        _check_model_paths(paths, labels_file)
         record = _model_mode(paths, features_column, feature_columns, label,
                              labels_file, task, batch_size, save_predictions,
                              reporter)
@@ -145,7 +153,7 @@ def evaluate_cli(
     _print_record(reporter, record)
 
 
-def _check_model_paths(paths) -> None:
+def _check_model_paths(paths, labels_file) -> None:
     """MODEL.onnx and DATA, the model a file: onnx reads a model from a path."""
     if len(paths) != 2:
         raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
@@ -157,6 +165,12 @@ def _check_model_paths(paths) -> None:
     if paths[0].lower().endswith(".json"):
         raise UsageError(f"MODEL {paths[0]}: a .json file is a run record, not "
                          "a model; to compare run records, give --compare")
+    if paths[1].lower().endswith(".onnx") and not paths[0].lower().endswith(".onnx"):
+        raise UsageError(f"DATA {paths[1]} is an ONNX model: the model comes "
+                         "first (vbsw evaluate MODEL.onnx DATA)")
+    if paths[1] == io.STDIO and labels_file == io.STDIO:
+        raise UsageError("DATA - and --labels -: stdin holds one file; give "
+                         "the other a file name")
 
 
 def _check_outputs(json_path, save_predictions, inputs) -> None:
@@ -197,8 +211,12 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
     model_path, data_path = paths
     model = load_model(model_path)
     metadata = read_metadata(model) or {}
+    recorded_task = metadata.get("task")
     if task == "auto":
-        task = metadata.get("task", "auto")
+        task = recorded_task or "auto"
+    elif recorded_task in ("classification", "regression") and task != recorded_task:
+        raise UsageError(f"--task {task}: {model_path} is a {recorded_task} "
+                         "model (its vbsw metadata says so); drop --task")
 
     table = io.read_table(data_path)
     io.require_rows(table, data_path)
@@ -212,6 +230,8 @@ def _model_mode(paths, features_column, feature_columns, label, labels_file,
         _refuse_embedded(table, data_path, choice.get("column"), model_path,
                          metadata, input_name)
     label_names = io.expand_columns(label_table, label_names, source, "label")
+    _check_label_order(label, label_names, metadata.get("labels"), notes)
+    notes += _relabelled(table, data_path, label_table, label_names)
     own = label_names if label_table is table else []
     X, used = io.feature_matrix(table, data_path, **choice,
                                 exclude=[io.ID_COLUMN, *own])
@@ -355,11 +375,36 @@ def _label_names(label, recorded, table, source, notes) -> list[str]:
         return [io.DEFAULT_LABEL]
     missing = [c for c in recorded if c not in table.column_names]
     if missing and io.DEFAULT_LABEL in table.column_names:
-        notes.append(f"the model was trained on label {_shown(recorded)}, which "
+        notes.append(f"the model was trained to predict {_shown(recorded)}, which "
                      f"{io.describe(source)} lacks: scored against "
                      f"'{io.DEFAULT_LABEL}'")
         return [io.DEFAULT_LABEL]
     return list(recorded)
+
+
+def _check_label_order(label, names, recorded, notes) -> None:
+    """--label against the labels the outputs follow: the same ones in another
+    order are refused (each output would be scored against another label's
+    column); others are noted."""
+    if label is None or not (isinstance(recorded, list) and recorded) \
+            or names == recorded:
+        return
+    if sorted(names) == sorted(recorded):
+        raise UsageError(f"--label {label}: the outputs follow the labels in "
+                         f"the order {','.join(recorded)}; give them in that "
+                         "order")
+    notes.append(f"the model was trained to predict {_shown(recorded)}; "
+                 f"scored against {_shown(names)} as asked")
+
+
+def _relabelled(table, name, label_table, names) -> list[str]:
+    """A note where the --labels file's columns stand in for the data's own."""
+    both = [c for c in names if c in table.column_names]
+    if label_table is table or not both:
+        return []
+    shown = ", ".join(f"'{c}'" for c in both)
+    return [f"{shown} of {io.describe(name)} not used: the labels come from "
+            "the --labels file"]
 
 
 def _label_table(table: pa.Table, name: str, labels_file: str | None):
@@ -397,8 +442,9 @@ def _score_classes(outputs, column, metadata, name) -> tuple[dict, dict]:
     if classes is None:
         classes = list(range(max(outputs.shape[1], 2)))
         if not all(isinstance(c, (int, np.integer)) for c in column.classes):
-            raise DataError(f"{name}: the model names no classes (no vbsw "
-                            "metadata), so the labels must be class numbers "
+            why = "" if metadata else " (no vbsw metadata)"
+            raise DataError(f"{name}: the model names no classes{why}, so the "
+                            "labels must be class numbers "
                             f"0..{len(classes) - 1}; '{column.column}' holds "
                             "other values")
     with named_errors(name):
@@ -453,6 +499,8 @@ def _predictions_mode(path, label, labels_file, task) -> dict:
     recorded = ((io.read_provenance(table) or {}).get("parameters") or {}
                 ).get("labels")
     names = _label_names(label, recorded, label_table, source, notes)
+    _check_label_order(label, names, recorded, notes)
+    notes += _relabelled(table, path, label_table, names)
     labels = io.read_labels(label_table, source, names, task=task)
     kinds = {c.kind for c in labels}
     if kinds == {"classification"} and len(labels) == 1:
@@ -515,7 +563,8 @@ def _proba_classes(table, width, column) -> list:
         classes = json.loads(metadata[b"classes"])
         if len(classes) != width:
             raise DataError(f"'{PROBABILITIES}' names {len(classes)} classes in "
-                            f"its metadata but holds {width} values per row")
+                            f"its metadata but holds {io.counted(width, 'value')} "
+                            "per row")
         return classes
     if all(isinstance(c, (int, np.integer)) for c in column.classes):
         return list(range(max(width, 2)))
@@ -648,8 +697,8 @@ def _print_record(reporter, record) -> None:
     if record.get("source") == "model":
         reporter.say(f"model input '{record['model_input']}' <- "
                      f"{_shown(record['features'])} of {record['data']} "
-                     f"({record['n_features']} values per row); labels "
-                     f"{', '.join(record['labels'])}")
+                     f"({io.counted(record['n_features'], 'value')} per row); "
+                     f"labels {', '.join(record['labels'])}")
     stderr.print(table)
     undefined = [n for n in names if n in record["metrics"]
                  and record["metrics"][n] is None]
