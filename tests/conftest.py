@@ -38,16 +38,23 @@ def run_here(capture, *args) -> Run:
     ``capture`` is pytest's capfd or capfdbinary fixture: stdout and stderr
     are captured at the file descriptors, apart. stderr comes back as text.
     """
+    import signal
+
     from vbsw_cli import stopping
     from vbsw_cli.cli import main
 
     stopping.clear_stop()  # a stop left by an earlier in-process test
-
+    # main() sets the handlers, and ignores the signals once the run ends.
+    handlers = {name: signal.getsignal(getattr(signal, name))
+                for name in stopping.SIGNALS}
     try:
         main([str(a) for a in args])
         code = 0
     except SystemExit as done:
         code = done.code or 0
+    finally:
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
     out, err = capture.readouterr()
     return Run(code, out, err.decode() if isinstance(err, bytes) else err)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_vbsw
+from conftest import SAMPLE, run_vbsw
 
 COMMANDS = ["embed", "weigh", "retrain-head", "evaluate", "tbs-sample"]
 BACKBONE_FOR_EMPTY = (Path(__file__).resolve().parent.parent / "sample_data"
@@ -45,7 +48,6 @@ def test_sigterm_mid_write_leaves_no_file(tmp_path):
     import time
 
 
-    from conftest import SAMPLE
 
     rows = np.random.default_rng(0).random((60_000, 1, 8, 8), dtype=np.float32)
     np.save(tmp_path / "x.npy", rows)
@@ -197,7 +199,6 @@ def test_sigterm_while_training_a_head_writes_no_model(tmp_path):
     import sys
     import time
 
-    from conftest import SAMPLE
 
     # scikit-learn catches the interrupt inside fit and returns a half-trained
     # model; the command must still stop without writing it.
@@ -226,7 +227,7 @@ def test_messages_keep_colons_as_typed(tmp_path):
 @pytest.mark.parametrize("debug", [False, True])
 def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
         tmp_path, capfd, monkeypatch, debug):
-    from conftest import SAMPLE, run_here
+    from conftest import run_here
     import vbsw_cli.cli.weigh as weigh_cli
 
     def interrupted(*args, **kwargs):
@@ -243,6 +244,44 @@ def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupt_after_the_outputs_says_they_were_written(
+        tmp_path, capfd, monkeypatch):
+    from conftest import run_here
+    import vbsw_cli.cli.evaluate as evaluate_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    head = tmp_path / "head.onnx"
+    run = run_vbsw("retrain-head", SAMPLE / "breast_cancer.parquet", "--no-weights",
+                   "--epochs", "20", "-o", head, "-q")
+    assert run.code == 0, run.stderr
+    monkeypatch.setattr(evaluate_cli, "_print_record", interrupted)
+    record, saved = tmp_path / "r.json", tmp_path / "p.parquet"
+    run = run_here(capfd, "evaluate", head, SAMPLE / "breast_cancer.parquet",
+                   "--json", record, "--save-predictions", saved)
+
+    assert run.code == 130
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"vbsw evaluate: error: interrupted; {saved} and {record} had been "
+        "written in full")
+    assert json.loads(record.read_text())["metrics"]
+    assert pq.read_table(saved).num_rows == 569
+
+
+def test_a_signal_after_the_run_ended_changes_nothing(tmp_path):
+    """Here at the interpreter's exit: no traceback, the run's own status."""
+    script = ("import atexit, os, signal, sys\n"
+              "from vbsw_cli.cli import main\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+              "main(sys.argv[1:])\n")
+    out = tmp_path / "w.parquet"
+    done = subprocess.run([sys.executable, "-c", script, "weigh",
+                           str(SAMPLE / "breast_cancer.parquet"), "--k", "5",
+                           "-q", "-o", str(out)], capture_output=True)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert pq.read_table(out).num_rows == 569
+
 @pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143),
                                         ("SIGHUP", 129)])
 def test_a_signal_exits_with_128_plus_its_number(tmp_path, capfd,
@@ -250,7 +289,7 @@ def test_a_signal_exits_with_128_plus_its_number(tmp_path, capfd,
     import os
     import signal
 
-    from conftest import SAMPLE, run_here
+    from conftest import run_here
     from vbsw_cli import stopping
     import vbsw_cli.cli.weigh as weigh_cli
 
@@ -311,7 +350,6 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
 
 def _duplicate_label_file(path: Path, tensor: str) -> Path:
     """Sample digits with their label column twice (and the tensor renamed)."""
-    from conftest import SAMPLE
 
     table = pq.read_table(SAMPLE / "digits_test.parquet").slice(0, 40)
     columns = [table.column("image"), table.column("label"),
@@ -323,7 +361,7 @@ def _duplicate_label_file(path: Path, tensor: str) -> Path:
 
 @pytest.mark.parametrize("name", ["embed", "weigh", "retrain-head", "evaluate"])
 def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
-    from conftest import SAMPLE, run_here
+    from conftest import run_here
 
     backbone = SAMPLE / "digits_backbone.onnx"
     tensor = "image" if name in ("embed", "evaluate") else "features"
@@ -348,7 +386,7 @@ def test_every_command_refuses_a_column_named_twice(tmp_path, capfd, name):
 def test_a_single_value_npy_is_refused_as_features_or_labels(tmp_path, capfd,
                                                               name, role):
 
-    from conftest import SAMPLE, run_here
+    from conftest import run_here
 
     np.save(tmp_path / "one.npy", np.float64(3))
     np.save(tmp_path / "x.npy", np.zeros((10, 64), dtype=np.float32))
@@ -372,7 +410,7 @@ def test_string_labels_in_npy_give_what_they_give_in_parquet(tmp_path, capfd):
     import json
 
 
-    from conftest import SAMPLE, run_here
+    from conftest import run_here
 
     table = pq.read_table(SAMPLE / "breast_cancer.parquet")
     names = np.array(["benign", "malignant"])[

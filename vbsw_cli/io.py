@@ -784,6 +784,7 @@ def atomic_output(path: str | os.PathLike, *, inputs: Sequence[str] = ()
         yield temporary
         check_stop()
         os.replace(temporary, target)
+        written.append(str(target))
     except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -934,6 +935,10 @@ _data_stdout = None
 # may leave a partial stream, and the error line says so.
 stdout_started = False
 
+# The outputs this run has put in place whole (paths, "stdout"): an interrupt
+# after them says they were written.
+written: list[str] = []
+
 
 def data_stdout():
     """The binary stream data goes to when the output is ``-``."""
@@ -948,6 +953,7 @@ def write_stdout(data: bytes) -> None:
     stream = data_stdout()
     stream.write(data)
     stream.flush()
+    written.append("stdout")
 
 
 @contextmanager

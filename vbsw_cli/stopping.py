@@ -50,15 +50,31 @@ def interrupted_code() -> int:
     return 128 + (_stop_signal or signal.SIGINT)
 
 
-def interrupted_line(args, partial: bool = False) -> str:
+def interrupted_line(args, partial: bool = False, written=()) -> str:
     """The line a run stopped by a signal ends with (``args``: the command line).
 
     ``partial``: data had begun to go to stdout, so the stream there is cut.
+    ``written``: the outputs already put in place, whole, before the signal.
     """
     command = args[:1] if args and not args[0].startswith("-") else []
-    what = "the output sent to stdout is incomplete" if partial \
-        else "no output was written"
+    if partial and "stdout" not in written:
+        what = "the output sent to stdout is incomplete"
+    elif written:
+        what = f"{' and '.join(written)} had been written in full"
+    else:
+        what = "no output was written"
     return f"{' '.join(['vbsw', *command])}: error: interrupted; {what}"
+
+
+def ignore_signals() -> None:
+    """From the end of a run on: a signal now would stop nothing, only turn a
+    finished run's exit status into an interrupt's."""
+    for name in SIGNALS:
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                return
 
 
 def _interrupt(signum, frame):

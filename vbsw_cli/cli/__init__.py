@@ -19,8 +19,9 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, UsageError
 
 from vbsw_cli import __version__, io
-from vbsw_cli.stopping import (interrupted_code, interrupted_line,
-                               stop_cleanly_on_signals, stop_requested)
+from vbsw_cli.stopping import (ignore_signals, interrupted_code,
+                               interrupted_line, stop_cleanly_on_signals,
+                               stop_requested)
 from vbsw_cli.cli._common import app, stderr
 
 # Command name -> the module under vbsw_cli.cli that registers it, in the
@@ -45,10 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     """Run the ``vbsw`` command line on ``argv`` (default: ``sys.argv[1:]``)."""
     stop_cleanly_on_signals()
     args = argv if argv is not None else sys.argv[1:]
+    io.written.clear()
     try:
         code = _dispatch(args)
     except KeyboardInterrupt:
         code = 130
+    except SystemExit:
+        ignore_signals()  # the error line is out: the run has ended
+        raise
     except Exception:
         if not stop_requested():
             raise
@@ -56,13 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     if code == 130:  # typer turns every interrupt into this code, silently;
         # interrupted() exits with the code of the signal that stopped the run.
         interrupted(args)
+    ignore_signals()
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def interrupted(args) -> None:
     """The one line every interrupt ends with, wherever it came; exit 128 + the
     signal's number (130 for SIGINT)."""
-    stderr.print(interrupted_line(args, partial=io.stdout_started), markup=False)
+    stderr.print(interrupted_line(args, partial=io.stdout_started,
+                                  written=io.written), markup=False)
     sys.exit(interrupted_code())
 
 

@@ -324,6 +324,7 @@ def write_features(batches, data, destination: str, parameters: dict, *,
                                parameters, compression, on_failure=stream.refuse)
         stream.release()
         io.data_stdout().flush()
+        io.written.append("stdout")
         return counts
     with io.atomic_output(destination, inputs=inputs) as temporary:
         return _write_groups(batches, data, temporary, parameters, compression)
