@@ -547,6 +547,37 @@ def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
     assert "Traceback" not in run.stderr
 
 
+@pytest.fixture
+def trainings(monkeypatch) -> list:
+    """Every call of train_head, which is refused: a run that trains fails."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append("train_head")
+        raise AssertionError("train_head was called")
+    monkeypatch.setattr("vbsw_cli.head.train_head", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("layer, code, text", [
+    ([], 1, "the backbone's tensor 'embedding' has 6 features per row, the head "
+     "takes 5; cut with the --layer used to embed the features"),
+    (["--layer", "nosuch"], 2, "--layer nosuch: no tensor of that name"),
+])
+def test_cli_checks_the_backbone_before_training(capfdbinary, tmp_path, rng,
+                                                 trainings, layer, code, text):
+    onnx.save(small_backbone(rng), str(tmp_path / "bb.onnx"))
+    write_features(tmp_path / "f.parquet", rng.normal(size=(30, 5)),
+                   rng.integers(0, 2, 30), weight=np.ones(30))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet",
+               "-o", tmp_path / "h.onnx", "--backbone", tmp_path / "bb.onnx",
+               *layer)
+    assert trainings == []
+    assert run.code == code, run.stderr
+    assert text in run.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
 # ---------------------------------------------------------------------------
 # A new user's trial: outputs, seeds, conflicting options, metadata
 
