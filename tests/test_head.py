@@ -754,3 +754,35 @@ def test_a_diverged_training_is_refused_not_written(rng, rate, why):
     calm = train_head(X, labels, options=HeadOptions(optimizer="sgd",
                                                      learning_rate=1e-3, seed=0))
     assert calm.estimator.loss_curve_[-1] < calm.estimator.loss_curve_[0]
+
+
+@pytest.fixture
+def separable(tmp_path, rng):
+    """200 linearly separable rows: one batch, so 200 epochs are 200 steps."""
+    X = rng.normal(size=(200, 2)).astype(np.float32)
+    return write_features(tmp_path / "sep.parquet", X,
+                          (X[:, 0] + X[:, 1] > 0).astype(int))
+
+
+def test_cli_few_steps_on_small_data_suggest_more_epochs_or_lbfgs(
+        capfdbinary, tmp_path, separable):
+    run = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+               "-o", tmp_path / "h.onnx")
+    assert run.code == 0, run.stderr
+    note = next(line for line in run.stderr.splitlines() if "note:" in line)
+    assert "still falling after 200 epochs, only 200 adam steps" in note
+    assert "raise --epochs" in note and "--optimizer lbfgs" in note
+    lbfgs = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+                 "-o", tmp_path / "h.onnx", "--optimizer", "lbfgs")
+    assert "training accuracy 1.0000" in lbfgs.stderr
+    assert "still falling" not in lbfgs.stderr
+
+
+def test_cli_lbfgs_still_falling_suggests_no_refused_option(capfdbinary,
+                                                           tmp_path, separable):
+    run = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+               "-o", tmp_path / "h.onnx", "--optimizer", "lbfgs", "--epochs", "2")
+    assert run.code == 0, run.stderr
+    assert "note: the loss was still falling after 2 iterations of lbfgs; " \
+        "raise --epochs" in run.stderr
+    assert "--learning-rate" not in run.stderr

@@ -325,10 +325,25 @@ def _summary(reporter, head, X, labels, weight, destination, merged_path):
     reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
                  f"training {_fit_text(head, X, labels)}")
     if not head.converged and head.options.tol > 0:
-        reporter.notice(f"the loss was still falling after {head.epochs_run} "
-                        "epochs; raise --epochs or --learning-rate")
+        reporter.notice(_still_falling(head, n_samples))
     reporter.say(f"wrote {'stdout' if destination == '-' else destination}"
                  + (f" and {merged_path}" if merged_path else ""))
+
+
+def _still_falling(head, n_samples: int) -> str:
+    """The note on a run stopped by --epochs, with the options that help it:
+    lbfgs takes no --learning-rate; small data (all rows one batch, so one
+    step an epoch) may need far more epochs, or lbfgs."""
+    epochs, optimizer = head.epochs_run, head.options.optimizer
+    if optimizer == "lbfgs":
+        return (f"the loss was still falling after {epochs} iterations of "
+                "lbfgs; raise --epochs")
+    text = f"the loss was still falling after {epochs} epochs"
+    if n_samples > head.options.batch_size:
+        return text + "; raise --epochs or --learning-rate"
+    return (f"{text}, only {epochs} {optimizer} steps (all {n_samples} rows in "
+            "one batch); raise --epochs or --learning-rate, or try --optimizer "
+            "lbfgs (suits small data)")
 
 
 def _fit_text(head, X, labels) -> str:
