@@ -478,3 +478,28 @@ def test_a_command_imports_its_own_module_only_and_the_help_lists_all():
     assert names <= every and names <= unknown
     help_text = run_vbsw("--help").stdout.decode()
     assert all(name in help_text for name in COMMANDS)
+
+
+SEEDED = {"weigh": ["x.parquet"], "retrain-head": ["x.parquet"],
+          "tbs-sample": ["--function", "runge"],
+          "evaluate": ["m.onnx", "x.parquet"]}
+
+
+@pytest.mark.parametrize("name", SEEDED)
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**64)])
+def test_every_seed_out_of_range_gets_one_line_naming_the_range(capfd, name,
+                                                                seed):
+    from conftest import run_here
+
+    run = run_here(capfd, name, *SEEDED[name], "--seed", seed)
+    assert run.code == 2
+    assert run.stderr.strip() == (
+        f"vbsw {name}: error: --seed {seed}: must be in [0, 4294967295] "
+        f"(scikit-learn's range) (see vbsw {name} --help)")
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_every_seed_help_states_the_range(name):
+    text = " ".join(run_vbsw(name, "--help").stdout.decode().split())
+    assert "0 to 4294967295 (2**32 - 1)" in text
+    assert "x>=0" not in text

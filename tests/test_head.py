@@ -547,6 +547,37 @@ def test_cli_failed_merge_leaves_old_outputs(capfdbinary, tmp_path, rng):
     assert "Traceback" not in run.stderr
 
 
+@pytest.fixture
+def trainings(monkeypatch) -> list:
+    """Every call of train_head, which is refused: a run that trains fails."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append("train_head")
+        raise AssertionError("train_head was called")
+    monkeypatch.setattr("vbsw_cli.head.train_head", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("layer, code, text", [
+    ([], 1, "the backbone's tensor 'embedding' has 6 features per row, the head "
+     "takes 5; cut with the --layer used to embed the features"),
+    (["--layer", "nosuch"], 2, "--layer nosuch: no tensor of that name"),
+])
+def test_cli_checks_the_backbone_before_training(capfdbinary, tmp_path, rng,
+                                                 trainings, layer, code, text):
+    onnx.save(small_backbone(rng), str(tmp_path / "bb.onnx"))
+    write_features(tmp_path / "f.parquet", rng.normal(size=(30, 5)),
+                   rng.integers(0, 2, 30), weight=np.ones(30))
+    run = vbsw(capfdbinary, "retrain-head", tmp_path / "f.parquet",
+               "-o", tmp_path / "h.onnx", "--backbone", tmp_path / "bb.onnx",
+               *layer)
+    assert trainings == []
+    assert run.code == code, run.stderr
+    assert text in run.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
 # ---------------------------------------------------------------------------
 # A new user's trial: outputs, seeds, conflicting options, metadata
 
@@ -604,7 +635,8 @@ def test_cli_seed_out_of_range_is_a_usage_error(capfdbinary, tmp_path, weighted,
     run = vbsw(capfdbinary, "retrain-head", weighted, "-o", tmp_path / "h.onnx",
                "--seed", seed)
     assert run.code == 2
-    assert "--seed" in run.stderr and "unexpected" not in run.stderr
+    assert f"error: --seed {seed}: must be in [0, 4294967295]" in run.stderr
+    assert "unexpected" not in run.stderr
 
 
 @pytest.mark.parametrize("args, text", [
@@ -722,3 +754,35 @@ def test_a_diverged_training_is_refused_not_written(rng, rate, why):
     calm = train_head(X, labels, options=HeadOptions(optimizer="sgd",
                                                      learning_rate=1e-3, seed=0))
     assert calm.estimator.loss_curve_[-1] < calm.estimator.loss_curve_[0]
+
+
+@pytest.fixture
+def separable(tmp_path, rng):
+    """200 linearly separable rows: one batch, so 200 epochs are 200 steps."""
+    X = rng.normal(size=(200, 2)).astype(np.float32)
+    return write_features(tmp_path / "sep.parquet", X,
+                          (X[:, 0] + X[:, 1] > 0).astype(int))
+
+
+def test_cli_few_steps_on_small_data_suggest_more_epochs_or_lbfgs(
+        capfdbinary, tmp_path, separable):
+    run = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+               "-o", tmp_path / "h.onnx")
+    assert run.code == 0, run.stderr
+    note = next(line for line in run.stderr.splitlines() if "note:" in line)
+    assert "still falling after 200 epochs, only 200 adam steps" in note
+    assert "raise --epochs" in note and "--optimizer lbfgs" in note
+    lbfgs = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+                 "-o", tmp_path / "h.onnx", "--optimizer", "lbfgs")
+    assert "training accuracy 1.0000" in lbfgs.stderr
+    assert "still falling" not in lbfgs.stderr
+
+
+def test_cli_lbfgs_still_falling_suggests_no_refused_option(capfdbinary,
+                                                           tmp_path, separable):
+    run = vbsw(capfdbinary, "retrain-head", separable, "--no-weights",
+               "-o", tmp_path / "h.onnx", "--optimizer", "lbfgs", "--epochs", "2")
+    assert run.code == 0, run.stderr
+    assert "note: the loss was still falling after 2 iterations of lbfgs; " \
+        "raise --epochs" in run.stderr
+    assert "--learning-rate" not in run.stderr

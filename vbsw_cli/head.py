@@ -407,14 +407,22 @@ def merge_with_backbone(backbone: onnx.ModelProto, head_model: onnx.ModelProto,
     The merged model's ``vbsw`` metadata is the head's, with ``merged`` (the
     cut tensor) added; the backbone's own keys move under ``backbone.``.
     """
+    expected = head_model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    tensor = backbone_cut(backbone, layer, expected)
+    return merge(_prefixed(backbone), tensor, _marked_merged(head_model, tensor))
+
+
+def backbone_cut(backbone: onnx.ModelProto, layer: str, n_features: int) -> str:
+    """The tensor where ``layer`` cuts the backbone, refused when its flat width
+    (where the shapes tell it) is not ``n_features``, the head's input: a check
+    that needs no head, so it can run before training."""
     tensor = find_cut(backbone, layer)
     width = _flat_width(backbone, tensor)
-    expected = head_model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    if width is not None and width != expected:
+    if width is not None and width != n_features:
         raise DataError(f"the backbone's tensor '{tensor}' has {width} features "
-                        f"per row, the head takes {expected}; cut with the "
+                        f"per row, the head takes {n_features}; cut with the "
                         "--layer used to embed the features")
-    return merge(_prefixed(backbone), tensor, _marked_merged(head_model, tensor))
+    return tensor
 
 
 def _prefixed(backbone: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,6 +16,11 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+try:  # as in vbsw_cli.cli: typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:
+    from click.exceptions import UsageError as ClickUsageError
+
 from vbsw_cli import io, stopping
 from vbsw_cli.errors import DataError, UsageError, VbswError
 
@@ -60,8 +65,22 @@ FeatureColumnsOpt = Annotated[Optional[str], typer.Option(
 LabelOpt = Annotated[str, typer.Option(
     "--label", metavar="A[,B...]",
     help="Label column(s); several columns make a multi-output target.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0,
-                                      help="Seed of every random choice (>= 0).")]
+# scikit-learn's (and numpy's legacy) seeds are 32-bit: one range everywhere.
+MAX_SEED = 2**32 - 1
+SEED_RANGE = f"0 to {MAX_SEED} (2**32 - 1)"
+
+
+def seed_in_range(value: int | None) -> int | None:
+    """Refuse a --seed out of range while parsing, one line for both ends."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise ClickUsageError(f"--seed {value}: must be in [0, {MAX_SEED}] "
+                              "(scikit-learn's range)")
+    return value
+
+
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", callback=seed_in_range,
+    help=f"Seed of every random choice, {SEED_RANGE}.")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Report progress even when stderr is not a terminal.")]
 QuietOpt = Annotated[bool, typer.Option(

@@ -13,9 +13,9 @@ import pyarrow as pa
 import typer
 
 from vbsw_cli import __version__, io
-from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, QuietOpt,
-                                  Reporter, VerboseOpt, command, keyword,
-                                  named_errors, stderr)
+from vbsw_cli.cli._common import (SEED_RANGE, DebugOpt, FeatureColumnsOpt,
+                                  QuietOpt, Reporter, VerboseOpt, command,
+                                  keyword, named_errors, seed_in_range, stderr)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.evaluate import (CLASSIFICATION_METRICS, LOWER_IS_BETTER,
                                REGRESSION_METRICS, as_probabilities,
@@ -38,9 +38,6 @@ EXAMPLE = " && \\\n  ".join([
     "vbsw evaluate vbsw.onnx test.parquet --run-name vbsw --seed 0 "
     "--json vbsw.json",
     "vbsw evaluate --compare base.json vbsw.json"])
-
-# scikit-learn's (and numpy's legacy) seeds are 32-bit.
-MAX_SEED = 2**32 - 1
 
 # Names that promise data: a record written there would mislead its readers.
 DATA_SUFFIXES = (".parquet", ".pq", ".npy", ".npz", ".onnx")
@@ -92,8 +89,9 @@ def evaluate_cli(
         "--run-name", metavar="NAME", help="Name of the method, e.g. baseline "
         "or vbsw; runs with one name are aggregated by --compare.")] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", min=0, max=MAX_SEED,
-        help="Seed the model was trained with (recorded).")] = None,
+        "--seed", callback=seed_in_range,
+        help=f"Seed the model was trained with (recorded), {SEED_RANGE}.")
+    ] = None,
     group: Annotated[Optional[str], typer.Option(
         "--group", metavar="ID", help="The base model this run belongs to, "
         "for the gain per model (default: the seed).")] = None,

@@ -101,7 +101,6 @@ def retrain_head_cli(
     """
     from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
                                train_head)
-    from vbsw_cli.onnx_graph import load_model
 
     reporter = Reporter(verbose=verbose, quiet=quiet)
     task, optimizer = keyword(task, io.TASKS), keyword(optimizer, OPTIMIZERS)
@@ -123,7 +122,7 @@ def retrain_head_cli(
     label_names = io.split_names(label, "--label")
     destination, merged_path = _output_paths(output, merged_output, features,
                                              backbone)
-    backbone_model = load_model(backbone) if backbone else None
+    backbone_model = _backbone(backbone, layer)
 
     table = io.read_table(features)
     io.require_rows(table, features)
@@ -140,6 +139,7 @@ def retrain_head_cli(
     for note in many_classes_notes(labels, len(X)):
         reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
+    _check_cut(backbone_model, backbone, layer, X.shape[1])
 
     with named_errors(features):
         head = train_head(X, labels, weight, options=options, progress=reporter)
@@ -177,6 +177,28 @@ def _refuse_unused(optimizer, steps: dict, backbone, layer) -> None:
         raise UsageError(f"--layer {layer} needs --backbone MODEL.onnx (it says "
                          "where to cut the backbone); drop --layer or add "
                          "--backbone")
+
+
+def _backbone(path: str | None, layer: str | None):
+    """The --backbone model, loaded and its --layer found before any work."""
+    if path is None:
+        return None
+    from vbsw_cli.onnx_graph import find_cut, load_model
+
+    model = load_model(path)
+    with named_errors(path):
+        find_cut(model, layer or "auto")
+    return model
+
+
+def _check_cut(model, path, layer, n_features: int) -> None:
+    """Refuse, before training, a backbone cut the head could not follow."""
+    if model is None:
+        return
+    from vbsw_cli.head import backbone_cut
+
+    with named_errors(path):
+        backbone_cut(model, layer or "auto", n_features)
 
 
 def _feature_choice(features_column, feature_columns) -> list[str]:
@@ -303,10 +325,25 @@ def _summary(reporter, head, X, labels, weight, destination, merged_path):
     reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
                  f"training {_fit_text(head, X, labels)}")
     if not head.converged and head.options.tol > 0:
-        reporter.notice(f"the loss was still falling after {head.epochs_run} "
-                        "epochs; raise --epochs or --learning-rate")
+        reporter.notice(_still_falling(head, n_samples))
     reporter.say(f"wrote {'stdout' if destination == '-' else destination}"
                  + (f" and {merged_path}" if merged_path else ""))
+
+
+def _still_falling(head, n_samples: int) -> str:
+    """The note on a run stopped by --epochs, with the options that help it:
+    lbfgs takes no --learning-rate; small data (all rows one batch, so one
+    step an epoch) may need far more epochs, or lbfgs."""
+    epochs, optimizer = head.epochs_run, head.options.optimizer
+    if optimizer == "lbfgs":
+        return (f"the loss was still falling after {epochs} iterations of "
+                "lbfgs; raise --epochs")
+    text = f"the loss was still falling after {epochs} epochs"
+    if n_samples > head.options.batch_size:
+        return text + "; raise --epochs or --learning-rate"
+    return (f"{text}, only {epochs} {optimizer} steps (all {n_samples} rows in "
+            "one batch); raise --epochs or --learning-rate, or try --optimizer "
+            "lbfgs (suits small data)")
 
 
 def _fit_text(head, X, labels) -> str:
