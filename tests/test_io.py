@@ -154,6 +154,21 @@ def test_missing_numbers_in_feature_columns_name_the_first_row():
         io.feature_matrix(table, "t", columns=["a", "b"])
 
 
+
+def test_files_are_read_by_their_content_whatever_their_name(tmp_path):
+    X = np.arange(12.0).reshape(4, 3)
+    np.save(tmp_path / "a.npy", X)
+    (tmp_path / "a.npy").rename(tmp_path / "array.parquet")
+    table = io.read_table(tmp_path / "array.parquet")
+    np.testing.assert_array_equal(io.feature_matrix(table, "t")[0], X)
+    pq.write_table(pa.table({"features": vectors(X), "label": [0, 1, 0, 1]}),
+                   tmp_path / "table.npy")
+    assert io.read_table(tmp_path / "table.npy").column_names == ["features",
+                                                                 "label"]
+    (tmp_path / "bad.npy").write_bytes(b"neither format")
+    with pytest.raises(DataError, match="bad.npy: not a readable .npy"):
+        io.read_table(tmp_path / "bad.npy")
+
 def test_corrupt_empty_and_rowless_files(tmp_path):
     corrupt = tmp_path / "bad.parquet"
     corrupt.write_bytes(b"PAR1 this is not parquet")

@@ -82,16 +82,15 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
 
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        return _npy_table(_load_npy(path, path), path, text)
-    if suffix in (".parquet", ".pq"):
-        return _read_parquet(path, path, columns)
+    # The first bytes decide, as on stdin and in embed, whatever the name
+    # says; the name only says which reader reports a damaged file.
     with open(path, "rb") as handle:
         head = handle.read(8)
-    if head.startswith(NPY_MAGIC):
+    suffix = Path(path).suffix.lower()
+    if head.startswith(NPY_MAGIC) or (suffix == ".npy"
+                                      and not head.startswith(PARQUET_MAGIC)):
         return _npy_table(_load_npy(path, path), path, text)
-    if head.startswith(PARQUET_MAGIC):
+    if head.startswith(PARQUET_MAGIC) or suffix in (".parquet", ".pq"):
         return _read_parquet(path, path, columns)
     raise DataError(f"{path}: unknown file type; expected .parquet or .npy")
 
