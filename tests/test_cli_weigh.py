@@ -168,6 +168,42 @@ def test_auto_choosing_exact_by_time_writes_the_same_bytes(tmp_path, rng):
     assert search["reason"] == "exact search predicted faster than a graph"
     assert first.stdout == second.stdout
 
+
+def test_graphs_are_reproducible_by_default_up_to_a_size(tmp_path, rng,
+                                                         capfdbinary,
+                                                         monkeypatch):
+    """Up to REPRODUCIBLE_ROWS rows the default is --reproducible; above, one
+    graph on every thread, with a note; --no-reproducible asks for it."""
+    from conftest import run_here
+    import vbsw_cli.cli.weigh as weigh_cli
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(30, 16)) * 3
+    cluster = rng.integers(30, size=12_000)
+    X = (centres[cluster] + rng.normal(size=(12_000, 16))).astype(np.float32)
+    path = write_features(tmp_path / "f.parquet", X, cluster % 3)
+    args = ("weigh", path, "--k", "10", "--search", "hnsw", "--threads", "2",
+            "-o", "-")
+    first, second = run_here(capfdbinary, *args), run_here(capfdbinary, *args)
+    assert first.code == 0, first.stderr
+    assert "search: hnsw (2 graphs built on a thread each" in first.stderr
+    assert first.stdout == second.stdout
+    assert "above" not in first.stderr
+
+    for limit, given, note in ((1000, [], True),
+                               (1000, ["--no-reproducible"], False)):
+        monkeypatch.setattr(search, "REPRODUCIBLE_ROWS", limit)
+        monkeypatch.setattr(weigh_cli, "REPRODUCIBLE_ROWS", limit)
+        run = run_here(capfdbinary, *args, *given)
+        assert run.code == 0, run.stderr
+        assert "search: hnsw (M=12" in run.stderr
+        assert ("note: above 1,000 rows one graph is built on 2 threads at "
+                "once" in run.stderr) == note
+        search_record = json.loads(read(run.stdout).schema.metadata[b"vbsw"]
+                                   )["parameters"]["search"]
+        assert (search_record["reproducible"], search_record["shards"]) == \
+            (False, 1)
+
 def test_provenance_names_the_threads_and_the_checked_recall(tmp_path, rng):
     X = rng.normal(size=(12_000, 4)).astype(np.float32)
     path = write_features(tmp_path / "f.parquet", X, rng.integers(3, size=12_000))

@@ -680,13 +680,14 @@ def test_a_fixed_graph_is_chosen_without_a_clock(rng, monkeypatch, threads,
 
 
 def test_a_graph_built_on_threads_is_chosen_by_the_clock(rng, monkeypatch):
-    """The other side: on two threads without --reproducible, measured
-    times decide (the clock above would change the choice)."""
+    """The other side: one graph built on two threads (--no-reproducible),
+    and measured times decide (the clock above would change the choice)."""
     import vbsw_cli.neighbors as search
 
     centres = rng.normal(size=(20, 8)) * 10
     X = centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 8))
-    options = SearchOptions(exact_below=500, sample_size=400, threads=2)
+    options = SearchOptions(exact_below=500, sample_size=400, threads=2,
+                            reproducible=False)
     tried = []
     for factor in (1e-3, 1e3):
         clocked(monkeypatch, factor)

@@ -126,6 +126,13 @@ SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 EXACT_RATE = 1.9e10
 GRAPH_RATE = 1.4e9
 
+# Up to this many rows the graphs are reproducible unless asked otherwise
+# (graph.py: shards built on one thread each). They cost about as much at
+# 50,000 x 64 rows and 1.24 times as much at 200,000 (2 cores); at 1,000,000,
+# 61.5 s against 47.5 s for one graph built on every thread, past the 60 s
+# that size must take.
+REPRODUCIBLE_ROWS = 200_000
+
 # Why exact search ran where auto could have used a graph, in fixed words for
 # the output's metadata (the messages give the measured figures, which differ
 # from run to run).
@@ -148,7 +155,7 @@ class SearchOptions:
     sample_size: int = RECALL_SAMPLE
     exact_below: int = EXACT_BELOW
     seed: int = 0
-    reproducible: bool = False
+    reproducible: bool | None = None  # None: up to REPRODUCIBLE_ROWS rows
 
 
 @dataclass
@@ -178,6 +185,14 @@ def thread_count(threads: int | None) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+def reproducible_for(options: SearchOptions, n_samples: int) -> SearchOptions:
+    """The options with ``reproducible`` decided: as given, else on up to
+    REPRODUCIBLE_ROWS rows."""
+    if options.reproducible is not None:
+        return options
+    return replace(options, reproducible=n_samples <= REPRODUCIBLE_ROWS)
 
 
 def check_k(k: int, n_samples: int, include_self: bool) -> None:
@@ -213,7 +228,7 @@ def nearest_neighbours(X: np.ndarray, k: int, *, include_self: bool = True,
     -------
     Neighbours, rows in the order of X.
     """
-    options = options or SearchOptions()
+    options = reproducible_for(options or SearchOptions(), len(X))
     progress = progress or NullProgress()
     check_search_options(options)
     check_k(k, len(X), include_self)

@@ -19,7 +19,8 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
-                                SearchOptions, check_k, check_search_options,
+                                REPRODUCIBLE_ROWS, SearchOptions, check_k,
+                                check_search_options,
                                 csr_graph, duplicate_rows, floor_text,
                                 thread_count)
 from vbsw_cli.weigh import (NORMALIZATIONS, check_label_span, check_m,
@@ -82,11 +83,13 @@ def weigh_cli(
         "--recall.")] = None,
     threads: Annotated[Optional[int], typer.Option(
         "--threads", help="Threads for the search (default: all cores).")] = None,
-    reproducible: Annotated[bool, typer.Option(
-        "--reproducible", help="Build hnswlib graphs of shards of the rows, one "
-        "thread each, so that runs with the same input, --seed and --threads give "
-        "the same output (by default one graph is built on every thread at once: "
-        "faster, but its neighbours change from run to run).")] = False,
+    reproducible: Annotated[Optional[bool], typer.Option(
+        "--reproducible/--no-reproducible", help="Build hnswlib graphs of "
+        "shards of the rows, one thread each, so that runs with the same input, "
+        "--seed and --threads give the same output; or one graph on every "
+        "thread at once (faster on large inputs, but its neighbours change from "
+        f"run to run). Default: reproducible up to {REPRODUCIBLE_ROWS:,} rows.",
+        show_default=False)] = None,
     check_recall: Annotated[Optional[int], typer.Option(
         "--check-recall", metavar="N",
         help="Report recall@k against exact search on N sampled rows.")] = None,
@@ -364,6 +367,14 @@ def _graphs(shards: int) -> str:
     return f"{shards} graphs built on a thread each, " if shards > 1 else ""
 
 
+def _shared_graph_by_default(neighbours, options) -> bool:
+    """Whether the default left a graph shared by several threads in use."""
+    return options is not None and options.reproducible is None \
+        and neighbours.method == "hnsw" \
+        and not neighbours.details.get("reproducible", True) \
+        and thread_count(options.threads) > 1
+
+
 def _summary(reporter, X, k, result, timings, destination, normalize, ef,
              check_recall, include_self, graph_given, labels, *,
              graph_path=None, options=None):
@@ -395,6 +406,12 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
         reporter.notice(f"fell back to exact search: {details['reason']}")
     if "warning" in details:
         reporter.say(f"warning: {details['warning']}")
+    if _shared_graph_by_default(result.neighbours, options):
+        reporter.notice(f"above {REPRODUCIBLE_ROWS:,} rows one graph is built on "
+                        f"{thread_count(options.threads)} threads at once: its "
+                        "neighbours, and the weights, can differ from run to "
+                        "run (--reproducible makes them the same, about 30% "
+                        "slower)")
     if result.recall is not None:
         rows = min(check_recall, len(X))
         reporter.say(f"recall@{k} against exact search: {result.recall:.4f} "
