@@ -643,3 +643,49 @@ def test_cli_never_overwrites_its_bounds_file(tmp_path):
         _one_line_error(run, 2, "refusing to overwrite the input file")
 
     assert bounds.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------
+# A user trial's findings: roles of columns, options that do not apply, and
+# the columns written for the new rows
+
+MOON = Path(__file__).resolve().parent.parent / "sample_data" / "double_moon.parquet"
+
+
+def _gradient_points(tmp_path) -> Path:
+    """f(x0, x1) = x0^2 + x1 on [0, 1]^2, its gradient and labels."""
+    x = np.random.default_rng(SEED).random((30, 2))
+    path = tmp_path / "grad.parquet"
+    pq.write_table(pa.table({"id": np.arange(30), "x0": x[:, 0], "x1": x[:, 1],
+                             "gx": 2 * x[:, 0], "gy": np.ones(30),
+                             "label": x[:, 0]**2 + x[:, 1]}), path)
+    return path
+
+
+@pytest.mark.parametrize("args, options", [
+    (["--label", "label"], "--names and --label"),
+    ([], "--names and --label (default label)"),
+])
+def test_cli_refuses_an_input_that_is_also_the_label(tmp_path, args, options):
+    out = tmp_path / "out.parquet"
+    run = run_vbsw("tbs-sample", MOON, "--names", "x0,x1,label", *args,
+                   "--new", "10", "-o", out)
+    _one_line_error(run, 2, f"{options}: column 'label' of {MOON} cannot be "
+                    "both an input and a label")
+    assert not out.exists()
+
+
+def test_cli_refuses_an_input_that_is_also_a_derivative(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,x1", "--order", "1", "-o", tmp_path / "out.parquet")
+    _one_line_error(run, 2, "--names and --gradient: column 'x1' of")
+    assert "cannot be both an input and a derivative" in run.stderr
+
+
+def test_cli_a_misspelt_label_beside_gradient_is_refused(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,gy", "--order", "1", "--label", "lable", "-o",
+                   tmp_path / "out.parquet")
+    _one_line_error(run, 1, "no label column 'lable'; did you mean 'label'?")

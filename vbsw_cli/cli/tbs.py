@@ -132,9 +132,13 @@ def tbs_cli(
 
     box, table, X = _inputs(points, fn, bounds, names, initial, design, rng)
     _refuse_clash(box.names, _label_names(fn, label) if fn else [])
+    label_columns = _label_columns(plan, table, points, label)
+    _refuse_two_roles(box.names, _names_from(names, fn, box.names), points,
+                      _roles(plan, table, points, label_columns, label,
+                             gradient, hessian))
     with np.errstate(all="ignore"):  # a non-finite density is refused below
         density = _density(plan, fn, table, points, X, box, eps, step, order,
-                           gradient, hessian, label, k, seed)
+                           gradient, hessian, label_columns, k, seed)
     if plan == "function":
         _note_steps(reporter, box, step, eps)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
@@ -323,12 +327,48 @@ def _check_inside(box, X, points):
                         f"{X[first].tolist()})")
 
 
+def _label_columns(plan, table, points, label) -> list[str]:
+    """The label columns of POINTS: those whose local variance is the
+    density, or those carried beside given derivatives (there the default
+    label only when POINTS has it)."""
+    if plan == "function":
+        return []
+    wanted = io.split_names(label)
+    if not wanted and plan == "derivatives" \
+            and io.DEFAULT_LABEL not in table.column_names:
+        return []
+    return io.expand_columns(table, wanted or [io.DEFAULT_LABEL], points,
+                             "label")
+
+
+def _roles(plan, table, points, label_columns, label, gradient, hessian
+           ) -> dict[str, list[str]]:
+    """The columns of POINTS read as labels or derivatives, by option."""
+    option = "--label" if label else f"--label (default {io.DEFAULT_LABEL})"
+    roles = {option: label_columns}
+    if plan == "derivatives":
+        for name, text in (("--gradient", gradient), ("--hessian", hessian)):
+            roles[name] = io.expand_columns(table, io.split_names(text),
+                                            points, "derivative")
+    return roles
+
+
+def _refuse_two_roles(inputs, names_from, points, roles) -> None:
+    """No input column of POINTS is also read as a label or derivative."""
+    for option, columns in roles.items():
+        both = [column for column in columns if column in inputs]
+        if both:
+            role = "a label" if option.startswith("--label") else "a derivative"
+            raise UsageError(f"{names_from} and {option}: column '{both[0]}' of "
+                             f"{io.describe(points)} cannot be both an input "
+                             f"and {role}; name it in one of them")
+
+
 def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
-             hessian, label, k, seed) -> np.ndarray:
+             hessian, label_columns, k, seed) -> np.ndarray:
     d = X.shape[1]
     if plan == "variance":
-        labels = io.read_labels(table, points, io.split_names(label)
-                                or [io.DEFAULT_LABEL])
+        labels = io.read_labels(table, points, label_columns)
         return tbs.variance_density(box.to_unit(X), labels, k,
                                     options=SearchOptions(seed=seed))
     eps_values = _numbers(eps, d, "--eps")
