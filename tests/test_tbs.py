@@ -683,6 +683,16 @@ def test_cli_refuses_an_input_that_is_also_a_derivative(tmp_path):
     assert "cannot be both an input and a derivative" in run.stderr
 
 
+def test_cli_one_gradient_column_for_two_inputs_is_said_first(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient", "gx",
+                   "-o", tmp_path / "out.parquet")
+    _one_line_error(run, 2, "--gradient: 2 inputs need 2 columns, not 1")
+    no_hessian = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                          "gx,gy", "-o", tmp_path / "out.parquet")
+    _one_line_error(no_hessian, 2, "--order 2 with --gradient needs --hessian")
+
+
 def test_cli_a_misspelt_label_beside_gradient_is_refused(tmp_path):
     path = _gradient_points(tmp_path)
     run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",

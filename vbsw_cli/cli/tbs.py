@@ -188,9 +188,8 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
         raise UsageError("give --function, or POINTS with --gradient or "
                          "--label")
     if gradient:
-        if order == 2 and not hessian:
-            raise UsageError("--order 2 with --gradient needs --hessian (or "
-                             "use --order 1)")
+        # --order 2 without --hessian is refused once the gradient columns
+        # are counted (_given_density): a wrong count is said first.
         return "derivatives"
     return "variance"
 
@@ -375,15 +374,26 @@ def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
     if plan == "function":
         steps = _numbers(step, d, "--step") if step else None
         return tbs.function_density(fn, X, eps_values, order=order, step=steps)
+    return _given_density(table, points, d, eps_values, order, gradient,
+                          hessian)
+
+
+def _given_density(table, points, d, eps, order, gradient, hessian
+                   ) -> np.ndarray:
+    """Df_eps^n from the --gradient and --hessian columns; a wrong count of
+    gradient columns is said before a missing --hessian."""
     first = _derivative_columns(table, points, gradient, "--gradient")
     if len(first) != d:
         raise UsageError(f"--gradient: {d} inputs need {d} columns, not "
                          f"{len(first)}")
+    if order == 2 and not hessian:
+        raise UsageError("--order 2 with --gradient needs --hessian (or use "
+                         "--order 1)")
     second = None
     if order == 2:
         second = tbs.hessian_from_upper(
             _derivative_columns(table, points, hessian, "--hessian"), d)
-    return tbs.taylor_density(np.stack(first, axis=1), second, eps_values, order)
+    return tbs.taylor_density(np.stack(first, axis=1), second, eps, order)
 
 
 # A finite-difference step over this share of the box's width looks past the
