@@ -693,6 +693,28 @@ def test_cli_one_gradient_column_for_two_inputs_is_said_first(tmp_path):
     _one_line_error(no_hessian, 2, "--order 2 with --gradient needs --hessian")
 
 
+@pytest.mark.parametrize("source, option, value, text", [
+    ("function", "--k", "5", "--k 5 applies to the local label variance"),
+    ("gradient", "--k", "5", "--k 5 applies to the local label variance"),
+    ("gradient", "--step", "0.01", "--step 0.01 applies to the finite "
+     "differences of --function"),
+    ("variance", "--order", "1", "--order 1 applies to Df_eps^n"),
+    ("variance", "--eps", "0.01", "--eps 0.01 applies to Df_eps^n"),
+    ("variance", "--step", "0.01", "--step 0.01 applies to the finite"),
+])
+def test_cli_refuses_an_option_that_does_not_apply(tmp_path, source, option,
+                                                   value, text):
+    out = tmp_path / "out.parquet"
+    args = {"function": ["--function", "runge", "--initial", "8"],
+            "gradient": [_gradient_points(tmp_path), "--names", "x0,x1",
+                         "--gradient", "gx,gy", "--order", "1"],
+            "variance": [MOON, "--names", "x0,x1", "--label", "label"]}[source]
+    run = run_vbsw("tbs-sample", *args, option, value, "--new", "5", "-o", out)
+    _one_line_error(run, 2, text)
+    assert "; drop " + option in run.stderr
+    assert not out.exists()
+
+
 def test_cli_a_misspelt_label_beside_gradient_is_refused(tmp_path):
     path = _gradient_points(tmp_path)
     run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",

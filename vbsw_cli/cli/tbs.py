@@ -58,15 +58,17 @@ def tbs_cli(
              "for N a power of 2).")] = None,
     new: Annotated[int, typer.Option(
         "--new", metavar="N'", help="Points to draw by TBS.")] = 100,
-    order: Annotated[int, typer.Option(
+    order: Annotated[Optional[int], typer.Option(
         "--order", metavar="1|2", help="n of Df_eps^n (eq. 2), mixed second "
-        "derivatives included.")] = 2,
-    eps: Annotated[str, typer.Option(
+        "derivatives included; with --function or --gradient. Default: 2."
+    )] = None,
+    eps: Annotated[Optional[str], typer.Option(
         "--eps", metavar="E[,E...]", help="eps of eq. (2): one value, or one "
-        "per input.")] = "1e-3",
+        "per input; with --function or --gradient. Default: 1e-3.")] = None,
     step: Annotated[Optional[str], typer.Option(
-        "--step", metavar="H[,H...]", help="Finite-difference step (default: "
-        "--eps); f is evaluated up to this far outside the box.")] = None,
+        "--step", metavar="H[,H...]", help="Finite-difference step of "
+        "--function (default: --eps); f is evaluated up to this far outside "
+        "the box.")] = None,
     gradient: Annotated[Optional[str], typer.Option(
         "--gradient", metavar="COLUMNS", help="Given first derivatives: one "
         "column per input (numbers, or lists with one value per output).")
@@ -81,9 +83,10 @@ def tbs_cli(
              "whose local variance (eq. 4) is the density. With --function: "
              "the names of the label columns written (default: the "
              "built-in's, else label or label_0, label_1, ...).")] = None,
-    k: Annotated[int, typer.Option(
-        "--k", help="Neighbourhood size of the local variance, the point "
-        "itself included.")] = 20,
+    k: Annotated[Optional[int], typer.Option(
+        "--k", metavar="<int>", help="Neighbourhood size of the local label "
+        "variance, the point itself included; without --function and "
+        "--gradient. Default: 20.")] = None,
     components: Annotated[int, typer.Option(
         "--components", help="Gaussians in the mixture.")] = 3,
     reg_covar: Annotated[str, typer.Option(
@@ -118,8 +121,11 @@ def tbs_cli(
         raise UsageError("--design draws the initial points when POINTS is not "
                          "given; give one of them")
     design = keyword(design or "uniform", tbs.DESIGNS)
+    given = {"--k": k, "--order": order, "--eps": eps, "--step": step}
+    k, order, eps = _with_defaults(k, order, eps)
     plan = _plan(points, function, gradient, hessian, label, initial, order,
                  new, components, k)
+    _refuse_unused(plan, given)
     reg = _reg_covar(reg_covar)
     destination = resolve_output(output, points or "tbs_sample", ".tbs.parquet")
     if destination != "-" and io.output_kind(destination) != "parquet":
@@ -192,6 +198,41 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
         # are counted (_given_density): a wrong count is said first.
         return "derivatives"
     return "variance"
+
+
+DEFAULT_K, DEFAULT_ORDER, DEFAULT_EPS = 20, 2, "1e-3"
+
+
+def _with_defaults(k, order, eps):
+    """--k, --order and --eps, their defaults where not given."""
+    return (DEFAULT_K if k is None else k,
+            DEFAULT_ORDER if order is None else order,
+            DEFAULT_EPS if eps is None else eps)
+
+
+# The density sources each option applies to, and what the messages call
+# them: an option given for another source would be silently ignored.
+APPLIES_TO = {
+    "--k": (("variance",), "the local label variance (POINTS with labels, "
+            "no --function or --gradient)"),
+    "--order": (("function", "derivatives"),
+                "Df_eps^n (--function or --gradient)"),
+    "--eps": (("function", "derivatives"),
+              "Df_eps^n (--function or --gradient)"),
+    "--step": (("function",), "the finite differences of --function"),
+}
+SOURCES = {"function": "Df_eps^n by finite differences of --function",
+           "derivatives": "Df_eps^n from the --gradient columns",
+           "variance": "the local label variance (--label)"}
+
+
+def _refuse_unused(plan: str, given: dict) -> None:
+    """Refuse an option given that the density source does not use."""
+    for option, value in given.items():
+        users, what = APPLIES_TO[option]
+        if value is not None and plan not in users:
+            raise UsageError(f"{option} {value} applies to {what} only; the "
+                             f"density here is {SOURCES[plan]}; drop {option}")
 
 
 def _reg_covar(text: str) -> float | None:
@@ -547,7 +588,9 @@ def _parameters(plan, points, function, box, initial, design, new, order, eps,
     if plan == "variance":
         parameters["k"] = k
     else:
-        parameters.update(order=order, eps=eps, step=step or eps)
+        parameters.update(order=order, eps=eps)
+    if plan == "function":
+        parameters["step"] = step or eps
     if sampling.mixture is not None:
         parameters["mixture_converged"] = sampling.mixture.converged
         parameters["mixture_iterations"] = sampling.mixture.n_iter
