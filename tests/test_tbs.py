@@ -532,13 +532,13 @@ def test_cli_refuses_a_carried_label_named_like_a_written_column(tmp_path):
     args = ["tbs-sample", path, "--names", "x", "--label", "density", "--k", "3",
             "--new", "2", "-o", out]
 
-    clash = run_vbsw(*args, "--include-initial")
-    _one_line_error(clash, 2, "column 'density' would be both the density column")
-    assert not out.exists()
-    alone = run_vbsw(*args)  # the label is not written: nothing to clash
-    assert alone.code == 0, alone.stderr
-    assert pq.read_table(out).column_names == ["x", "source", "density",
-                                               "mixture_density"]
+    # The label is written either way (null for the new rows), so it clashes
+    # either way.
+    for flag in (["--include-initial"], []):
+        clash = run_vbsw(*args, *flag)
+        _one_line_error(clash, 2, "column 'density' would be both the density "
+                        "column")
+        assert not out.exists()
 
 
 def test_cli_npy_points_of_another_width_than_the_function_takes(tmp_path):
@@ -721,3 +721,32 @@ def test_cli_a_misspelt_label_beside_gradient_is_refused(tmp_path):
                    "gx,gy", "--order", "1", "--label", "lable", "-o",
                    tmp_path / "out.parquet")
     _one_line_error(run, 1, "no label column 'lable'; did you mean 'label'?")
+
+
+@pytest.mark.parametrize("include_initial", [False, True])
+def test_cli_new_rows_keep_the_label_and_id_columns_to_fill_in(include_initial):
+    flag = ["--include-initial"] if include_initial else []
+    run = run_vbsw("tbs-sample", MOON, "--names", "x0,x1", "--label", "label",
+                   "--new", "20", *flag)
+    table = _table(run)
+    points = pq.read_table(MOON)
+    assert table.column_names == ["id", "x0", "x1", "source", "density",
+                                  "mixture_density", "label"]
+    assert table.schema.field("label").type == points.schema.field("label").type
+    assert table.schema.field("id").type == points.schema.field("id").type
+    new = table.filter(pa.compute.equal(table.column("source"), "tbs"))
+    assert new.num_rows == 20
+    assert new.column("label").null_count == new.column("id").null_count == 20
+    # filled in, the new rows go under POINTS
+    filled = new.select(["id", "x0", "x1", "label"])
+    assert pa.concat_tables([points, filled.cast(points.schema)]).num_rows \
+        == points.num_rows + 20
+
+
+def test_cli_gradient_points_carry_their_labels_for_the_new_rows(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,gy", "--order", "1", "--new", "5")
+    table = _table(run)
+    assert table.column_names[0] == "id" and table.column_names[-1] == "label"
+    assert table.column("label").null_count == 5

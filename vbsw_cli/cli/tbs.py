@@ -79,10 +79,11 @@ def tbs_cli(
         "(1,1),(1,2),...,(1,d),(2,2),...")] = None,
     label: Annotated[Optional[str], typer.Option(
         "--label", metavar="A[,B...]",
-        help="Without --function or --gradient: the label columns of POINTS "
-             "whose local variance (eq. 4) is the density. With --function: "
-             "the names of the label columns written (default: the "
-             "built-in's, else label or label_0, label_1, ...).")] = None,
+        help="Without --function: the label columns of POINTS (default: "
+             "label), written with null for the new rows; without --gradient "
+             "too, their local variance (eq. 4) is the density. With "
+             "--function: the names of the label columns written (default: "
+             "the built-in's, else label or label_0, label_1, ...).")] = None,
     k: Annotated[Optional[int], typer.Option(
         "--k", metavar="<int>", help="Neighbourhood size of the local label "
         "variance, the point itself included; without --function and "
@@ -111,7 +112,8 @@ def tbs_cli(
     points weighted by it (weighted EM), and --new points are drawn from it,
     those outside the box redrawn. The output has the input columns, source
     (initial or tbs), density (at the initial points), mixture_density, and
-    the labels when --function is given.
+    the labels: computed with --function, else those of POINTS (null for the
+    new rows, to fill in), and POINTS' id (null for the new rows).
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
     function = keyword(function, BUILT_INS)
@@ -151,7 +153,7 @@ def tbs_cli(
                               n_components=components, rng=rng, reg_covar=reg)
 
     out = _output_table(box, X, density, sampling, fn, label, table,
-                        include_initial)
+                        _carried(table, label_columns), include_initial)
     parameters = _parameters(plan, points, function, box, initial, design, new,
                              order, eps, step, k, components, sampling,
                              include_initial, seed)
@@ -482,11 +484,12 @@ def _derivative_columns(table, points, text, option) -> list[np.ndarray]:
 # Output
 
 
-def _output_table(box, X, density, sampling, fn, label, table,
+def _output_table(box, X, density, sampling, fn, label, table, carried,
                   include_initial) -> pa.Table:
+    n_new = len(sampling.points)
     rows = [sampling.points]
-    sources = ["tbs"] * len(sampling.points)
-    densities = [None] * len(sampling.points)
+    sources = ["tbs"] * n_new
+    densities = [None] * n_new
     if include_initial:
         rows.insert(0, X)
         sources = ["initial"] * len(X) + sources
@@ -494,13 +497,13 @@ def _output_table(box, X, density, sampling, fn, label, table,
     all_points = np.concatenate(rows)
 
     columns = {}
-    carried = _carried(table, fn, label) if include_initial else []
     labels = _labels(fn, all_points, label) if fn is not None else {}
     _refuse_clash(box.names, [*labels, *(c for c in carried
                                           if c != io.ID_COLUMN)],
                   with_id=io.ID_COLUMN in carried)
     if io.ID_COLUMN in carried:
-        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, len(sampling.points))
+        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, n_new,
+                                            include_initial)
     for i, name in enumerate(box.names):
         columns[name] = pa.array(all_points[:, i])
     columns["source"] = pa.array(sources, pa.string())
@@ -509,26 +512,26 @@ def _output_table(box, X, density, sampling, fn, label, table,
     columns.update(labels)
     for name in carried:
         if name != io.ID_COLUMN:
-            columns[name] = _with_nulls(table, name, len(sampling.points))
+            columns[name] = _with_nulls(table, name, n_new, include_initial)
     return pa.table(columns)
 
 
-def _carried(table, fn, label) -> list[str]:
-    """Columns of POINTS written for the initial rows (null for new rows):
-    id, and the labels when they come from the file, so the simulator's
-    results for the new rows can be filled in beside them."""
+def _carried(table, label_columns) -> list[str]:
+    """Columns of POINTS written with the output, null for the new rows: id,
+    and the labels when they come from the file, so the simulator's results
+    for the new rows can be filled in and the rows appended to POINTS."""
     if table is None:
         return []
     names = [io.ID_COLUMN] if io.ID_COLUMN in table.column_names else []
-    if fn is None:
-        wanted = io.split_names(label) or [io.DEFAULT_LABEL]
-        names += [c for c in wanted if c in table.column_names]
-    return names
+    return names + list(label_columns)
 
 
-def _with_nulls(table, column, n_new) -> pa.Array:
+def _with_nulls(table, column, n_new, include_initial) -> pa.Array:
+    """The column's type, null for the new rows, after the initial rows'
+    values when they are written."""
     values = table.column(column).combine_chunks()
-    return pa.concat_arrays([values, pa.nulls(n_new, values.type)])
+    nulls = pa.nulls(n_new, values.type)
+    return pa.concat_arrays([values, nulls]) if include_initial else nulls
 
 
 # The columns tbs-sample writes beside the inputs and labels.
