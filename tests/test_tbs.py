@@ -532,13 +532,13 @@ def test_cli_refuses_a_carried_label_named_like_a_written_column(tmp_path):
     args = ["tbs-sample", path, "--names", "x", "--label", "density", "--k", "3",
             "--new", "2", "-o", out]
 
-    clash = run_vbsw(*args, "--include-initial")
-    _one_line_error(clash, 2, "column 'density' would be both the density column")
-    assert not out.exists()
-    alone = run_vbsw(*args)  # the label is not written: nothing to clash
-    assert alone.code == 0, alone.stderr
-    assert pq.read_table(out).column_names == ["x", "source", "density",
-                                               "mixture_density"]
+    # The label is written either way (null for the new rows), so it clashes
+    # either way.
+    for flag in (["--include-initial"], []):
+        clash = run_vbsw(*args, *flag)
+        _one_line_error(clash, 2, "column 'density' would be both the density "
+                        "column")
+        assert not out.exists()
 
 
 def test_cli_npy_points_of_another_width_than_the_function_takes(tmp_path):
@@ -643,3 +643,110 @@ def test_cli_never_overwrites_its_bounds_file(tmp_path):
         _one_line_error(run, 2, "refusing to overwrite the input file")
 
     assert bounds.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------
+# A user trial's findings: roles of columns, options that do not apply, and
+# the columns written for the new rows
+
+MOON = Path(__file__).resolve().parent.parent / "sample_data" / "double_moon.parquet"
+
+
+def _gradient_points(tmp_path) -> Path:
+    """f(x0, x1) = x0^2 + x1 on [0, 1]^2, its gradient and labels."""
+    x = np.random.default_rng(SEED).random((30, 2))
+    path = tmp_path / "grad.parquet"
+    pq.write_table(pa.table({"id": np.arange(30), "x0": x[:, 0], "x1": x[:, 1],
+                             "gx": 2 * x[:, 0], "gy": np.ones(30),
+                             "label": x[:, 0]**2 + x[:, 1]}), path)
+    return path
+
+
+@pytest.mark.parametrize("args, options", [
+    (["--label", "label"], "--names and --label"),
+    ([], "--names and --label (default label)"),
+])
+def test_cli_refuses_an_input_that_is_also_the_label(tmp_path, args, options):
+    out = tmp_path / "out.parquet"
+    run = run_vbsw("tbs-sample", MOON, "--names", "x0,x1,label", *args,
+                   "--new", "10", "-o", out)
+    _one_line_error(run, 2, f"{options}: column 'label' of {MOON} cannot be "
+                    "both an input and a label")
+    assert not out.exists()
+
+
+def test_cli_refuses_an_input_that_is_also_a_derivative(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,x1", "--order", "1", "-o", tmp_path / "out.parquet")
+    _one_line_error(run, 2, "--names and --gradient: column 'x1' of")
+    assert "cannot be both an input and a derivative" in run.stderr
+
+
+def test_cli_one_gradient_column_for_two_inputs_is_said_first(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient", "gx",
+                   "-o", tmp_path / "out.parquet")
+    _one_line_error(run, 2, "--gradient: 2 inputs need 2 columns, not 1")
+    no_hessian = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                          "gx,gy", "-o", tmp_path / "out.parquet")
+    _one_line_error(no_hessian, 2, "--order 2 with --gradient needs --hessian")
+
+
+@pytest.mark.parametrize("source, option, value, text", [
+    ("function", "--k", "5", "--k 5 applies to the local label variance"),
+    ("gradient", "--k", "5", "--k 5 applies to the local label variance"),
+    ("gradient", "--step", "0.01", "--step 0.01 applies to the finite "
+     "differences of --function"),
+    ("variance", "--order", "1", "--order 1 applies to Df_eps^n"),
+    ("variance", "--eps", "0.01", "--eps 0.01 applies to Df_eps^n"),
+    ("variance", "--step", "0.01", "--step 0.01 applies to the finite"),
+])
+def test_cli_refuses_an_option_that_does_not_apply(tmp_path, source, option,
+                                                   value, text):
+    out = tmp_path / "out.parquet"
+    args = {"function": ["--function", "runge", "--initial", "8"],
+            "gradient": [_gradient_points(tmp_path), "--names", "x0,x1",
+                         "--gradient", "gx,gy", "--order", "1"],
+            "variance": [MOON, "--names", "x0,x1", "--label", "label"]}[source]
+    run = run_vbsw("tbs-sample", *args, option, value, "--new", "5", "-o", out)
+    _one_line_error(run, 2, text)
+    assert "; drop " + option in run.stderr
+    assert not out.exists()
+
+
+def test_cli_a_misspelt_label_beside_gradient_is_refused(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,gy", "--order", "1", "--label", "lable", "-o",
+                   tmp_path / "out.parquet")
+    _one_line_error(run, 1, "no label column 'lable'; did you mean 'label'?")
+
+
+@pytest.mark.parametrize("include_initial", [False, True])
+def test_cli_new_rows_keep_the_label_and_id_columns_to_fill_in(include_initial):
+    flag = ["--include-initial"] if include_initial else []
+    run = run_vbsw("tbs-sample", MOON, "--names", "x0,x1", "--label", "label",
+                   "--new", "20", *flag)
+    table = _table(run)
+    points = pq.read_table(MOON)
+    assert table.column_names == ["id", "x0", "x1", "source", "density",
+                                  "mixture_density", "label"]
+    assert table.schema.field("label").type == points.schema.field("label").type
+    assert table.schema.field("id").type == points.schema.field("id").type
+    new = table.filter(pa.compute.equal(table.column("source"), "tbs"))
+    assert new.num_rows == 20
+    assert new.column("label").null_count == new.column("id").null_count == 20
+    # filled in, the new rows go under POINTS
+    filled = new.select(["id", "x0", "x1", "label"])
+    assert pa.concat_tables([points, filled.cast(points.schema)]).num_rows \
+        == points.num_rows + 20
+
+
+def test_cli_gradient_points_carry_their_labels_for_the_new_rows(tmp_path):
+    path = _gradient_points(tmp_path)
+    run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",
+                   "gx,gy", "--order", "1", "--new", "5")
+    table = _table(run)
+    assert table.column_names[0] == "id" and table.column_names[-1] == "label"
+    assert table.column("label").null_count == 5

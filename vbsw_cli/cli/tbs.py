@@ -58,15 +58,17 @@ def tbs_cli(
              "for N a power of 2).")] = None,
     new: Annotated[int, typer.Option(
         "--new", metavar="N'", help="Points to draw by TBS.")] = 100,
-    order: Annotated[int, typer.Option(
+    order: Annotated[Optional[int], typer.Option(
         "--order", metavar="1|2", help="n of Df_eps^n (eq. 2), mixed second "
-        "derivatives included.")] = 2,
-    eps: Annotated[str, typer.Option(
+        "derivatives included; with --function or --gradient. Default: 2."
+    )] = None,
+    eps: Annotated[Optional[str], typer.Option(
         "--eps", metavar="E[,E...]", help="eps of eq. (2): one value, or one "
-        "per input.")] = "1e-3",
+        "per input; with --function or --gradient. Default: 1e-3.")] = None,
     step: Annotated[Optional[str], typer.Option(
-        "--step", metavar="H[,H...]", help="Finite-difference step (default: "
-        "--eps); f is evaluated up to this far outside the box.")] = None,
+        "--step", metavar="H[,H...]", help="Finite-difference step of "
+        "--function (default: --eps); f is evaluated up to this far outside "
+        "the box.")] = None,
     gradient: Annotated[Optional[str], typer.Option(
         "--gradient", metavar="COLUMNS", help="Given first derivatives: one "
         "column per input (numbers, or lists with one value per output).")
@@ -77,13 +79,15 @@ def tbs_cli(
         "(1,1),(1,2),...,(1,d),(2,2),...")] = None,
     label: Annotated[Optional[str], typer.Option(
         "--label", metavar="A[,B...]",
-        help="Without --function or --gradient: the label columns of POINTS "
-             "whose local variance (eq. 4) is the density. With --function: "
-             "the names of the label columns written (default: the "
-             "built-in's, else label or label_0, label_1, ...).")] = None,
-    k: Annotated[int, typer.Option(
-        "--k", help="Neighbourhood size of the local variance, the point "
-        "itself included.")] = 20,
+        help="Without --function: the label columns of POINTS (default: "
+             "label), written with null for the new rows; without --gradient "
+             "too, their local variance (eq. 4) is the density. With "
+             "--function: the names of the label columns written (default: "
+             "the built-in's, else label or label_0, label_1, ...).")] = None,
+    k: Annotated[Optional[int], typer.Option(
+        "--k", metavar="<int>", help="Neighbourhood size of the local label "
+        "variance, the point itself included; without --function and "
+        "--gradient. Default: 20.")] = None,
     components: Annotated[int, typer.Option(
         "--components", help="Gaussians in the mixture.")] = 3,
     reg_covar: Annotated[str, typer.Option(
@@ -108,7 +112,8 @@ def tbs_cli(
     points weighted by it (weighted EM), and --new points are drawn from it,
     those outside the box redrawn. The output has the input columns, source
     (initial or tbs), density (at the initial points), mixture_density, and
-    the labels when --function is given.
+    the labels: computed with --function, else those of POINTS (null for the
+    new rows, to fill in), and POINTS' id (null for the new rows).
     """
     reporter = Reporter(verbose=verbose, quiet=quiet)
     function = keyword(function, BUILT_INS)
@@ -118,8 +123,11 @@ def tbs_cli(
         raise UsageError("--design draws the initial points when POINTS is not "
                          "given; give one of them")
     design = keyword(design or "uniform", tbs.DESIGNS)
+    given = {"--k": k, "--order": order, "--eps": eps, "--step": step}
+    k, order, eps = _with_defaults(k, order, eps)
     plan = _plan(points, function, gradient, hessian, label, initial, order,
                  new, components, k)
+    _refuse_unused(plan, given)
     reg = _reg_covar(reg_covar)
     destination = resolve_output(output, points or "tbs_sample", ".tbs.parquet")
     if destination != "-" and io.output_kind(destination) != "parquet":
@@ -132,16 +140,20 @@ def tbs_cli(
 
     box, table, X = _inputs(points, fn, bounds, names, initial, design, rng)
     _refuse_clash(box.names, _label_names(fn, label) if fn else [])
+    label_columns = _label_columns(plan, table, points, label)
+    _refuse_two_roles(box.names, _names_from(names, fn, box.names), points,
+                      _roles(plan, table, points, label_columns, label,
+                             gradient, hessian))
     with np.errstate(all="ignore"):  # a non-finite density is refused below
         density = _density(plan, fn, table, points, X, box, eps, step, order,
-                           gradient, hessian, label, k, seed)
+                           gradient, hessian, label_columns, k, seed)
     if plan == "function":
         _note_steps(reporter, box, step, eps)
     sampling = tbs.tbs_sample(X, density, box, n_new=new,
                               n_components=components, rng=rng, reg_covar=reg)
 
     out = _output_table(box, X, density, sampling, fn, label, table,
-                        include_initial)
+                        _carried(table, label_columns), include_initial)
     parameters = _parameters(plan, points, function, box, initial, design, new,
                              order, eps, step, k, components, sampling,
                              include_initial, seed)
@@ -184,11 +196,45 @@ def _plan(points, function, gradient, hessian, label, initial, order, new,
         raise UsageError("give --function, or POINTS with --gradient or "
                          "--label")
     if gradient:
-        if order == 2 and not hessian:
-            raise UsageError("--order 2 with --gradient needs --hessian (or "
-                             "use --order 1)")
+        # --order 2 without --hessian is refused once the gradient columns
+        # are counted (_given_density): a wrong count is said first.
         return "derivatives"
     return "variance"
+
+
+DEFAULT_K, DEFAULT_ORDER, DEFAULT_EPS = 20, 2, "1e-3"
+
+
+def _with_defaults(k, order, eps):
+    """--k, --order and --eps, their defaults where not given."""
+    return (DEFAULT_K if k is None else k,
+            DEFAULT_ORDER if order is None else order,
+            DEFAULT_EPS if eps is None else eps)
+
+
+# The density sources each option applies to, and what the messages call
+# them: an option given for another source would be silently ignored.
+APPLIES_TO = {
+    "--k": (("variance",), "the local label variance (POINTS with labels, "
+            "no --function or --gradient)"),
+    "--order": (("function", "derivatives"),
+                "Df_eps^n (--function or --gradient)"),
+    "--eps": (("function", "derivatives"),
+              "Df_eps^n (--function or --gradient)"),
+    "--step": (("function",), "the finite differences of --function"),
+}
+SOURCES = {"function": "Df_eps^n by finite differences of --function",
+           "derivatives": "Df_eps^n from the --gradient columns",
+           "variance": "the local label variance (--label)"}
+
+
+def _refuse_unused(plan: str, given: dict) -> None:
+    """Refuse an option given that the density source does not use."""
+    for option, value in given.items():
+        users, what = APPLIES_TO[option]
+        if value is not None and plan not in users:
+            raise UsageError(f"{option} {value} applies to {what} only; the "
+                             f"density here is {SOURCES[plan]}; drop {option}")
 
 
 def _reg_covar(text: str) -> float | None:
@@ -323,27 +369,74 @@ def _check_inside(box, X, points):
                         f"{X[first].tolist()})")
 
 
+def _label_columns(plan, table, points, label) -> list[str]:
+    """The label columns of POINTS: those whose local variance is the
+    density, or those carried beside given derivatives (there the default
+    label only when POINTS has it)."""
+    if plan == "function":
+        return []
+    wanted = io.split_names(label)
+    if not wanted and plan == "derivatives" \
+            and io.DEFAULT_LABEL not in table.column_names:
+        return []
+    return io.expand_columns(table, wanted or [io.DEFAULT_LABEL], points,
+                             "label")
+
+
+def _roles(plan, table, points, label_columns, label, gradient, hessian
+           ) -> dict[str, list[str]]:
+    """The columns of POINTS read as labels or derivatives, by option."""
+    option = "--label" if label else f"--label (default {io.DEFAULT_LABEL})"
+    roles = {option: label_columns}
+    if plan == "derivatives":
+        for name, text in (("--gradient", gradient), ("--hessian", hessian)):
+            roles[name] = io.expand_columns(table, io.split_names(text),
+                                            points, "derivative")
+    return roles
+
+
+def _refuse_two_roles(inputs, names_from, points, roles) -> None:
+    """No input column of POINTS is also read as a label or derivative."""
+    for option, columns in roles.items():
+        both = [column for column in columns if column in inputs]
+        if both:
+            role = "a label" if option.startswith("--label") else "a derivative"
+            raise UsageError(f"{names_from} and {option}: column '{both[0]}' of "
+                             f"{io.describe(points)} cannot be both an input "
+                             f"and {role}; name it in one of them")
+
+
 def _density(plan, fn, table, points, X, box, eps, step, order, gradient,
-             hessian, label, k, seed) -> np.ndarray:
+             hessian, label_columns, k, seed) -> np.ndarray:
     d = X.shape[1]
     if plan == "variance":
-        labels = io.read_labels(table, points, io.split_names(label)
-                                or [io.DEFAULT_LABEL])
+        labels = io.read_labels(table, points, label_columns)
         return tbs.variance_density(box.to_unit(X), labels, k,
                                     options=SearchOptions(seed=seed))
     eps_values = _numbers(eps, d, "--eps")
     if plan == "function":
         steps = _numbers(step, d, "--step") if step else None
         return tbs.function_density(fn, X, eps_values, order=order, step=steps)
+    return _given_density(table, points, d, eps_values, order, gradient,
+                          hessian)
+
+
+def _given_density(table, points, d, eps, order, gradient, hessian
+                   ) -> np.ndarray:
+    """Df_eps^n from the --gradient and --hessian columns; a wrong count of
+    gradient columns is said before a missing --hessian."""
     first = _derivative_columns(table, points, gradient, "--gradient")
     if len(first) != d:
         raise UsageError(f"--gradient: {d} inputs need {d} columns, not "
                          f"{len(first)}")
+    if order == 2 and not hessian:
+        raise UsageError("--order 2 with --gradient needs --hessian (or use "
+                         "--order 1)")
     second = None
     if order == 2:
         second = tbs.hessian_from_upper(
             _derivative_columns(table, points, hessian, "--hessian"), d)
-    return tbs.taylor_density(np.stack(first, axis=1), second, eps_values, order)
+    return tbs.taylor_density(np.stack(first, axis=1), second, eps, order)
 
 
 # A finite-difference step over this share of the box's width looks past the
@@ -391,11 +484,12 @@ def _derivative_columns(table, points, text, option) -> list[np.ndarray]:
 # Output
 
 
-def _output_table(box, X, density, sampling, fn, label, table,
+def _output_table(box, X, density, sampling, fn, label, table, carried,
                   include_initial) -> pa.Table:
+    n_new = len(sampling.points)
     rows = [sampling.points]
-    sources = ["tbs"] * len(sampling.points)
-    densities = [None] * len(sampling.points)
+    sources = ["tbs"] * n_new
+    densities = [None] * n_new
     if include_initial:
         rows.insert(0, X)
         sources = ["initial"] * len(X) + sources
@@ -403,13 +497,13 @@ def _output_table(box, X, density, sampling, fn, label, table,
     all_points = np.concatenate(rows)
 
     columns = {}
-    carried = _carried(table, fn, label) if include_initial else []
     labels = _labels(fn, all_points, label) if fn is not None else {}
     _refuse_clash(box.names, [*labels, *(c for c in carried
                                           if c != io.ID_COLUMN)],
                   with_id=io.ID_COLUMN in carried)
     if io.ID_COLUMN in carried:
-        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, len(sampling.points))
+        columns[io.ID_COLUMN] = _with_nulls(table, io.ID_COLUMN, n_new,
+                                            include_initial)
     for i, name in enumerate(box.names):
         columns[name] = pa.array(all_points[:, i])
     columns["source"] = pa.array(sources, pa.string())
@@ -418,26 +512,26 @@ def _output_table(box, X, density, sampling, fn, label, table,
     columns.update(labels)
     for name in carried:
         if name != io.ID_COLUMN:
-            columns[name] = _with_nulls(table, name, len(sampling.points))
+            columns[name] = _with_nulls(table, name, n_new, include_initial)
     return pa.table(columns)
 
 
-def _carried(table, fn, label) -> list[str]:
-    """Columns of POINTS written for the initial rows (null for new rows):
-    id, and the labels when they come from the file, so the simulator's
-    results for the new rows can be filled in beside them."""
+def _carried(table, label_columns) -> list[str]:
+    """Columns of POINTS written with the output, null for the new rows: id,
+    and the labels when they come from the file, so the simulator's results
+    for the new rows can be filled in and the rows appended to POINTS."""
     if table is None:
         return []
     names = [io.ID_COLUMN] if io.ID_COLUMN in table.column_names else []
-    if fn is None:
-        wanted = io.split_names(label) or [io.DEFAULT_LABEL]
-        names += [c for c in wanted if c in table.column_names]
-    return names
+    return names + list(label_columns)
 
 
-def _with_nulls(table, column, n_new) -> pa.Array:
+def _with_nulls(table, column, n_new, include_initial) -> pa.Array:
+    """The column's type, null for the new rows, after the initial rows'
+    values when they are written."""
     values = table.column(column).combine_chunks()
-    return pa.concat_arrays([values, pa.nulls(n_new, values.type)])
+    nulls = pa.nulls(n_new, values.type)
+    return pa.concat_arrays([values, nulls]) if include_initial else nulls
 
 
 # The columns tbs-sample writes beside the inputs and labels.
@@ -497,7 +591,9 @@ def _parameters(plan, points, function, box, initial, design, new, order, eps,
     if plan == "variance":
         parameters["k"] = k
     else:
-        parameters.update(order=order, eps=eps, step=step or eps)
+        parameters.update(order=order, eps=eps)
+    if plan == "function":
+        parameters["step"] = step or eps
     if sampling.mixture is not None:
         parameters["mixture_converged"] = sampling.mixture.converged
         parameters["mixture_iterations"] = sampling.mixture.n_iter
