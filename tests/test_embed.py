@@ -731,6 +731,19 @@ def test_a_signal_after_rows_went_to_stdout_leaves_no_footer(
     assert_cut_stream(run.stdout)
 
 
+def interrupt_after(monkeypatch, batches: int) -> None:
+    """Make embed's batches stop with an interrupt after ``batches`` of them."""
+    real = cli.embed
+
+    def cut_short(*args, **kwargs):
+        for number, batch in enumerate(real(*args, **kwargs)):
+            if number == batches:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(cli, "embed", cut_short)
+
+
 @pytest.mark.parametrize("stop", ["nan", "interrupt"])
 def test_a_run_stopped_before_much_output_writes_nothing_to_stdout(
         tmp_path, capfdbinary, monkeypatch, stop):
@@ -739,15 +752,8 @@ def test_a_run_stopped_before_much_output_writes_nothing_to_stdout(
     monkeypatch.setattr(cli, "GROUP_BYTES", 1)
     source = digits_with_nan(tmp_path / "nan.parquet", row=300)
     if stop == "interrupt":
-        source, real = TEST, cli.embed
-
-        def cut_short(*args, **kwargs):
-            for number, batch in enumerate(real(*args, **kwargs)):
-                if number == 8:
-                    raise KeyboardInterrupt
-                yield batch
-
-        monkeypatch.setattr(cli, "embed", cut_short)
+        source = TEST
+        interrupt_after(monkeypatch, 8)
     run = run_here(capfdbinary, "embed", BACKBONE, source, "-o", "-",
                    "--batch-size", "30")
 
@@ -1320,15 +1326,7 @@ def test_an_interrupt_after_rows_went_to_stdout_says_the_stream_is_cut(
         capfdbinary, monkeypatch):
     monkeypatch.setattr(cli, "GROUP_BYTES", 1)
     monkeypatch.setattr(cli, "HOLD_BYTES", 1)
-    real = cli.embed
-
-    def cut_short(*args, **kwargs):
-        for number, batch in enumerate(real(*args, **kwargs)):
-            if number == 3:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(cli, "embed", cut_short)
+    interrupt_after(monkeypatch, 3)
     run = run_here(capfdbinary, "embed", BACKBONE, TEST, "--batch-size", "8",
                    "-o", "-")
 
