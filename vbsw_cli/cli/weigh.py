@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Annotated, Optional
 
@@ -117,13 +118,8 @@ def weigh_cli(
     search, task = keyword(search, METHODS), keyword(task, io.TASKS)
     normalize = keyword(normalize, NORMALIZATIONS)
     _validate(k, m, normalize, task, threads, check_recall, graph)
-    if exact and search not in ("auto", "exact"):
-        raise UsageError(f"--exact contradicts --search {search}; give one")
-    if features_column is not None and feature_columns is not None:
-        raise UsageError(f"--features {features_column} and --feature-columns "
-                         f"{feature_columns}: give one of them")
-    if features == io.STDIO and labels_file == io.STDIO:
-        raise UsageError("FEATURES and --labels cannot both be - (stdin)")
+    _refuse_contradictions(exact, search, features_column, feature_columns,
+                           features, labels_file)
     options = SearchOptions(method="exact" if exact else search, recall=recall,
                             M=hnsw_m, ef_construction=ef_construction, ef=ef,
                             threads=threads, seed=seed,
@@ -131,42 +127,21 @@ def weigh_cli(
     # Checked again by the search, but here before the file is read, so a
     # misspelt option gets its usage error alone.
     check_search_options(options)
-    io.check_output_path(output, "-o")
-    io.check_output_path(graph, "--graph")
-    sources = [features, labels_file]
-    io.refuse_overwrite(output, "-o", sources)
-    io.refuse_overwrite(graph, "--graph", sources)
-    destination = resolve_output(output, features, ".weighted.parquet")
+    destination = _checked_outputs(output, graph, features, labels_file)
     kind = io.output_kind(destination)
-    label_names = io.split_names(label, "--label")
-    feature_patterns = io.split_names(feature_columns, "--feature-columns")
 
-    table = io.read_table(features)
-    io.require_rows(table, features)
-    label_table, label_source, notes = _label_table(table, features,
-                                                    labels_file, label_names)
-    label_columns = io.expand_columns(label_table, label_names, label_source,
-                                      "label")
-    own = label_columns if labels_file is None else []
-    X, feature_names = io.feature_matrix(
-        table, features, column=features_column, columns=feature_patterns,
-        exclude=[io.ID_COLUMN, *own])
-    labels = io.read_labels(label_table, label_source, label_columns, task=task)
-    notes += many_classes_notes(labels, len(X))
-    notes += _shadowed(table.column_names, features, weights_only, kind)
-    if not (weights_only or kind == "npy"):
-        notes += _relabelled(table, label_table, label_columns, features)
-    table = _output_rows(table, label_table, label_columns, weights_only or
-                         kind == "npy")
+    read = _read_inputs(features, labels_file, label, features_column,
+                        feature_columns, task, weights_only, kind)
+    table, X, labels = read.table, read.X, read.labels
     timings["read_s"] = time.perf_counter() - started
     with named_errors(features):
         check_k(k, len(X), not exclude_self)
-    with named_errors(label_source):
+    with named_errors(read.label_source):
         check_label_span(labels)
     # Said before the search, so a long run shows at once what it works on.
     tasks = ", ".join(f"{c.column}: {c.kind}" for c in labels)
     reporter.say(f"rows {len(X)}, dimensions {X.shape[1]}, k {k}, labels {tasks}")
-    for note in notes:
+    for note in read.notes:
         reporter.notice(note)
 
     with named_errors(features):
@@ -180,23 +155,17 @@ def weigh_cli(
     parameters = {
         "input": features, "labels_file": labels_file, "k": k, "m": m,
         "include_self": not exclude_self, "normalization": normalize,
-        "standardize": standardize, "features": feature_names,
-        "labels": label_columns, "tasks": {c.column: c.kind for c in labels},
+        "standardize": standardize, "features": read.feature_names,
+        "labels": read.label_columns, "tasks": {c.column: c.kind for c in labels},
         "weights_only": weights_only, "graph": graph, "seed": seed,
         "threads": thread_count(threads), "check_recall": check_recall,
         "checked_recall": result.recall,
         "search": {"requested": options.method, "used": result.neighbours.method,
                    **_jsonable(result.neighbours.details)},
     }
-    inputs = [features] + ([labels_file] if labels_file else [])
-    with ExitStack() as stack:
-        # Both files or neither: the graph is renamed into place only after
-        # the main output was written.
-        if graph:
-            _write_graph(result, stack.enter_context(
-                io.atomic_output(graph, inputs=inputs)), not exclude_self)
-        _write(result, table, destination, kind, weights_only, parameters,
-               inputs, normalize, m)
+    _write_outputs(result, table, destination, kind, graph, weights_only,
+                   parameters, [features] + ([labels_file] if labels_file else []),
+                   normalize, m, not exclude_self)
     timings["write_s"] = time.perf_counter() - started
     timings["total_s"] = sum(timings.values())
 
@@ -204,6 +173,83 @@ def weigh_cli(
     _summary(reporter, X, k, result, timings, destination, normalize, ef,
              check_recall, not exclude_self, given, labels,
              graph_path=graph, options=options)
+
+
+def _refuse_contradictions(exact, search, features_column, feature_columns,
+                           features, labels_file) -> None:
+    """Options that cannot go together."""
+    if exact and search not in ("auto", "exact"):
+        raise UsageError(f"--exact contradicts --search {search}; give one")
+    if features_column is not None and feature_columns is not None:
+        raise UsageError(f"--features {features_column} and --feature-columns "
+                         f"{feature_columns}: give one of them")
+    if features == io.STDIO and labels_file == io.STDIO:
+        raise UsageError("FEATURES and --labels cannot both be - (stdin)")
+
+
+def _checked_outputs(output, graph, features, labels_file) -> str:
+    """The output's destination, with both outputs checked before any read."""
+    io.check_output_path(output, "-o")
+    io.check_output_path(graph, "--graph")
+    sources = [features, labels_file]
+    io.refuse_overwrite(output, "-o", sources)
+    io.refuse_overwrite(graph, "--graph", sources)
+    return resolve_output(output, features, ".weighted.parquet")
+
+
+@dataclass
+class _Read:
+    """What weigh reads: the rows to write out, the feature matrix and its
+    columns, the labels, their columns and the file they came from, and notes
+    on how they were read."""
+
+    table: pa.Table
+    X: np.ndarray
+    feature_names: list[str]
+    labels: list
+    label_columns: list[str]
+    label_source: str
+    notes: list[str]
+
+
+def _read_inputs(features, labels_file, label, features_column,
+                 feature_columns, task, weights_only, kind) -> _Read:
+    """Features and labels from their files; the input's rows as they go out
+    (only the id with --weights-only or a .npy output)."""
+    label_names = io.split_names(label, "--label")
+    feature_patterns = io.split_names(feature_columns, "--feature-columns")
+    table = io.read_table(features)
+    io.require_rows(table, features)
+    label_table, label_source, notes = _label_table(table, features,
+                                                    labels_file, label_names)
+    label_columns = io.expand_columns(label_table, label_names, label_source,
+                                      "label")
+    own = label_columns if labels_file is None else []
+    X, feature_names = io.feature_matrix(
+        table, features, column=features_column, columns=feature_patterns,
+        exclude=[io.ID_COLUMN, *own])
+    labels = io.read_labels(label_table, label_source, label_columns, task=task)
+    notes += many_classes_notes(labels, len(X))
+    notes += _shadowed(table.column_names, features, weights_only, kind)
+    only_id = weights_only or kind == "npy"
+    if not only_id:
+        notes += _relabelled(table, label_table, label_columns, features)
+    table = _output_rows(table, label_table, label_columns, only_id)
+    return _Read(table, X, feature_names, labels, label_columns, label_source,
+                 notes)
+
+
+def _write_outputs(result, table, destination, kind, graph, weights_only,
+                   parameters, inputs, normalize, m, include_self) -> None:
+    """The weighted rows, and the graph where asked: both or neither."""
+    with ExitStack() as stack:
+        # The graph is renamed into place only after the main output was
+        # written.
+        if graph:
+            _write_graph(result, stack.enter_context(
+                io.atomic_output(graph, inputs=inputs)), include_self)
+        _write(result, table, destination, kind, weights_only, parameters,
+               inputs, normalize, m)
 
 
 def _validate(k, m, normalize, task, threads, check_recall, graph):
