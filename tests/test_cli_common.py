@@ -244,6 +244,38 @@ def test_an_interrupt_gives_one_line_and_with_debug_the_traceback(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupt_never_lands_in_the_thread_machinery(monkeypatch):
+    """Inside threading, concurrent.futures or queue the stop is only
+    remembered (an exception there can leave a lock held, and the pool wait
+    for ever); a timer raises it once the main thread has left."""
+    import concurrent.futures.thread
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    from vbsw_cli import stopping
+
+    def frame_in(path):
+        return SimpleNamespace(f_code=SimpleNamespace(co_filename=path))
+
+    armed = []
+    monkeypatch.setattr(signal, "setitimer", lambda which, s: armed.append(s))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    stopping.clear_stop()
+    armed.clear()
+    try:
+        stopping._interrupt(signal.SIGTERM, frame_in(threading.__file__))
+        assert stopping.stop_requested() and armed == [stopping.RETRY_SECONDS]
+        stopping._retry(signal.SIGALRM,
+                        frame_in(concurrent.futures.thread.__file__))
+        assert armed == [stopping.RETRY_SECONDS] * 2
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            stopping._retry(signal.SIGALRM, frame_in(__file__))
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            stopping._interrupt(signal.SIGINT, frame_in(__file__))
+    finally:
+        stopping.clear_stop()
+
 def test_an_interrupt_after_the_outputs_says_they_were_written(
         tmp_path, capfd, monkeypatch):
     from conftest import run_here
@@ -336,7 +368,11 @@ def test_a_signal_at_any_moment_ends_in_the_one_line(tmp_path, delay, name):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(delay)
     child.send_signal(getattr(signal, name))
-    _, stderr = child.communicate(timeout=120)
+    try:
+        _, stderr = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()  # a hung child fails the test, and is not left running
+        raise
     lines = stderr.decode().strip().splitlines()
 
     if child.returncode == 0:  # finished before the signal: a fast machine
