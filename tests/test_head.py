@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import Run, run_here, run_vbsw, write_features
+from conftest import SAMPLE, Run, run_here, run_vbsw, write_features
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.head import (HeadOptions, head_to_onnx, merge_with_backbone,
                            read_metadata, train_head)
@@ -561,7 +561,8 @@ def trainings(monkeypatch) -> list:
 
 @pytest.mark.parametrize("layer, code, text", [
     ([], 1, "the backbone's tensor 'embedding' has 6 features per row, the head "
-     "takes 5; cut with the --layer used to embed the features"),
+     "takes 5; give the model the features were embedded with, cut with the "
+     "--layer used then"),
     (["--layer", "nosuch"], 2, "--layer nosuch: no tensor of that name"),
 ])
 def test_cli_checks_the_backbone_before_training(capfdbinary, tmp_path, rng,
@@ -786,3 +787,53 @@ def test_cli_lbfgs_still_falling_suggests_no_refused_option(capfdbinary,
     assert "note: the loss was still falling after 2 iterations of lbfgs; " \
         "raise --epochs" in run.stderr
     assert "--learning-rate" not in run.stderr
+
+
+def test_cli_a_merged_model_takes_a_new_head(capfdbinary, tmp_path):
+    """Its head/ and flatten names taken, the second merge picks others, and
+    onnxruntime loads and runs the result."""
+    backbone = SAMPLE / "digits_backbone.onnx"
+    features = tmp_path / "train.parquet"
+    assert run_here(capfdbinary, "embed", backbone,
+                    SAMPLE / "digits_train.parquet", "-o", features, "-q").code == 0
+    first, second = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
+    for source, merged in ((backbone, first), (first, second)):
+        run = run_here(capfdbinary, "retrain-head", features, "--no-weights",
+                       "-o", tmp_path / "h.onnx", "--backbone", source,
+                       "--merged-output", merged)
+        assert run.code == 0, run.stderr
+    assert "another file than --backbone" in run.stderr  # embedded from backbone
+    names = [node.name for node in onnx.load(str(second)).graph.node]
+    assert len(names) == len(set(names))
+    run = run_here(capfdbinary, "evaluate", second, SAMPLE / "digits_test.parquet",
+                   "--json", "-", "-q")
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["metrics"]["accuracy"] > 0.9
+
+
+def test_cli_a_head_is_refused_as_a_backbone(capfdbinary, tmp_path, rng,
+                                             trainings):
+    X = rng.normal(size=(30, 4))
+    write_features(tmp_path / "f.parquet", X, rng.integers(2, size=30))
+    head = head_to_onnx(train_head(X, [Labels("label", "classification",
+                                              rng.integers(2, size=30), [0, 1])],
+                                   options=HeadOptions(epochs=5)))
+    onnx.save(head, str(tmp_path / "head.onnx"))
+    run = run_here(capfdbinary, "retrain-head", tmp_path / "f.parquet", "-o",
+                   tmp_path / "h.onnx", "--backbone", tmp_path / "head.onnx")
+    assert (run.code, trainings) == (1, [])
+    assert "is a head written by vbsw retrain-head, not a backbone" in run.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_a_merged_model_onnxruntime_refuses_is_not_written():
+    from vbsw_cli.head import _check_loads
+
+    nodes = [helper.make_node("Identity", ["x"], ["y"], name="same"),
+             helper.make_node("Identity", ["y"], ["z"], name="same")]
+    graph = helper.make_graph(
+        nodes, "twice", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                       ["N", 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2])])
+    with pytest.raises(DataError, match="would not load in onnxruntime"):
+        _check_loads(make_model(graph))

@@ -409,7 +409,25 @@ def merge_with_backbone(backbone: onnx.ModelProto, head_model: onnx.ModelProto,
     """
     expected = head_model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
     tensor = backbone_cut(backbone, layer, expected)
-    return merge(_prefixed(backbone), tensor, _marked_merged(head_model, tensor))
+    merged = merge(_prefixed(backbone), tensor, _marked_merged(head_model, tensor))
+    _check_loads(merged)
+    return merged
+
+
+def _check_loads(model: onnx.ModelProto) -> None:
+    """Refuse a merged model that onnxruntime cannot load: onnx's checker
+    passes models it refuses (two nodes of one name, once), and loading it
+    is the user's next step."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own error types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else \
+            type(error).__name__
+        raise DataError(f"the merged model would not load in onnxruntime "
+                        f"({first}); nothing was written") from error
 
 
 def backbone_cut(backbone: onnx.ModelProto, layer: str, n_features: int) -> str:
@@ -420,8 +438,9 @@ def backbone_cut(backbone: onnx.ModelProto, layer: str, n_features: int) -> str:
     width = _flat_width(backbone, tensor)
     if width is not None and width != n_features:
         raise DataError(f"the backbone's tensor '{tensor}' has {width} features "
-                        f"per row, the head takes {n_features}; cut with the "
-                        "--layer used to embed the features")
+                        f"per row, the head takes {n_features}; give the model "
+                        "the features were embedded with, cut with the --layer "
+                        "used then")
     return tensor
 
 

@@ -737,6 +737,24 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def latest_parameters(table: pa.Table, command: str) -> dict | None:
+    """The parameters of the latest step ``command`` among a table's records
+    (its own, then its history, newest first)."""
+    metadata = table.schema.metadata or {}
+    records = []
+    for key in (HISTORY_KEY, PROVENANCE_KEY):  # oldest first
+        try:
+            found = json.loads(metadata.get(key, b"null"))
+        except ValueError:
+            continue
+        records += found if isinstance(found, list) else [found]
+    for record in reversed(records):
+        if isinstance(record, dict) and record.get("command") == command:
+            parameters = record.get("parameters")
+            return parameters if isinstance(parameters, dict) else {}
+    return None
+
+
 def read_provenance(path_or_table) -> dict | None:
     """The provenance record of a Parquet file or table, if it has one."""
     if isinstance(path_or_table, pa.Table):

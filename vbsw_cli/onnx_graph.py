@@ -222,9 +222,10 @@ def merge(backbone: onnx.ModelProto, tensor: str, head: onnx.ModelProto
     # cut() returns the backbone itself when nothing is cut: work on a copy.
     body = onnx.ModelProto()
     body.CopyFrom(cut(backbone, tensor))
-    flat = f"{tensor}__flat"
+    taken = _names(body.graph)
+    flat = _unused(f"{tensor}__flat", taken)
     flatten = helper.make_node("Flatten", [tensor], [flat], axis=1,
-                               name="vbsw_flatten")
+                               name=_unused("vbsw_flatten", taken))
     body.graph.node.append(flatten)
     del body.graph.output[:]
     body.graph.output.append(
@@ -239,10 +240,30 @@ def merge(backbone: onnx.ModelProto, tensor: str, head: onnx.ModelProto
     kept = [entry for entry in body.metadata_props if entry.key not in head_keys]
     del body.metadata_props[:]
     body.metadata_props.extend(kept)
+    # A backbone that is itself a merged model holds head/ names already.
+    prefix = next(p for p in (f"head{n or ''}/" for n in range(len(taken) + 1))
+                  if not any(name.startswith(p) for name in taken))
     merged = onnx.compose.merge_models(body, head, io_map=[(flat, head_input)],
-                                       prefix2="head/")
+                                       prefix2=prefix)
     onnx.checker.check_model(merged)
     return merged
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every node, tensor and initialiser name of a graph."""
+    names = {node.name for node in graph.node}
+    names |= {name for node in graph.node for name in (*node.input, *node.output)}
+    names |= {t.name for t in (*graph.input, *graph.output, *graph.initializer)}
+    return names
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... the first not ``taken``."""
+    candidate, number = name, 0
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -299,8 +299,11 @@ def _refuse_embedded(table, name, column, model_path, metadata, input_name
     Where the widths agree (8 x 8 digits, 64 features) the model would run
     and score nonsense, so the run stops unless --features asks for it.
     """
-    record = _embedded_by(table)
-    if record is None or column != io.DEFAULT_FEATURES or input_name == column:
+    record = io.latest_parameters(table, "embed")
+    # The column embed read (carried through) and one named as the model's
+    # input are what a backbone takes; any other came from embed's output.
+    if record is None or column is None \
+            or column in (input_name, record.get("tensor_column")):
         return
     merged = "merged" in metadata
     if not merged and record.get("model_sha256") != io.sha256_of(model_path):
@@ -308,27 +311,11 @@ def _refuse_embedded(table, name, column, model_path, metadata, input_name
     what = ("a merged model (backbone and head)" if merged
             else "the backbone that made them")
     read = io.describe(record.get("input", "-"))
-    raise DataError(f"{io.describe(name)}: column 'features' holds features "
+    raise DataError(f"{io.describe(name)}: column '{column}' holds features "
                     f"made by vbsw embed, and {model_path} is {what}: its input "
                     f"'{input_name}' takes the data embed read ({read}); "
-                    "evaluate it on those, or give --features features to "
+                    f"evaluate it on those, or give --features {column} to "
                     "feed this column anyway")
-
-
-def _embedded_by(table: pa.Table) -> dict | None:
-    """The parameters of the latest vbsw embed among the table's records."""
-    metadata = table.schema.metadata or {}
-    records = []
-    for key in (io.HISTORY_KEY, io.PROVENANCE_KEY):  # oldest first
-        try:
-            found = json.loads(metadata.get(key, b"null"))
-        except ValueError:
-            continue
-        records += found if isinstance(found, list) else [found]
-    for record in reversed(records):
-        if isinstance(record, dict) and record.get("command") == "embed":
-            return record.get("parameters") or {}
-    return None
 
 
 def _recorded_features(metadata: dict) -> list[str] | None:

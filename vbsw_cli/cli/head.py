@@ -136,7 +136,8 @@ def retrain_head_cli(
                                 columns=columns,
                                 exclude=[io.ID_COLUMN, *label_columns, *weighted])
     labels = io.read_labels(table, features, label_columns, task=task)
-    for note in many_classes_notes(labels, len(X)):
+    for note in many_classes_notes(labels, len(X)) + \
+            _other_backbone(table, backbone):
         reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
     _check_cut(backbone_model, backbone, layer, X.shape[1])
@@ -185,10 +186,28 @@ def _backbone(path: str | None, layer: str | None):
         return None
     from vbsw_cli.onnx_graph import find_cut, load_model
 
+    from vbsw_cli.head import read_metadata
+
     model = load_model(path)
+    metadata = read_metadata(model) or {}
+    if "task" in metadata and "merged" not in metadata:
+        raise DataError(f"--backbone {path} is a head written by vbsw "
+                        "retrain-head, not a backbone; give the model the "
+                        "features were embedded with (vbsw embed's MODEL)")
     with named_errors(path):
         find_cut(model, layer or "auto")
     return model
+
+
+def _other_backbone(table: pa.Table, path: str | None) -> list[str]:
+    """A note where the features were embedded from another model file."""
+    embedded = io.latest_parameters(table, "embed") if path else None
+    if not embedded or not embedded.get("model_sha256") \
+            or embedded["model_sha256"] == io.sha256_of(path):
+        return []
+    return [f"the features were embedded from {embedded.get('model')}, another "
+            f"file than --backbone {path}: the merged model is right only if "
+            "its cut gives the same features"]
 
 
 def _check_cut(model, path, layer, n_features: int) -> None:
