@@ -11,11 +11,13 @@ set -euo pipefail
 
 out=${1:-chain_out}
 seeds=${2:-5}
-backbone=sample_data/digits_backbone.onnx
+# The sample data beside this script, from wherever it is run.
+data=$(cd "$(dirname "$0")/../sample_data" && pwd)
+backbone=$data/digits_backbone.onnx
 mkdir -p "$out"
 
-vbsw embed "$backbone" sample_data/digits_train.parquet -o "$out/train.parquet" -q
-vbsw embed "$backbone" sample_data/digits_test.parquet -o "$out/test.parquet" -q
+vbsw embed "$backbone" "$data/digits_train.parquet" -o "$out/train.parquet" -q
+vbsw embed "$backbone" "$data/digits_test.parquet" -o "$out/test.parquet" -q
 vbsw weigh "$out/train.parquet" --k 20 --m 40 -o "$out/train_weighted.parquet"
 
 for seed in $(seq 0 $((seeds - 1))); do
@@ -29,7 +31,7 @@ for seed in $(seq 0 $((seeds - 1))); do
 done
 
 echo "== the original backbone, and the heads on its test features" >&2
-vbsw evaluate "$backbone" sample_data/digits_test.parquet --run-name backbone \
+vbsw evaluate "$backbone" "$data/digits_test.parquet" --run-name backbone \
   --json "$out/backbone.json"
 vbsw evaluate --compare "$out"/baseline-*.json "$out"/vbsw-*.json \
   --json "$out/comparison.json"
@@ -37,4 +39,4 @@ vbsw evaluate --compare "$out"/baseline-*.json "$out"/vbsw-*.json \
 echo "== one deployable model: the backbone with the VBSW head of seed 0" >&2
 vbsw retrain-head "$out/train_weighted.parquet" --seed 0 -o "$out/head.onnx" \
   --backbone "$backbone" --merged-output "$out/digits_vbsw.onnx" -q
-vbsw evaluate "$out/digits_vbsw.onnx" sample_data/digits_test.parquet
+vbsw evaluate "$out/digits_vbsw.onnx" "$data/digits_test.parquet"

@@ -1271,7 +1271,7 @@ def test_usage_errors_exit_2(tmp_path, option, words, here, monkeypatch):
     assert not (tmp_path / "f.parquet").exists()
 
 
-@pytest.mark.parametrize("first", [TEST, "npy"])
+@pytest.mark.parametrize("first", [TEST, "npy", BACKBONE])
 def test_a_model_given_as_input_says_the_model_comes_first(tmp_path, here,
                                                            first):
     if first == "npy":
@@ -1279,9 +1279,11 @@ def test_a_model_given_as_input_says_the_model_comes_first(tmp_path, here,
     run = here("embed", first, BACKBONE, "-o", tmp_path / "f.parquet")
 
     assert_failed(run, 2)
+    where = "INPUT is the data to embed" if first == BACKBONE \
+        else "the model comes first"
     assert run.stderr.strip() == (
-        f"vbsw embed: error: INPUT {BACKBONE} is an ONNX model: the model comes "
-        "first (vbsw embed MODEL.onnx INPUT)")
+        f"vbsw embed: error: INPUT {BACKBONE} is an ONNX model: {where} (vbsw "
+        "embed MODEL.onnx INPUT)")
     no_files_left(tmp_path, "f.parquet")
 
 

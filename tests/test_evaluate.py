@@ -609,6 +609,10 @@ def test_cli_refuses_swapped_paths_and_two_files_on_stdin(capfdbinary,
     run = vbsw(capfdbinary, "evaluate", data, model)
     assert run.code == 2 and f"DATA {model} is an ONNX model: the model comes " \
         "first" in run.stderr
+    disguised = tmp_path / "model.parquet"  # swapped, and the suffix misleads
+    disguised.write_bytes(model.read_bytes())
+    run = vbsw(capfdbinary, "evaluate", data, disguised)
+    assert run.code == 2 and f"MODEL {data} holds data, not a model" in run.stderr
     np.save(tmp_path / "y.npy", y)
     run = vbsw(capfdbinary, "evaluate", model, "-", "--labels", "-")
     assert run.code == 2 and "DATA - and --labels -: stdin holds one file" \

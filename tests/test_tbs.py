@@ -675,6 +675,15 @@ def test_cli_refuses_an_input_that_is_also_the_label(tmp_path, args, options):
     assert not out.exists()
 
 
+def test_cli_refuses_the_id_as_a_label(tmp_path):
+    out = tmp_path / "out.parquet"
+    run = run_vbsw("tbs-sample", MOON, "--names", "x0,x1", "--label", "id",
+                   "--new", "10", "-o", out)
+    _one_line_error(run, 2, "--label id: 'id' is the rows' id, carried to the "
+                    "output as such, not a label")
+    assert not out.exists()
+
+
 def test_cli_refuses_an_input_that_is_also_a_derivative(tmp_path):
     path = _gradient_points(tmp_path)
     run = run_vbsw("tbs-sample", path, "--names", "x0,x1", "--gradient",

@@ -185,10 +185,12 @@ def _check_destination(destination: str) -> None:
 
 
 def _refuse_swapped(model: str, source: str) -> None:
-    """An ONNX file given as INPUT, and no ONNX file as MODEL: swapped."""
-    if source.lower().endswith(".onnx") and not model.lower().endswith(".onnx"):
-        raise UsageError(f"INPUT {source} is an ONNX model: the model comes "
-                         "first (vbsw embed MODEL.onnx INPUT)")
+    """An ONNX file given as INPUT: swapped with MODEL, or given twice."""
+    if source.lower().endswith(".onnx"):
+        where = "the model comes first" if not model.lower().endswith(".onnx") \
+            else "INPUT is the data to embed"
+        raise UsageError(f"INPUT {source} is an ONNX model: {where} (vbsw "
+                         "embed MODEL.onnx INPUT)")
 
 
 def _refuse_with_list_layers(**given) -> None:

@@ -166,9 +166,22 @@ def _check_model_paths(paths, labels_file) -> None:
     if paths[1].lower().endswith(".onnx") and not paths[0].lower().endswith(".onnx"):
         raise UsageError(f"DATA {paths[1]} is an ONNX model: the model comes "
                          "first (vbsw evaluate MODEL.onnx DATA)")
+    if _data_magic(paths[0]):
+        raise UsageError(f"MODEL {paths[0]} holds data, not a model: the model "
+                         "comes first (vbsw evaluate MODEL.onnx DATA)")
     if paths[1] == io.STDIO and labels_file == io.STDIO:
         raise UsageError("DATA - and --labels -: stdin holds one file; give "
                          "the other a file name")
+
+
+def _data_magic(path: str) -> bool:
+    """Whether a file starts as Parquet or .npy data do."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        return False  # the model's loading says what is wrong
+    return head.startswith(io.PARQUET_MAGIC) or head.startswith(io.NPY_MAGIC)
 
 
 def _check_outputs(json_path, save_predictions, inputs) -> None:
@@ -415,7 +428,7 @@ def _score(outputs, labels, metadata, name) -> tuple[dict, dict]:
                          for c in labels])
     if outputs.shape[1] != Y.shape[1]:
         raise DataError(f"{name}: the model gives {outputs.shape[1]} outputs per "
-                        f"row for {Y.shape[1]} label values")
+                        f"row for {io.counted(Y.shape[1], 'label value')}")
     record = {"task": "regression", "n_samples": len(Y),
               "metrics": regression_metrics(Y, outputs)}
     return record, {PREDICTION: outputs}

@@ -379,8 +379,13 @@ def _label_columns(plan, table, points, label) -> list[str]:
     if not wanted and plan == "derivatives" \
             and io.DEFAULT_LABEL not in table.column_names:
         return []
-    return io.expand_columns(table, wanted or [io.DEFAULT_LABEL], points,
-                             "label")
+    columns = io.expand_columns(table, wanted or [io.DEFAULT_LABEL], points,
+                                "label")
+    if io.ID_COLUMN in columns:
+        raise UsageError(f"--label {label}: '{io.ID_COLUMN}' is the rows' id, "
+                         "carried to the output as such, not a label; name the "
+                         "label columns")
+    return columns
 
 
 def _roles(plan, table, points, label_columns, label, gradient, hessian
