@@ -837,3 +837,33 @@ def test_a_merged_model_onnxruntime_refuses_is_not_written():
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2])])
     with pytest.raises(DataError, match="would not load in onnxruntime"):
         _check_loads(make_model(graph))
+
+
+def test_cli_a_stop_a_library_swallowed_ends_the_run_before_training(
+        capfdbinary, tmp_path, rng, monkeypatch):
+    """A signal lost inside pyarrow (its lazy import of pandas) is remembered:
+    the run stops before training, not after all its epochs."""
+    import signal
+
+    import vbsw_cli.io as io_module
+    from vbsw_cli import stopping
+
+    write_features(tmp_path / "f.parquet", rng.normal(size=(40, 3)),
+                   rng.integers(2, size=40))
+    real, fits = io_module.read_labels, []
+
+    def swallowed(*args, **kwargs):
+        stopping.request_stop(signal.SIGTERM)  # the exception was lost
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io_module, "read_labels", swallowed)
+    monkeypatch.setattr("vbsw_cli.head._fit", lambda *a, **k: fits.append(1))
+    try:
+        run = run_here(capfdbinary, "retrain-head", tmp_path / "f.parquet",
+                       "--no-weights", "-o", tmp_path / "h.onnx")
+    finally:
+        stopping.clear_stop()
+    assert (run.code, fits) == (143, [])
+    assert run.stderr.strip().splitlines()[-1] == (
+        "vbsw retrain-head: error: interrupted; no output was written")
+    assert not (tmp_path / "h.onnx").exists()

@@ -41,6 +41,7 @@ from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.io import Labels
 from vbsw_cli.onnx_graph import find_cut, make_model, merge, tensor_shapes
 from vbsw_cli.progress import NullProgress, Progress
+from vbsw_cli.stopping import check_stop
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
 METADATA_KEY = "vbsw"
@@ -220,6 +221,7 @@ def train_head(X: np.ndarray, labels: list[Labels],
             target = (target - head.target_scaler[0]) / head.target_scaler[1]
 
     head.estimator = _estimator(task, options)
+    check_stop()  # one scikit-learn call: a stop lost before it waits for it
     # scikit-learn trains in one call: the epochs run are counted at its end.
     task_bar = progress.task("training head, epochs", options.epochs)
     started = time.perf_counter()

@@ -205,6 +205,9 @@ class Reporter:
         self.lines = not quiet and not self.bars and verbose
 
     def task(self, description: str, total: int | None):
+        # A stage starts: a stop a library swallowed earlier (pyarrow's lazy
+        # import of pandas once did) ends the run here, not after the stage.
+        io.check_stop()
         if self.bars:
             return _BarTask(description, total)
         if self.lines:
