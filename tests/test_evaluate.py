@@ -403,12 +403,14 @@ def test_cli_refuses_a_backbone_fed_embedded_features(capfdbinary, tmp_path):
                  "features", "--json", "-", "-q")
     assert asked.code == 0, asked.stderr
     table = pq.read_table(features)  # renamed, its records kept
-    pq.write_table(table.rename_columns(["id", "label", "emb"])
-                   .replace_schema_metadata(table.schema.metadata),
-                   tmp_path / "renamed.parquet")
-    run = vbsw(capfdbinary, "evaluate", backbone, tmp_path / "renamed.parquet")
-    assert run.code == 1 and "column 'emb' holds features made by vbsw embed" \
-        in run.stderr and "--features emb" in run.stderr
+    for name in ("emb", "image"):  # "image": named as the backbone's input
+        pq.write_table(table.rename_columns(["id", "label", name])
+                       .replace_schema_metadata(table.schema.metadata),
+                       tmp_path / "renamed.parquet")
+        run = vbsw(capfdbinary, "evaluate", backbone, tmp_path / "renamed.parquet")
+        assert run.code == 1, run.stderr
+        assert f"column '{name}' holds features made by vbsw embed" \
+            in run.stderr and f"--features {name}" in run.stderr
     for model, data in ((head, features), (merged, images)):
         run = vbsw(capfdbinary, "evaluate", model, data, "--json", "-", "-q")
         assert run.code == 0, run.stderr

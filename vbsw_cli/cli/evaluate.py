@@ -313,10 +313,12 @@ def _refuse_embedded(table, name, column, model_path, metadata, input_name
     and score nonsense, so the run stops unless --features asks for it.
     """
     record = io.latest_parameters(table, "embed")
-    # The column embed read (carried through) and one named as the model's
-    # input are what a backbone takes; any other came from embed's output.
-    if record is None or column is None \
-            or column in (input_name, record.get("tensor_column")):
+    # A backbone takes only a column embed carried through beside its
+    # features (its input data, when carried); any other came from embed's
+    # output, whatever its name now (renamed to the model's input too).
+    carried = record.get("columns") if record is not None else None
+    if record is None or column is None or not isinstance(carried, list) \
+            or column in carried:
         return
     merged = "merged" in metadata
     if not merged and record.get("model_sha256") != io.sha256_of(model_path):
