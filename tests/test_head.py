@@ -790,17 +790,20 @@ def test_cli_lbfgs_still_falling_suggests_no_refused_option(capfdbinary,
 
 
 def test_cli_a_merged_model_takes_a_new_head(capfdbinary, tmp_path):
-    """Its head/ and flatten names taken, the second merge picks others, and
-    onnxruntime loads and runs the result."""
+    """Its head/ and flatten names taken, the second merge picks others, cuts
+    where the features were embedded, and onnxruntime runs the result."""
     backbone = SAMPLE / "digits_backbone.onnx"
     features = tmp_path / "train.parquet"
     assert run_here(capfdbinary, "embed", backbone,
                     SAMPLE / "digits_train.parquet", "-o", features, "-q").code == 0
     first, second = tmp_path / "m1.onnx", tmp_path / "m2.onnx"
-    for source, merged in ((backbone, first), (first, second)):
+    # The first head's hidden layer has the features' width (64): auto would
+    # cut the merged model there; the tensor the features came from is used.
+    for source, merged, hidden in ((backbone, first, ["--hidden", "64"]),
+                                   (first, second, [])):
         run = run_here(capfdbinary, "retrain-head", features, "--no-weights",
                        "-o", tmp_path / "h.onnx", "--backbone", source,
-                       "--merged-output", merged)
+                       "--merged-output", merged, *hidden)
         assert run.code == 0, run.stderr
     assert "another file than --backbone" in run.stderr  # embedded from backbone
     names = [node.name for node in onnx.load(str(second)).graph.node]

@@ -168,6 +168,11 @@ def layer_keyword(model: onnx.ModelProto, layer: str) -> str:
     return layer
 
 
+def has_tensor(model: onnx.ModelProto, name: str) -> bool:
+    """Whether a node of the model outputs ``name``, or it is an input."""
+    return name in _tensor_names(model)
+
+
 def _tensor_names(model: onnx.ModelProto) -> set[str]:
     known = {t for node in model.graph.node for t in node.output}
     return known | {i.name for i in model.graph.input}

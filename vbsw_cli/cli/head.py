@@ -80,7 +80,9 @@ def retrain_head_cli(
         "the new head.")] = None,
     layer: Annotated[Optional[str], typer.Option(
         "--layer", metavar="auto|output|NAME",
-        help="Where to cut the --backbone, as in vbsw embed. Default: auto.")
+        help="Where to cut the --backbone, as in vbsw embed. Default: the "
+        "tensor the features were embedded at (their provenance), if the "
+        "backbone has it, else auto.")
     ] = None,
     merged_output: Annotated[Optional[str], typer.Option(
         "--merged-output", metavar="PATH.onnx",
@@ -140,6 +142,7 @@ def retrain_head_cli(
             _other_backbone(table, backbone):
         reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
+    layer = _cut_layer(backbone_model, layer, table)
     _check_cut(backbone_model, backbone, layer, X.shape[1])
 
     with named_errors(features):
@@ -199,6 +202,21 @@ def _backbone(path: str | None, layer: str | None):
     return model
 
 
+def _cut_layer(model, layer: str | None, table: pa.Table) -> str | None:
+    """--layer; else the tensor the features were embedded at, where the
+    backbone has one of that name (a merged model whose head has a hidden
+    layer of the features' width would be cut there by auto); else auto."""
+    if model is None or layer is not None:
+        return layer
+    from vbsw_cli.onnx_graph import has_tensor
+
+    embedded = io.latest_parameters(table, "embed") or {}
+    tensor = embedded.get("tensor")
+    if isinstance(tensor, str) and has_tensor(model, tensor):
+        return tensor
+    return "auto"
+
+
 def _other_backbone(table: pa.Table, path: str | None) -> list[str]:
     """A note where the features were embedded from another model file."""
     embedded = io.latest_parameters(table, "embed") if path else None
@@ -207,7 +225,8 @@ def _other_backbone(table: pa.Table, path: str | None) -> list[str]:
         return []
     return [f"the features were embedded from {embedded.get('model')}, another "
             f"file than --backbone {path}: the merged model is right only if "
-            "its cut gives the same features"]
+            "its cut gives the same features (it is cut at the tensor they were "
+            "embedded at where it has one of that name)"]
 
 
 def _check_cut(model, path, layer, n_features: int) -> None:
