@@ -723,6 +723,11 @@ def test_rows_searched_again_read_in_the_right_number():
     assert _searched_again(1) == ("; searched again: 1 row the graph did not "
                                   "lead back to")
     assert _searched_again(12_345).startswith("; searched again: 12,345 rows")
+    assert _searched_again(0, 1) == ("; searched again: 1 row whose results "
+                                     "provably missed nearer rows")
+    assert _searched_again(2, 3) == ("; searched again: 2 rows the graph did not "
+                                     "lead back to, 3 rows whose results "
+                                     "provably missed nearer rows")
 
 
 def test_labels_beyond_float64_variance_fail_in_one_line_and_write_nothing(

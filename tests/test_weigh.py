@@ -272,6 +272,44 @@ def test_rows_a_graph_does_not_lead_back_are_searched_again(rng, monkeypatch,
     assert found.details["sample_recall"] == pytest.approx(sampled, abs=0.03)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 12))
+def test_exact_results_are_never_provably_short(seed, k):
+    """The bound is sound: the true neighbours never lie beyond it."""
+    from vbsw_cli.neighbors import provably_short
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(60, 3)) * rng.uniform(0.1, 10)
+    found = nearest_neighbours(X, k, options=SearchOptions(method="exact"))
+    assert len(provably_short(found.indices, found.distances)) == 0
+
+
+def test_a_row_led_into_the_wrong_cluster_is_searched_again(rng, monkeypatch):
+    """It leads back to itself (not searched again for that), but most of its
+    results lie beyond the bound its nearest results give: searched exactly."""
+    import vbsw_cli.neighbors as search
+
+    centres = rng.normal(size=(8, 16)) * 10
+    X = centres[rng.integers(8, size=3000)] + rng.normal(size=(3000, 16))
+    exact = nearest_neighbours(X, 10, options=SearchOptions(method="exact"))
+    far = np.argsort(np.linalg.norm(X - X[7], axis=1))[-10:]  # the farthest
+    real = search.query_index
+
+    def misled(index, X, n_query, ef, options, progress):
+        found = real(index, X, n_query, ef, options, progress)
+        if found is not None and len(X) == 3000:
+            found[0][7, 4:] = far[:n_query - 4]
+            found[1][7, 4:] = np.linalg.norm(X[far[:n_query - 4]] - X[7], axis=1)
+        return found
+
+    monkeypatch.setattr(search, "query_index", misled)
+    options = SearchOptions(method="hnsw", sample_size=400, seed=0, threads=1)
+    found = nearest_neighbours(X, 10, options=options)
+    assert found.details["proven_short"] >= 1
+    np.testing.assert_allclose(found.distances[7], exact.distances[7], rtol=1e-6)
+    short = search.provably_short(found.indices, found.distances)
+    assert 7 not in short
+
 def test_without_the_point_the_sample_recall_scores_only_the_others(rng):
     """With the point left out, it is no free hit: the sample recall is that
     of the k other rows, as an independent recall check measures it."""

@@ -391,11 +391,16 @@ def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
     return given
 
 
-def _searched_again(count: int) -> str:
-    if not count:
-        return ""
-    return (f"; searched again: {io.counted(count, 'row')} the graph did not "
-            "lead back to")
+def _searched_again(count: int, short: int = 0) -> str:
+    """The rows searched again after the graph: those it did not lead back to
+    themselves, and those whose results provably missed nearer rows."""
+    parts = []
+    if count:
+        parts.append(f"{io.counted(count, 'row')} the graph did not lead back to")
+    if short:
+        parts.append(f"{io.counted(short, 'row')} whose results provably missed "
+                     "nearer rows")
+    return f"; searched again: {', '.join(parts)}" if parts else ""
 
 
 def _alike(labels, n_samples: int) -> str:
@@ -429,12 +434,14 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     details = result.neighbours.details
     search = result.neighbours.method
     if search == "hnsw":
+        again = _searched_again(details.get("searched_again", 0),
+                                details.get("proven_short", 0))
         search += (f" ({_graphs(details.get('shards', 1))}M={details['M']}, "
                    f"ef_construction={details['ef_construction']}, "
                    f"ef={details['ef']}, "
                    f"sample recall {floor_text(details['sample_recall'])}, "
                    f"at least {floor_text(details['sample_recall_low'])}"
-                   f"{_searched_again(details.get('searched_again', 0))})")
+                   f"{again})")
     elif "ef" in details:  # a graph was tried: the note below says why not
         search += " (instead of the graph)"
     else:
