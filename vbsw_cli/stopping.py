@@ -4,7 +4,8 @@ The handlers raise KeyboardInterrupt, as Ctrl-C does, and remember the stop. A
 library can swallow the interrupt (scikit-learn's training loop returns a
 half-trained model; pyarrow once did while importing pandas lazily): the
 remembered stop still keeps any output from being put in place, and the next
-progress step raises again. Light on purpose: installed before the heavy
+stage to start (or progress step) raises again, as a head's training does
+before its one scikit-learn call. Light on purpose: installed before the heavy
 imports.
 
 No interrupt is raised inside the thread machinery of the standard library
