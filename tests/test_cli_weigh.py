@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,7 +277,7 @@ def test_summary_says_what_it_changed_or_could_not_check(tmp_path, rng):
                       "--threads", "1", "-o", "-")
     assert raised.code == 0, raised.stderr
     assert "note: --ef 1 raised to 10" in raised.stderr
-    low = float(raised.stderr.split("at least ")[1].split(")")[0])
+    low = float(re.split(r"[;)]", raised.stderr.split("at least ")[1])[0])
     assert ("warning: with --ef 1 fixed" in raised.stderr) == (low < 0.95)
 
     hard = write_features(tmp_path / "h.parquet", rng.normal(size=(12_000, 32)),
@@ -728,6 +729,8 @@ def test_rows_searched_again_read_in_the_right_number():
     assert _searched_again(2, 3) == ("; searched again: 2 rows the graph did not "
                                      "lead back to, 3 rows whose results "
                                      "provably missed nearer rows")
+    assert _searched_again(0, 0, 1000) == ("; searched again: 1,000 rows of "
+                                           "largest local variance")
 
 
 def test_labels_beyond_float64_variance_fail_in_one_line_and_write_nothing(

@@ -310,6 +310,34 @@ def test_a_row_led_into_the_wrong_cluster_is_searched_again(rng, monkeypatch):
     short = search.provably_short(found.indices, found.distances)
     assert 7 not in short
 
+def test_the_largest_variances_are_made_exact_until_they_hold(rng):
+    """Clusters of one label each: every true local variance is 0. 75 rows
+    led into other clusters get the largest variances; they are searched
+    again exactly (the top 60, twice the 1% of the rows, at first, then the
+    15 that take their place), and no row of variance 0: all weights 1."""
+    from vbsw_cli.weigh import exact_largest
+
+    centres = rng.normal(size=(6, 8)) * 30
+    cluster = rng.integers(6, size=3000)
+    X = centres[cluster] + rng.normal(size=(3000, 8))
+    labels = [Labels("label", "classification", cluster, list(range(6)))]
+    exact = nearest_neighbours(X, 10, options=EXACT)
+    found = nearest_neighbours(X, 10, options=EXACT)
+    misled = rng.choice(3000, size=75, replace=False)  # past the first 60
+    for row in misled:
+        found.indices[row, 1:] = np.flatnonzero(cluster != cluster[row])[:9]
+    variance = local_variance(found.indices, labels)
+    assert (variance[misled] > 0).all()
+
+    searched = exact_largest(X, found, variance, labels, include_self=True)
+
+    assert searched == 75
+    np.testing.assert_array_equal(variance, 0.0)
+    np.testing.assert_array_equal(found.indices[misled], exact.indices[misled])
+    weight, _ = weights_from_variance(variance, 40, "mean")
+    np.testing.assert_array_equal(weight, 1.0)
+
+
 def test_without_the_point_the_sample_recall_scores_only_the_others(rng):
     """With the point left out, it is no free hit: the sample recall is that
     of the k other rows, as an independent recall check measures it."""

@@ -961,6 +961,18 @@ def measure_recall(X: np.ndarray, neighbours: Neighbours, n_rows: int, *,
     return recall_at_k(neighbours.distances[rows], exact)
 
 
+def exact_rows(X: np.ndarray, neighbours: Neighbours, rows: np.ndarray, *,
+               include_self: bool, options: SearchOptions | None = None) -> None:
+    """Replace, in place, the neighbourhoods of ``rows`` by exact ones."""
+    options = options or SearchOptions()
+    k = neighbours.indices.shape[1]
+    n_query = k if include_self else k + 1
+    idx, dist = exact_search(X, n_query, options, NullProgress(), rows=rows)
+    idx, dist = _own_neighbourhood(idx, dist, include_self, owners=rows)
+    neighbours.indices[rows] = idx
+    neighbours.distances[rows] = dist
+
+
 def duplicate_rows(neighbours: Neighbours) -> int:
     """Rows with another row at distance 0 among their neighbours."""
     distances = neighbours.distances

@@ -391,15 +391,18 @@ def _graph_options_given(ef, hnsw_m, ef_construction) -> list[str]:
     return given
 
 
-def _searched_again(count: int, short: int = 0) -> str:
+def _searched_again(count: int, short: int = 0, largest: int = 0) -> str:
     """The rows searched again after the graph: those it did not lead back to
-    themselves, and those whose results provably missed nearer rows."""
+    themselves, those whose results provably missed nearer rows, and those of
+    largest local variance (exactly)."""
     parts = []
     if count:
         parts.append(f"{io.counted(count, 'row')} the graph did not lead back to")
     if short:
         parts.append(f"{io.counted(short, 'row')} whose results provably missed "
                      "nearer rows")
+    if largest:
+        parts.append(f"{io.counted(largest, 'row')} of largest local variance")
     return f"; searched again: {', '.join(parts)}" if parts else ""
 
 
@@ -435,7 +438,8 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     search = result.neighbours.method
     if search == "hnsw":
         again = _searched_again(details.get("searched_again", 0),
-                                details.get("proven_short", 0))
+                                details.get("proven_short", 0),
+                                details.get("largest_exact", 0))
         search += (f" ({_graphs(details.get('shards', 1))}M={details['M']}, "
                    f"ef_construction={details['ef_construction']}, "
                    f"ef={details['ef']}, "
