@@ -806,6 +806,8 @@ def test_cli_a_merged_model_takes_a_new_head(capfdbinary, tmp_path):
                        "--merged-output", merged, *hidden)
         assert run.code == 0, run.stderr
     assert "another file than --backbone" in run.stderr  # embedded from backbone
+    assert "backbone cut at '/act3/Relu_output_0' (where the features were " \
+        "embedded)" in run.stderr
     names = [node.name for node in onnx.load(str(second)).graph.node]
     assert len(names) == len(set(names))
     run = run_here(capfdbinary, "evaluate", second, SAMPLE / "digits_test.parquet",

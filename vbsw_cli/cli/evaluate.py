@@ -317,9 +317,9 @@ def _refuse_embedded(table, name, column, model_path, metadata, input_name
     # features (its input data, when carried); any other came from embed's
     # output, whatever its name now (renamed to the model's input too).
     carried = record.get("columns") if record is not None else None
-    if record is None or column is None or not isinstance(carried, list) \
-            or column in carried:
-        return
+    if record is None or column not in table.column_names \
+            or not isinstance(carried, list) or column in carried:
+        return  # (a missing column gets its own message from the reading)
     merged = "merged" in metadata
     if not merged and record.get("model_sha256") != io.sha256_of(model_path):
         return

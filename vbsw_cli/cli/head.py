@@ -142,8 +142,11 @@ def retrain_head_cli(
             _other_backbone(table, backbone):
         reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
+    given = layer
     layer = _cut_layer(backbone_model, layer, table)
     _check_cut(backbone_model, backbone, layer, X.shape[1])
+    if backbone_model is not None:
+        reporter.say(_cut_text(backbone_model, given, layer))
 
     with named_errors(features):
         head = train_head(X, labels, weight, options=options, progress=reporter)
@@ -215,6 +218,17 @@ def _cut_layer(model, layer: str | None, table: pa.Table) -> str | None:
     if isinstance(tensor, str) and has_tensor(model, tensor):
         return tensor
     return "auto"
+
+
+def _cut_text(model, given: str | None, layer: str) -> str:
+    """Where the backbone is cut, and why there."""
+    from vbsw_cli.onnx_graph import find_cut
+
+    tensor = find_cut(model, layer)
+    why = ("--layer" if given is not None else "auto: the input of its last "
+           "linear layer; the features' provenance names no tensor of this "
+           "backbone" if layer == "auto" else "where the features were embedded")
+    return f"backbone cut at '{tensor}' ({why})"
 
 
 def _other_backbone(table: pa.Table, path: str | None) -> list[str]:
