@@ -228,6 +228,37 @@ def test_variance_density_equals_local_variance_and_brute_force():
     np.testing.assert_allclose(found, y[nearest].var(axis=1, ddof=1), atol=1e-12)
 
 
+
+def test_variance_density_of_rows_a_graph_misled_is_made_exact(monkeypatch):
+    """As in vbsw weigh (step 7): with step 6 switched off, rows led into
+    another cluster keep a density only until the largest are searched
+    exactly; single-label clusters: every density 0."""
+    import vbsw_cli.neighbors as search
+
+    rng = np.random.default_rng(SEED)
+    centres = rng.normal(size=(6, 8)) * 30
+    cluster = rng.integers(6, size=3000)
+    U = centres[cluster] + rng.normal(size=(3000, 8))
+    labels = [io.Labels("label", "classification", cluster, list(range(6)))]
+    misled = rng.choice(3000, size=20, replace=False)
+    real = search.query_index
+
+    def astray(index, X, n_query, ef, options, progress):
+        found = real(index, X, n_query, ef, options, progress)
+        if found is not None and len(X) == 3000:
+            for row in misled:
+                other = np.flatnonzero(cluster != cluster[row])[:n_query - 1]
+                found[0][row, 1:] = other
+                found[1][row, 1:] = np.linalg.norm(X[other] - X[row], axis=1)
+        return found
+
+    monkeypatch.setattr(search, "query_index", astray)
+    monkeypatch.setattr(search, "provably_short",
+                        lambda indices, distances: np.empty(0, np.int64))
+    options = SearchOptions(method="hnsw", sample_size=400, threads=1)
+    density = tbs.variance_density(U, labels, 7, options=options)
+    np.testing.assert_array_equal(density, 0.0)
+
 # ---------------------------------------------------------------------------
 # Sampling
 

@@ -34,7 +34,7 @@ from vbsw_cli.io import Labels
 from vbsw_cli.mixture import (Mixture, distinct_count, fit_weighted_mixture,
                               log_pdf, sample)
 from vbsw_cli.neighbors import SearchOptions, nearest_neighbours
-from vbsw_cli.weigh import local_variance
+from vbsw_cli.weigh import exact_largest, local_variance
 
 DESIGNS = ("uniform", "grid", "lhs", "sobol")
 ORDERS = (1, 2)
@@ -336,7 +336,11 @@ def variance_density(U: np.ndarray, labels: list[Labels], k: int, *,
     in its own neighbourhood, as in ``vbsw weigh``.
     """
     neighbours = nearest_neighbours(U, k, include_self=True, options=options)
-    return local_variance(neighbours.indices, labels)
+    variance = local_variance(neighbours.indices, labels)
+    if neighbours.method == "hnsw":  # as in vbsw weigh: the largest exact
+        exact_largest(U, neighbours, variance, labels, include_self=True,
+                      options=options)
+    return variance
 
 
 # ---------------------------------------------------------------------------
