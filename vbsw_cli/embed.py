@@ -793,11 +793,10 @@ def input_kind(path: str) -> str:
         return ImageFolderSource.kind
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty")
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    if head.startswith(io.NPY_MAGIC):
+    kind = io.data_kind(path)
+    if kind == "npy":
         return NpySource.kind
-    if head.startswith(io.PARQUET_MAGIC[:4]):
+    if kind == "parquet":
         return ParquetSource.kind
     raise DataError(f"{path}: neither a .npy nor a Parquet file (nor a folder "
                     "of images)")

@@ -15,8 +15,8 @@ Conventions (see DESIGN.md):
 from __future__ import annotations
 
 import difflib
-import hashlib
 import fnmatch
+import hashlib
 import io
 import json
 import os
@@ -84,15 +84,24 @@ def read_table(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
 
     # The first bytes decide, as on stdin and in embed, whatever the name
     # says; the name only says which reader reports a damaged file.
-    with open(path, "rb") as handle:
-        head = handle.read(8)
+    kind = data_kind(path)
     suffix = Path(path).suffix.lower()
-    if head.startswith(NPY_MAGIC) or (suffix == ".npy"
-                                      and not head.startswith(PARQUET_MAGIC)):
+    if kind == "npy" or (suffix == ".npy" and kind is None):
         return _npy_table(_load_npy(path, path), path, text)
-    if head.startswith(PARQUET_MAGIC) or suffix in (".parquet", ".pq"):
+    if kind == "parquet" or suffix in (".parquet", ".pq"):
         return _read_parquet(path, path, columns)
     raise DataError(f"{path}: unknown file type; expected .parquet or .npy")
+
+
+def data_kind(path: str | os.PathLike) -> str | None:
+    """``"npy"`` or ``"parquet"`` from a file's first bytes, else None."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(NPY_MAGIC))
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(PARQUET_MAGIC):
+        return "parquet"
+    return None
 
 
 def _read_bytes(data: bytes, name: str, columns, text: bool) -> pa.Table:

@@ -954,23 +954,26 @@ def measure_recall(X: np.ndarray, neighbours: Neighbours, n_rows: int, *,
         raise UsageError(f"--check-recall {n_rows}: must be at least 1")
     rng = np.random.default_rng(options.seed + 1)
     rows = np.sort(rng.choice(len(X), size=min(n_rows, len(X)), replace=False))
-    k = neighbours.indices.shape[1]
-    n_query = k if include_self else k + 1
-    idx, dist = exact_search(X, n_query, options, NullProgress(), rows=rows)
-    _, exact = _own_neighbourhood(idx, dist, include_self, owners=rows)
+    _, exact = _exact_neighbourhoods(X, rows, neighbours.indices.shape[1],
+                                     include_self, options)
     return recall_at_k(neighbours.distances[rows], exact)
 
 
 def exact_rows(X: np.ndarray, neighbours: Neighbours, rows: np.ndarray, *,
                include_self: bool, options: SearchOptions | None = None) -> None:
     """Replace, in place, the neighbourhoods of ``rows`` by exact ones."""
-    options = options or SearchOptions()
-    k = neighbours.indices.shape[1]
+    neighbours.indices[rows], neighbours.distances[rows] = _exact_neighbourhoods(
+        X, rows, neighbours.indices.shape[1], include_self,
+        options or SearchOptions())
+
+
+def _exact_neighbourhoods(X, rows, k: int, include_self: bool,
+                          options: SearchOptions):
+    """The exact neighbourhoods of ``rows`` as used (k wide, the point first
+    or left out)."""
     n_query = k if include_self else k + 1
     idx, dist = exact_search(X, n_query, options, NullProgress(), rows=rows)
-    idx, dist = _own_neighbourhood(idx, dist, include_self, owners=rows)
-    neighbours.indices[rows] = idx
-    neighbours.distances[rows] = dist
+    return _own_neighbourhood(idx, dist, include_self, owners=rows)
 
 
 def duplicate_rows(neighbours: Neighbours) -> int:

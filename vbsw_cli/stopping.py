@@ -86,12 +86,7 @@ def ignore_signals() -> None:
     """From the end of a run on: a signal now would stop nothing, only turn a
     finished run's exit status into an interrupt's."""
     _cancel_retry()
-    for name in SIGNALS:
-        if hasattr(signal, name):
-            try:
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
-            except ValueError:  # not the main thread
-                return
+    _handle_signals(signal.SIG_IGN)
 
 
 def _interrupt(signum, frame):
@@ -138,9 +133,14 @@ def _cancel_retry() -> None:
 
 def stop_cleanly_on_signals() -> None:
     """SIGINT, SIGTERM and SIGHUP end a run the way Ctrl-C does."""
+    _handle_signals(_interrupt)
+
+
+def _handle_signals(handler) -> None:
+    """``handler`` for each of SIGNALS this system has."""
     for name in SIGNALS:
         if hasattr(signal, name):
             try:
-                signal.signal(getattr(signal, name), _interrupt)
+                signal.signal(getattr(signal, name), handler)
             except ValueError:  # not the main thread (an embedding program)
                 return

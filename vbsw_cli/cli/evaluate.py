@@ -177,11 +177,9 @@ def _check_model_paths(paths, labels_file) -> None:
 def _data_magic(path: str) -> bool:
     """Whether a file starts as Parquet or .npy data do."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(6)
+        return io.data_kind(path) is not None
     except OSError:
         return False  # the model's loading says what is wrong
-    return head.startswith(io.PARQUET_MAGIC) or head.startswith(io.NPY_MAGIC)
 
 
 def _check_outputs(json_path, save_predictions, inputs) -> None:
