@@ -338,6 +338,38 @@ def test_the_largest_variances_are_made_exact_until_they_hold(rng):
     np.testing.assert_array_equal(weight, 1.0)
 
 
+def test_later_exact_searches_share_one_prepared_search(rng, monkeypatch):
+    """A recall check and every round of exact_largest use the exact search
+    the first of them prepared (preparing it costs about 0.5 s at a million
+    rows); another array gets its own, and weigh frees it once done."""
+    import vbsw_cli.neighbors as search
+    from vbsw_cli.neighbors import exact_rows, measure_recall
+
+    X = rng.normal(size=(600, 6))
+    found = nearest_neighbours(X, 5, options=EXACT)
+    made = []
+    real = search.ExactSearch
+
+    def counted(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(search, "ExactSearch", counted)
+    assert measure_recall(X, found, 50, include_self=True) == 1.0
+    shared = found.exact
+    exact_rows(X, found, np.arange(10), include_self=True)
+    exact_rows(X, found, np.arange(10, 40), include_self=True)
+    assert len(made) == 1 and found.exact is shared
+    exact_rows(X.copy(), found, np.arange(3), include_self=True)
+    assert len(made) == 2 and found.exact is not shared
+    reference = nearest_neighbours(X, 5, options=EXACT)
+    np.testing.assert_array_equal(found.indices, reference.indices)
+
+    labels = [Labels("label", "regression", X[:, :1].copy())]
+    result = weigh(X, labels, k=5, m=10, check_recall=20, search=EXACT)
+    assert result.neighbours.exact is None
+
+
 def test_without_the_point_the_sample_recall_scores_only_the_others(rng):
     """With the point left out, it is no free hit: the sample recall is that
     of the k other rows, as an independent recall check measures it."""

@@ -141,6 +141,7 @@ def weigh(X: np.ndarray, labels: list[Labels], *, k: int = 20, m: float = 40,
         neighbours.details["largest_exact"] = exact_largest(
             space, neighbours, variance, labels, include_self=include_self,
             options=search)
+    neighbours.exact = None  # the rows' float32 copy: not needed past here
     weight, all_equal = weights_from_variance(variance, m, normalization)
     require_finite(variance, weight)
     timings["variance_s"] = time.perf_counter() - started
