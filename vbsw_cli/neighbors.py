@@ -435,13 +435,51 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     Recall is that of the neighbourhoods as used: without the point itself
     when ``include_self`` is false.
     """
+    prepared = ExactSearch(X, copies)
+    sampled = _sampled_reference(X, n_query, options, progress, prepared,
+                                 include_self)
+    if sampled.reason:
+        return _exact_first(X, prepared, n_query, options, progress,
+                            sampled.reason, sampled.contrast)
+    # The graph needs the prepared operand's memory more, unless it is small;
+    # else the rows searched again build it anew (the groups of copies kept).
+    kept = prepared if X.size <= KEEP_PREPARED \
+        else ExactSearch(X, prepared.copies())
+    del prepared
+    return _graph_search(X, n_query, options, progress, sampled, kept)
+
+
+@dataclass
+class _Sampled:
+    """The exact neighbourhoods of a sample of rows, and what they tell.
+
+    rows : (n_sample,) the sampled rows, ascending.
+    reference : (n_sample, n_query) their exact distances.
+    include_self : whether neighbourhoods as used hold the point itself.
+    contrast : the median relative contrast of the sampled rows.
+    predicted_exact : the predicted seconds of the whole exact search.
+    reason : (metadata, stderr) why the exact search runs at once; None
+        where the graph is tried.
+    """
+
+    rows: np.ndarray
+    reference: np.ndarray
+    include_self: bool
+    contrast: float
+    predicted_exact: float
+    reason: tuple[str, str] | None
+
+
+def _sampled_reference(X, n_query, options, progress, prepared, include_self
+                       ) -> _Sampled:
+    """Search a sample of rows exactly, timed, and decide from its contrast
+    and the predicted time whether the exact search should run at once."""
     rng = np.random.default_rng(options.seed)
     sample = np.sort(rng.choice(len(X), size=min(options.sample_size, len(X)),
                                 replace=False))
     # A first small call pays the thread pool's start (and the probe of the
     # products' dtype), which the timed ones must not count: their time per
     # row predicts the whole exact search.
-    prepared = ExactSearch(X, copies)
     prepared.products(n_query, None, thread_count(options.threads))
     fixed = fixed_choice(options)
     exact_search(X, n_query, options, progress, rows=sample[:8],
@@ -459,29 +497,30 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
         _predicted_exact(X, seconds / first.sum(), options, prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=True)
     if reason:
-        return _exact_first(X, prepared, n_query, options, progress, reason,
-                            float(np.median(ratios)))
+        return _Sampled(sample, reference, include_self,
+                        float(np.median(ratios)), predicted_exact, reason)
 
     seconds += _timed_reference(X, prepared, n_query, options, sample,
                                 ~first, reference)
     ratios = contrast_ratios(X, sample, reference, rng)
-    contrast = float(np.median(ratios))
     if not fixed:
         predicted_exact = _predicted_exact(X, seconds / len(sample), options,
                                            prepared, n_query)
     reason = _exact_at_once(options, X, ratios, predicted_exact, part=False)
-    if reason:
-        return _exact_first(X, prepared, n_query, options, progress, reason,
-                            contrast)
-    # The graph needs the prepared operand's memory more, unless it is small;
-    # else the rows searched again build it anew (the groups of copies kept).
-    kept = prepared if X.size <= KEEP_PREPARED \
-        else ExactSearch(X, prepared.copies())
-    del prepared
+    return _Sampled(sample, reference, include_self, float(np.median(ratios)),
+                    predicted_exact, reason)
 
-    details = {"recall_sample": int(len(sample)), "relative_contrast": contrast,
+
+def _graph_search(X, n_query, options, progress, sampled: _Sampled, kept):
+    """The graph (a denser one where the first falls short), queried and
+    repaired; the exact search instead where it is predicted to be faster
+    than reaching the recall. ``kept``: the exact search for the rows
+    searched again."""
+    predicted_exact = sampled.predicted_exact
+    fixed = fixed_choice(options)
+    details = {"recall_sample": int(len(sampled.rows)),
+               "relative_contrast": sampled.contrast,
                "predicted_exact_s": predicted_exact}
-    sampled = (sample, reference, include_self)
     spent = 0.0
     attempts = _graph_attempts(options)
     for graph in attempts:
@@ -493,9 +532,9 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
                        build_s=time.perf_counter() - started)
         ceiling = predicted_exact if options.method == "auto" and not fixed \
             else None
-        ef, recall, low, per_row = _choose_ef(index, X, sample, reference,
-                                              n_query, graph, ceiling,
-                                              include_self)
+        ef, recall, low, per_row = _choose_ef(
+            index, X, sampled.rows, sampled.reference, n_query, graph, ceiling,
+            sampled.include_self)
         predicted_hnsw = per_row * len(X)
         details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
                        predicted_query_s=predicted_hnsw)
@@ -541,15 +580,16 @@ def _approximate_or_exact(X, n_query, options, progress, include_self=True,
     return (*found, "hnsw", details)
 
 
-def _repair(X, found, n_query, graph, ef, progress, kept, sampled, details):
+def _repair(X, found, n_query, graph, ef, progress, kept, sampled: _Sampled,
+            details):
     """Search again, in place, the rows the graph does not lead back to, and
     those whose results provably miss neighbours; the sample's recall as used
     goes into ``details``."""
     again = _search_again(X, *found, n_query, graph, ef, progress, kept)
     short = _search_short(X, *found, n_query, graph, kept)
-    sample, reference, include_self = sampled
+    sample = sampled.rows
     recall, low = _recall_as_used(found[0][sample], found[1][sample], sample,
-                                  reference, include_self)
+                                  sampled.reference, sampled.include_self)
     details.update(searched_again=again, proven_short=short,
                    sample_recall=recall, sample_recall_low=low)
 
