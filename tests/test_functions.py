@@ -79,7 +79,8 @@ def test_load_errors(spec, message):
     (lambda X: np.ones((5, 2, 2)), r"returned shape \(5, 2, 2\)"),
     (lambda X: np.full(len(X), np.nan), "NaN or infinite"),
     (lambda X: 1 / 0, "failed on an array of shape .5, 1.: ZeroDivisionError"),
-    (lambda X: ["a"] * 5, "expected an array of numbers"),
+    (lambda X: ["a"] * 5, "returned list, expected an array of numbers"),
+    (lambda X: np.full(len(X), "a"), "returned ndarray of <U1, expected"),
 ])
 def test_evaluate_errors(call, message):
     with pytest.raises(DataError, match=message):

@@ -532,10 +532,21 @@ def test_cli_errors_on_points_files(tmp_path):
     _one_line_error(design, 2, "--design draws the initial points when POINTS")
     unknown = run_vbsw("tbs-sample", path, "--names", "x,x9", "--label", "y",
                        "--k", "2", "-o", out)
-    _one_line_error(unknown, 2, "points.parquet: no input column 'x9'; did you "
-                    "mean 'x'?")
+    _one_line_error(unknown, 1, "points.parquet: no input column 'x9'; did you "
+                    "mean 'x'?")  # the data lacks it, as weigh's columns
     assert unknown.stderr.startswith("vbsw tbs-sample: error: --names: ")
     assert not out.exists()
+
+
+def test_cli_names_a_bad_input_column_an_input(tmp_path):
+    path = tmp_path / "points.parquet"
+    pq.write_table(pa.table({"a": [0.1, np.nan, 0.3, 0.5], "b": [1.0, 2, 3, 4],
+                             "y": [1.0, 2, 3, 4]}), path)
+    run = run_vbsw("tbs-sample", path, "--names", "a,b", "--label", "y",
+                   "--new", "5", "-o", tmp_path / "out.parquet")
+    _one_line_error(run, 1, "points.parquet: input column 'a' has NaN or "
+                    "infinite values in 1 row (first: row 1)")
+    assert not (tmp_path / "out.parquet").exists()
 
 
 @pytest.mark.parametrize("args, option, column", [

@@ -162,8 +162,11 @@ def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
     try:
         values = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DataError(f"function {function.name} returned "
-                        f"{type(raw).__name__}, expected an array of numbers")
+        kind = getattr(raw, "dtype", None)
+        what = f"{type(raw).__name__} of {kind}" if kind is not None \
+            else type(raw).__name__
+        raise DataError(f"function {function.name} returned {what}, expected "
+                        "an array of numbers")
     if values.ndim == 1 and len(values) == len(X):
         values = values[:, None]
     if values.ndim != 2 or len(values) != len(X):

@@ -281,8 +281,8 @@ def split_names(text: str | None, option: str | None = None) -> list[str]:
 
 
 def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
-                   columns: Sequence[str] = (), exclude: Sequence[str] = ()
-                   ) -> tuple[np.ndarray, list[str]]:
+                   columns: Sequence[str] = (), exclude: Sequence[str] = (),
+                   role: str = "feature") -> tuple[np.ndarray, list[str]]:
     """Features as a 2-D float array, with the columns they came from.
 
     Parameters
@@ -293,6 +293,7 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     columns : several numeric columns (names or patterns); wins over ``column``.
     exclude : columns that cannot be features (the labels, ``id``): patterns
         skip them, and naming one is an error.
+    role : what the columns are called in messages ("input" in tbs-sample).
 
     Returns
     -------
@@ -300,21 +301,21 @@ def feature_matrix(table: pa.Table, name: str, *, column: str | None = None,
     used : the source column names.
     """
     if columns:
-        used = expand_columns(table, columns, name, "feature", skip=exclude)
+        used = expand_columns(table, columns, name, role, skip=exclude)
         _refuse_overlap(used, exclude, name)
-        X = np.column_stack(_numeric_columns(table, used, name))
+        X = np.column_stack(_numeric_columns(table, used, name, role))
     else:
         column = column or DEFAULT_FEATURES
         _refuse_overlap([column], exclude, name)
         if column not in table.column_names:
-            message = missing_column_message(table, column, name, "feature")
+            message = missing_column_message(table, column, name, role)
             raise DataError(message + "; name numeric columns with "
                             "--feature-columns")
         used = [column]
         X = list_column_matrix(table.column(column), name, column)
 
     X = _as_float(X)
-    check_finite(X, name, used if columns else column, "feature")
+    check_finite(X, name, used if columns else column, role)
     return X, used
 
 
@@ -473,13 +474,13 @@ def _numeric_column(chunked: pa.ChunkedArray, name: str, column: str,
     return to_numpy(chunked)
 
 
-def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str
-                     ) -> list[np.ndarray]:
+def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str,
+                     role: str = "feature") -> list[np.ndarray]:
     """Several numeric columns as arrays; missing values are named by the
     first row that has one in any of them."""
     chunked = [table.column(c) for c in columns]
     for values, column in zip(chunked, columns):
-        _require_numbers(values, name, column)
+        _require_numbers(values, name, column, role)
     missing = [(_first_null(values), at) for at, values in enumerate(chunked)
                if values.null_count]
     if missing:
@@ -489,11 +490,12 @@ def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str
     return [to_numpy(values) for values in chunked]
 
 
-def _require_numbers(chunked: pa.ChunkedArray, name: str, column: str) -> None:
+def _require_numbers(chunked: pa.ChunkedArray, name: str, column: str,
+                     role: str = "feature") -> None:
     kind = chunked.type
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
             or pa.types.is_boolean(kind)):
-        raise DataError(f"{describe(name)}: feature column '{column}' holds "
+        raise DataError(f"{describe(name)}: {role} column '{column}' holds "
                         f"{kind}, expected numbers")
 
 

@@ -95,6 +95,8 @@ OWN_BLOCK = 65_536
 # kept for the rows searched again (its operand is about 8 bytes a value):
 # above, the graph needs the memory more.
 KEEP_PREPARED = 8_000_000
+# Feature values per chunk of refined_distances (32 MiB in float64).
+REFINE_VALUES = 4 * 2**20
 
 # Feature spans (see feature_span) whose squared distances stay well inside
 # float32 (hnswlib) and float64 (any search).
@@ -297,7 +299,8 @@ def _graph_cannot(X: np.ndarray, options: SearchOptions) -> str | None:
     if span > FLOAT64_SPAN or 0 < span < 1 / FLOAT64_SPAN:
         shown = f"{span:.3g}" if np.isfinite(span) else "beyond float64"
         raise DataError(f"the features span {shown}: squared distances would "
-                        "leave the range of float64; rescale the features")
+                        "leave the range of float64; rescale the features "
+                        "(vbsw weigh --standardize does)")
     if 1 / FLOAT32_SPAN < span < FLOAT32_SPAN or span == 0 \
             or options.method == "exact":
         return None
@@ -1021,6 +1024,23 @@ def _exact_neighbourhoods(X, neighbours: Neighbours, rows, include_self: bool,
     idx, dist = exact_search(X, n_query, options, NullProgress(), rows=rows,
                              prepared=neighbours.exact)
     return _own_neighbourhood(idx, dist, include_self, owners=rows)
+
+
+def refined_distances(X: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+    """The distances of ``neighbours`` computed again in float64 from X, a
+    chunk of rows at a time: a graph's are hnswlib's float32 ones, from
+    features rounded to float32 (rows 1e-6 apart among values near 1: off by
+    a few percent)."""
+    indices = neighbours.indices
+    refined = np.empty(indices.shape, np.float64)
+    X = np.asarray(X)
+    rows = max(1, REFINE_VALUES // max(1, indices.shape[1] * X.shape[1]))
+    for start, stop in chunks(len(indices), rows):
+        own = X[start:stop, None, :].astype(np.float64)
+        difference = X[indices[start:stop]].astype(np.float64) - own
+        refined[start:stop] = np.sqrt(np.einsum("ijk,ijk->ij", difference,
+                                                difference))
+    return refined
 
 
 def duplicate_rows(neighbours: Neighbours) -> int:

@@ -282,7 +282,7 @@ def _inputs(points, fn: Function | None, bounds, names, initial, design, rng):
                 raise UsageError("--names: name the input columns of "
                                  f"{io.describe(points)}")
             chosen = [f"x{i}" for i in range(len(low))]
-        X, _ = io.feature_matrix(table, points, columns=chosen)
+        X, _ = io.feature_matrix(table, points, columns=chosen, role="input")
         X = X.astype(np.float64)
         if low is None:
             low, high = X.min(axis=0), X.max(axis=0)
@@ -327,7 +327,7 @@ def _require_columns(table, chosen, points) -> None:
     """Every column --names gives is in the points file."""
     missing = [name for name in chosen if name not in table.column_names]
     if missing:
-        raise UsageError("--names: " + io.missing_column_message(
+        raise DataError("--names: " + io.missing_column_message(
             table, missing[0], points, "input"))
 
 

@@ -21,11 +21,12 @@ from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
                                 REPRODUCIBLE_ROWS, SearchOptions, check_k,
-                                check_search_options,
-                                csr_graph, duplicate_rows, floor_text,
+                                check_search_options, csr_graph,
+                                duplicate_rows, floor_text, refined_distances,
                                 thread_count)
 from vbsw_cli.weigh import (NORMALIZATIONS, check_label_span, check_m,
                             check_normalization, histogram, weigh)
+from vbsw_cli.weigh import standardize as scaled_features
 
 EXAMPLE = ("vbsw weigh sample_data/breast_cancer.parquet --k 35 --m 50 "
            "-o weighted.parquet")
@@ -163,6 +164,9 @@ def weigh_cli(
         "search": {"requested": options.method, "used": result.neighbours.method,
                    **_jsonable(result.neighbours.details)},
     }
+    if graph and result.neighbours.method == "hnsw":
+        space = scaled_features(X) if standardize else X
+        result.neighbours.distances = refined_distances(space, result.neighbours)
     _write_outputs(result, table, destination, kind, graph, weights_only,
                    parameters, [features] + ([labels_file] if labels_file else []),
                    normalize, m, not exclude_self)
