@@ -658,11 +658,11 @@ def test_a_fixed_graph_is_chosen_without_a_clock(rng, monkeypatch, threads,
                                                  reproducible, rate):
     """Where the graph is the same on every run, so is the choice between
     it and exact search: a clock 1000 times faster or slower changes
-    nothing. ``rate``: EXACT_RATE so low that the graph is chosen."""
+    nothing. ``rate``: EXACT_PAIR_SECONDS so high that the graph is chosen."""
     import vbsw_cli.neighbors as search
 
     if rate is not None:
-        monkeypatch.setattr(search, "EXACT_RATE", rate)
+        monkeypatch.setattr(search, "EXACT_PAIR_SECONDS", rate)
     centres = rng.normal(size=(20, 8)) * 10
     X = centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 8))
     options = SearchOptions(exact_below=500, sample_size=400, threads=threads,

@@ -555,7 +555,7 @@ def test_a_fixed_graph_short_of_the_recall_weighs_estimated_costs(
     monkeypatch.setattr(search, "_recall_as_used", lambda *a, **k: (0.5, 0.4))
     monkeypatch.setattr(search, "HARD_EXACT_SECONDS", 0.0)
     if rate is not None:
-        monkeypatch.setattr(search, "EXACT_RATE", rate)
+        monkeypatch.setattr(search, "EXACT_PAIR_SECONDS", rate)
     X = rng.normal(size=(2000, 8))
     options = SearchOptions(method="hnsw", M=6, ef_construction=20, seed=0,
                             threads=1)

@@ -122,13 +122,18 @@ SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 
 # A run whose graph is the same on every run (--reproducible, or one thread)
 # chooses between the graph and exact search without a clock: the exact
-# search's seconds are estimated from its size, at EXACT_RATE entries (pairs
-# of rows times d + 2) per second and thread (50,000 x 64 Gaussian rows took
-# 2.2 s on 2 cores), and the graph is kept whenever it reaches the recall.
-# A graph's seconds (for EXACT_PATIENCE) are estimated likewise, at GRAPH_RATE
-# rows x d x M x (ef_construction + ef) per second and thread (50,000 x 64,
-# M = 12, ef_construction = 40, ef = 20: 0.82 s to build and query on 2 cores).
-EXACT_RATE = 1.9e10
+# search's seconds are estimated from its size, EXACT_PAIR_SECONDS per pair
+# of rows and thread for picking the candidates out of the tiles (whatever
+# d), plus EXACT_FEATURE_SECONDS per pair and column of the products (d + 2),
+# and the graph is kept whenever it reaches the recall. Timed on 2 cores,
+# 40,000 Gaussian rows: 2.1 to 2.3 ns a pair and thread for d = 4 to 16, 3.4
+# for 64, 4.9 for 128; 20,000 x 512: 15 ns. (One rate per entry, calibrated
+# at d = 64, had predicted 0.85 s for 60,000 x 16 rows, which took 1.95 s.)
+# A graph's seconds (for EXACT_PATIENCE) are estimated at GRAPH_RATE rows x d
+# x M x (ef_construction + ef) per second and thread (50,000 x 64, M = 12,
+# ef_construction = 40, ef = 20: 0.82 s to build and query on 2 cores).
+EXACT_PAIR_SECONDS = 2.0e-9
+EXACT_FEATURE_SECONDS = 2.5e-11
 GRAPH_RATE = 1.4e9
 
 # Up to this many rows the graphs are reproducible unless asked otherwise
@@ -685,8 +690,9 @@ def fixed_choice(options: SearchOptions) -> bool:
 
 def estimated_exact(X: np.ndarray, options: SearchOptions) -> float:
     """Seconds of the exact search of every row, from its size alone."""
-    entries = float(len(X)) ** 2 * (X.shape[1] + 2) / 2  # a self-join: half
-    return entries / (EXACT_RATE * thread_count(options.threads))
+    pairs = float(len(X)) ** 2 / 2  # a self-join: half
+    per_pair = EXACT_PAIR_SECONDS + EXACT_FEATURE_SECONDS * (X.shape[1] + 2)
+    return pairs * per_pair / thread_count(options.threads)
 
 
 def estimated_graph(X: np.ndarray, graph: SearchOptions, ef: int) -> float:
