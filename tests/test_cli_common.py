@@ -539,3 +539,35 @@ def test_every_seed_help_states_the_range(name):
     text = " ".join(run_vbsw(name, "--help").stdout.decode().split())
     assert "0 to 4294967295 (2**32 - 1)" in text
     assert "x>=0" not in text
+
+
+def _points_table():
+    return pa.table({"a": [0.1, 0.2, 0.3, 0.5], "b": [1.0, 2, 3, 4],
+                     "y": [1.0, 2, 3, 4]})
+
+
+@pytest.mark.parametrize("source, args", [
+    ("breast_cancer.parquet", ["weigh", "-", "-o", "{}"]),
+    ("digits_test.parquet", ["embed", str(SAMPLE / "digits_backbone.onnx"), "-",
+                             "-o", "{}"]),
+    ("points.parquet", ["tbs-sample", "-", "--names", "a,b", "--label", "y",
+                        "--k", "2", "--new", "3", "-o", "{}"]),
+])
+def test_an_output_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
+    """``vbsw weigh - -o in.parquet < in.parquet`` replaced its input: the
+    file behind stdin is an input too."""
+    path = tmp_path / source
+    if source == "points.parquet":
+        pq.write_table(_points_table(), path)
+    else:
+        path.write_bytes((SAMPLE / source).read_bytes())
+    before = path.read_bytes()
+    with open(path, "rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "vbsw_cli",
+                               *[a.format(path) for a in args]],
+                              stdin=stdin, capture_output=True)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "refusing to overwrite the input file " \
+        "(standard input reads it)" in lines[0]
+    assert path.read_bytes() == before

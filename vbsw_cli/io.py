@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -880,10 +881,23 @@ def _umask() -> int:
 
 def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
     for source in inputs:
+        if source == STDIO and stdin_is(target):
+            raise UsageError(f"{target}: refusing to overwrite the input file "
+                             "(standard input reads it)")
         if source == STDIO or not os.path.exists(source):
             continue
         if target.exists() and os.path.samefile(source, target):
             raise UsageError(f"{target}: refusing to overwrite the input file")
+
+
+def stdin_is(path: str | os.PathLike) -> bool:
+    """Whether standard input is redirected from the file at ``path``."""
+    try:
+        given, there = os.fstat(0), os.stat(path)
+    except (OSError, ValueError):  # no stdin, or no such file
+        return False
+    return stat.S_ISREG(given.st_mode) and \
+        (given.st_dev, given.st_ino) == (there.st_dev, there.st_ino)
 
 
 def same_path(a: str, b: str) -> bool:
@@ -898,6 +912,9 @@ def refuse_overwrite(path: str | None, option: str, inputs) -> None:
     if path is None or path == STDIO:
         return
     for source in inputs:
+        if source == STDIO and stdin_is(path):
+            raise UsageError(f"{option} {path}: refusing to overwrite the input "
+                             "file (standard input reads it)")
         if source and source != STDIO and same_path(path, source):
             raise UsageError(f"{option} {path}: refusing to overwrite the input "
                              "file")

@@ -133,7 +133,8 @@ def tbs_cli(
     if destination != "-" and io.output_kind(destination) != "parquet":
         raise UsageError(f"-o {destination}: tbs-sample writes Parquet")
     io.check_output_path(destination, "-o")
-    inputs = [path for path in (points, bounds) if path and os.path.isfile(path)]
+    inputs = [path for path in (points, bounds)
+              if path and (path == io.STDIO or os.path.isfile(path))]
     io.refuse_overwrite(destination, "-o", inputs)
     rng = np.random.default_rng(seed)
     fn = load_function(function) if function else None
