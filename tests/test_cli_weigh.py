@@ -243,6 +243,7 @@ def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     run = run_vbsw("weigh", path, "--k", "4", "-o", "-")
     assert run.code == 0, run.stderr
     assert "30 rows have a duplicate feature vector" in run.stderr
+    assert "more identical copies than" not in run.stderr  # 3 copies, k = 4
     assert "(all labels are equal): all weights are 1" in run.stderr
     assert (read(run.stdout).column("weight").to_numpy() == 1).all()
 
@@ -360,6 +361,42 @@ def test_error_missing_and_misspelt_columns(tmp_path, small):
            "'lable'", "did you mean 'label'")
     _fails(tmp_path, [small, "--features", "feature"], 1, "'feature'",
            "did you mean 'features'")
+
+
+def test_error_features_without_labels_say_what_is_missing(tmp_path, rng):
+    """A bare array holds no labels; a Parquet file of features alone lacks
+    the label column (it was told as if it were an array)."""
+    X = rng.normal(size=(40, 3))
+    npy = tmp_path / "x.npy"
+    np.save(npy, X)
+    parquet = tmp_path / "only.parquet"
+    pq.write_table(pa.table({"features": vectors(X)}), parquet)
+    array = run_vbsw("weigh", npy, "--k", "5", "-o", tmp_path / "a.parquet")
+    assert array.code == 1
+    assert one_line(array).endswith("x.npy: an array holds no labels; give "
+                                    "them with --labels FILE")
+    table = run_vbsw("weigh", parquet, "--k", "5", "-o", tmp_path / "b.parquet")
+    assert table.code == 1
+    assert one_line(table).endswith("only.parquet: no label column 'label' (the "
+                                    "only column is 'features'); give the "
+                                    "labels with --labels FILE")
+    assert not (tmp_path / "a.parquet").exists()
+    assert not (tmp_path / "b.parquet").exists()
+
+
+@pytest.mark.parametrize("task, noted", [("auto", True), ("regression", False)])
+def test_integer_label_vectors_read_as_regression_are_noted(tmp_path, rng, task,
+                                                            noted):
+    """A 2-D integer .npy of labels is read as regression targets, though
+    integers alone are classes: said, unless --task says it."""
+    np.save(tmp_path / "x.npy", rng.normal(size=(60, 3)))
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, size=(60, 2)))
+    run = run_vbsw("weigh", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                   "--k", "5", "--task", task, "-o", tmp_path / "w.parquet")
+    assert run.code == 0, run.stderr
+    assert "labels label: regression" in run.stderr
+    assert ("holds vectors of integers: read as regression targets"
+            in run.stderr) == noted
 
 
 def test_error_nan_features_and_infinite_labels(tmp_path, rng):

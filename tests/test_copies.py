@@ -132,8 +132,11 @@ def test_weigh_says_the_distinct_rows_were_searched_once(tmp_path, rng):
     run = run_vbsw("weigh", path, "--k", "5", "-o", "-")
     assert run.code == 0, run.stderr
     assert "400 rows have a duplicate feature vector among their neighbours " \
-        "(each point is counted once; the 4 distinct feature vectors were " \
+        "(each point is counted once; the distinct feature vectors (4) were " \
         "searched once each)" in run.stderr
+    # 100 copies of each vector, 5 to a neighbourhood: which 5 is arbitrary.
+    assert "400 rows have more identical copies than a neighbourhood holds: " \
+        "which copies are its neighbours goes by row number" in run.stderr
 
 
 @pytest.mark.parametrize("method", ["exact", "hnsw", "auto"])

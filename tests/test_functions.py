@@ -78,7 +78,8 @@ def test_load_errors(spec, message):
     (lambda X: X[:2, 0], r"returned shape \(2,\) for input of shape \(5, 1\)"),
     (lambda X: np.ones((5, 2, 2)), r"returned shape \(5, 2, 2\)"),
     (lambda X: np.full(len(X), np.nan), "NaN or infinite"),
-    (lambda X: 1 / 0, "failed on an array of shape .5, 1.: ZeroDivisionError"),
+    (lambda X: 1 / 0, "failed on an array of shape .5, 1.: ZeroDivisionError: "
+     r"division by zero \(finite differences evaluate it up to --step"),
     (lambda X: ["a"] * 5, "returned list, expected an array of numbers"),
     (lambda X: np.full(len(X), "a"), "returned ndarray of <U1, expected"),
 ])

@@ -158,7 +158,8 @@ def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
                         f"on an array of shape {X.shape}")
     except Exception as error:
         raise DataError(f"function {function.name} failed on an array of shape "
-                        f"{X.shape}: {type(error).__name__}: {error}")
+                        f"{X.shape}: {type(error).__name__}: {error} (finite "
+                        "differences evaluate it up to --step outside the box)")
     try:
         values = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):

@@ -192,6 +192,27 @@ def many_classes_notes(labels, n_samples: int) -> list[str]:
             and len(column.classes) * ROWS_PER_CLASS > n_samples]
 
 
+def integer_vector_notes(table, columns, task: str) -> list[str]:
+    """A note for each label column of integer vectors read as regression
+    targets (a 2-D integer .npy of labels, say): integers alone are classes,
+    so the reading may surprise."""
+    import pyarrow as pa
+
+    notes = []
+    for column in columns:
+        kind = table.schema.field(column).type
+        if task != "auto" or not (pa.types.is_list(kind)
+                                  or pa.types.is_large_list(kind)
+                                  or pa.types.is_fixed_size_list(kind)):
+            continue
+        inner = kind.value_type
+        if pa.types.is_integer(inner) or pa.types.is_boolean(inner):
+            notes.append(f"label column '{column}' holds vectors of integers: "
+                         "read as regression targets, one per position (classes "
+                         "take one label per row)")
+    return notes
+
+
 # ---------------------------------------------------------------------------
 # Progress and messages
 

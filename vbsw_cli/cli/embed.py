@@ -296,13 +296,14 @@ def _parameters(model, source, layer, device, batch_size, backbone, data,
 
 def _summary(reporter, n_rows, n_features, seconds, data, destination) -> None:
     rate = n_rows / seconds if seconds > 0 else float("inf")
-    reporter.say(f"embedded {n_rows} rows into {n_features} features in "
+    reporter.say(f"embedded {io.counted(n_rows, 'row')} into "
+                 f"{io.counted(n_features, 'feature')} in "
                  f"{seconds:.2f} s ({rate:,.0f} rows/s)")
     if data.skipped:
         shown = ", ".join(data.skipped[:3]) + (", ..." if len(data.skipped) > 3
                                                else "")
-        reporter.notice(f"skipped {len(data.skipped)} images that failed to "
-                        f"decode: {shown}")
+        reporter.notice(f"skipped {io.counted(len(data.skipped), 'image')} that "
+                        f"failed to decode: {shown}")
     reporter.say(f"wrote {'stdout' if destination == io.STDIO else destination}")
 
 

@@ -14,8 +14,8 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, QuietOpt, Reporter, SeedOpt,
                                   VerboseOpt, command, keyword,
-                                  many_classes_notes, named_errors,
-                                  resolve_output)
+                                  integer_vector_notes, many_classes_notes,
+                                  named_errors, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 
 # The head module imports onnx, which takes a second: only when the command runs.
@@ -139,6 +139,7 @@ def retrain_head_cli(
                                 exclude=[io.ID_COLUMN, *label_columns, *weighted])
     labels = io.read_labels(table, features, label_columns, task=task)
     for note in many_classes_notes(labels, len(X)) + \
+            integer_vector_notes(table, label_columns, task) + \
             _other_backbone(table, backbone):
         reporter.notice(note)
     weight = None if no_weights else _weights(table, features, weight_column)
@@ -374,7 +375,8 @@ def _summary(reporter, head, X, labels, weight, destination, merged_path):
     reporter.say(f"rows {n_samples}, head {shape}{outputs} ({kind}), "
                  f"{'weighted' if weight is not None else 'unweighted'}, "
                  f"{head.options.optimizer}")
-    reporter.say(f"trained {head.epochs_run} epochs in {head.seconds:.2f} s; "
+    reporter.say(f"trained {io.counted(head.epochs_run, 'epoch')} in "
+                 f"{head.seconds:.2f} s; "
                  f"training {_fit_text(head, X, labels)}")
     if not head.converged and head.options.tol > 0:
         reporter.notice(_still_falling(head, n_samples))

@@ -16,8 +16,8 @@ from vbsw_cli import io
 from vbsw_cli.cli._common import (DebugOpt, FeatureColumnsOpt, FeaturesOpt,
                                   LabelOpt, OutputOpt, QuietOpt, Reporter,
                                   SeedOpt, VerboseOpt, command, keyword,
-                                  many_classes_notes, named_errors,
-                                  resolve_output)
+                                  integer_vector_notes, many_classes_notes,
+                                  named_errors, resolve_output)
 from vbsw_cli.errors import DataError, UsageError
 from vbsw_cli.neighbors import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, METHODS,
                                 REPRODUCIBLE_ROWS, SearchOptions, check_k,
@@ -234,6 +234,7 @@ def _read_inputs(features, labels_file, label, features_column,
         exclude=[io.ID_COLUMN, *own])
     labels = io.read_labels(label_table, label_source, label_columns, task=task)
     notes += many_classes_notes(labels, len(X))
+    notes += integer_vector_notes(label_table, label_columns, task)
     notes += _shadowed(table.column_names, features, weights_only, kind)
     only_id = weights_only or kind == "npy"
     if not only_id:
@@ -323,8 +324,12 @@ def _label_table(table: pa.Table, features: str, labels_file: str | None,
     bare = [io.DEFAULT_FEATURES]
     if labels_file is None:
         if table.column_names == bare and label_names != bare:
-            raise DataError(f"{io.describe(features)}: an array holds no labels; "
-                            "give them with --labels FILE")
+            if features != io.STDIO and io.data_kind(features) == "npy":
+                raise DataError(f"{io.describe(features)}: an array holds no "
+                                "labels; give them with --labels FILE")
+            raise DataError(f"{io.describe(features)}: no label column "
+                            f"'{label_names[0]}' (the only column is "
+                            f"'{bare[0]}'); give the labels with --labels FILE")
         return table, features, []
     other = io.read_table(labels_file, text=True)
     if other.column_names == bare and len(label_names) == 1:
@@ -481,9 +486,16 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
     if duplicates:
         distinct = details.get("distinct_rows")
         once = "" if distinct is None else (
-            f"; the {distinct:,} distinct feature vectors were searched once each")
+            f"; the distinct feature vectors ({distinct:,}) were searched once "
+            "each")
         reporter.notice(f"{duplicates:,} rows have a duplicate feature vector "
                         f"among their neighbours (each point is counted once{once})")
+        crowded = int((result.neighbours.distances[:, -1] <= 0).sum())
+        if crowded:
+            reporter.notice(f"{io.counted(crowded, 'row')} have more identical "
+                            "copies than a neighbourhood holds: which copies "
+                            "are its neighbours goes by row number, so identical "
+                            "rows can get different weights")
     if result.all_equal:
         covered = k + (0 if include_self else 1) >= len(X)
         why = "every neighbourhood holds every row" if covered \
