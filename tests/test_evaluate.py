@@ -448,6 +448,7 @@ def test_compare_prints_run_names_as_typed(capfdbinary, tmp_path):
     (lambda m, d, t: [m, d, "--label", "nope"], 1, "no label column 'nope'"),
     (lambda m, d, t: [m, d, "--features", "feats"], 1, "no feature column"),
     (lambda m, d, t: [m], 2, "give MODEL.onnx and DATA"),
+    (lambda m, d, t: [m, d, d], 2, "3 paths given ("),
     (lambda m, d, t: [m, d, "--task", "x"], 2, "--task x"),
     (lambda m, d, t: ["-", d], 2, "MODEL -: the model cannot come from stdin"),
     (lambda m, d, t: [m, d, "--save-predictions", t / "p.csv"], 2,

@@ -153,6 +153,9 @@ def evaluate_cli(
 
 def _check_model_paths(paths, labels_file) -> None:
     """MODEL.onnx and DATA, the model a file: onnx reads a model from a path."""
+    if len(paths) > 2:
+        raise UsageError(f"{len(paths)} paths given ({' '.join(paths)}): give "
+                         "MODEL.onnx and DATA only")
     if len(paths) != 2:
         raise UsageError("give MODEL.onnx and DATA (or --predictions FILE, "
                          "or --compare RUN.json...)")
