@@ -135,6 +135,15 @@ SELF_JOIN_SPEED_UP = 2.4  # 2.3 to 2.6 from 20,000 to 200,000 x 64, 2 cores
 EXACT_PAIR_SECONDS = 2.0e-9
 EXACT_FEATURE_SECONDS = 2.5e-11
 GRAPH_RATE = 1.4e9
+# The query of such a graph at a given ef, which the exact search must beat
+# or replace, is estimated at QUERY_SECONDS per row, graph searched, M, ef and
+# QUERY_OFFSET + d, per thread. Timed on 60,000 Gaussian rows (2 shards on 2
+# cores, M = 12, the ef each needed for 0.95): 0.6 to 1.2 ns for d = 16 to
+# 64 (ef 42 to 514), 1.6 at d = 8; clustered rows of d = 64 take 0.35 to 0.75
+# (ef 100 and 20). Without it, a fixed graph was kept whatever its cost:
+# 60,000 x 32 Gaussian rows, ef 209, 8.9 s against 2.7 s for exact search.
+QUERY_SECONDS = 0.87e-9
+QUERY_OFFSET = 16
 
 # Up to this many rows the graphs are reproducible unless asked otherwise
 # (graph.py: shards built on one thread each). They cost about as much at
@@ -538,12 +547,10 @@ def _graph_search(X, n_query, options, progress, sampled: _Sampled, kept):
                        shards=graph_count(index),
                        reproducible=graph.reproducible,
                        build_s=time.perf_counter() - started)
-        ceiling = predicted_exact if options.method == "auto" and not fixed \
-            else None
-        ef, recall, low, per_row = _choose_ef(
+        ceiling = predicted_exact if options.method == "auto" else None
+        ef, recall, low, predicted_hnsw = _choose_ef(
             index, X, sampled.rows, sampled.reference, n_query, graph, ceiling,
-            sampled.include_self)
-        predicted_hnsw = per_row * len(X)
+            sampled.include_self, fixed)
         details.update(ef=ef, sample_recall=recall, sample_recall_low=low,
                        predicted_query_s=predicted_hnsw)
         spent += estimated_graph(X, graph, ef) if fixed else \
@@ -695,6 +702,14 @@ def estimated_exact(X: np.ndarray, options: SearchOptions) -> float:
     return pairs * per_pair / thread_count(options.threads)
 
 
+def estimated_query(X: np.ndarray, graph: SearchOptions, ef: int,
+                    shards: int) -> float:
+    """Seconds to query every row of X at ``ef`` in ``shards`` graphs, from
+    the sizes alone."""
+    work = float(len(X)) * shards * graph.M * ef * (QUERY_OFFSET + X.shape[1])
+    return work * QUERY_SECONDS / thread_count(graph.threads)
+
+
 def estimated_graph(X: np.ndarray, graph: SearchOptions, ef: int) -> float:
     """Seconds to build and query a graph of X, from its size alone."""
     work = float(len(X)) * X.shape[1] * graph.M * (graph.ef_construction + ef)
@@ -836,14 +851,18 @@ def build_index(X: np.ndarray, options: SearchOptions, progress: Progress):
 
 
 def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None,
-               include_self=True):
-    """The smallest ef (growing by a quarter) whose sample recall reaches it.
+               include_self=True, fixed=False):
+    """The smallest ef (growing by a quarter) whose sample recall reaches it,
+    with its recall, the recall's lower end and the predicted seconds of the
+    whole query.
 
     The recall is that of the sampled rows the graph leads back to
     themselves: the others are searched again after the query (see
     ``_search_again``), and the recall of the result is measured then.
     Stops early once the predicted time of the whole query passes ``ceiling``
     (the predicted time of the exact search): a larger ef would only cost more.
+    The query's time is predicted from the sample's, or, where the choice
+    must not depend on a clock (``fixed``), from the sizes.
     """
     threads = thread_count(options.threads)
     ef = options.ef or max(n_query, 16)
@@ -853,17 +872,19 @@ def _choose_ef(index, X, sample, reference, n_query, options, ceiling=None,
         index.set_ef(max(ef, n_query))
         started = time.perf_counter()
         found = _knn_query(index, queries, n_query, threads)
-        per_row = (time.perf_counter() - started) / len(sample)
+        predicted = estimated_query(X, options, max(ef, n_query),
+                                    graph_count(index)) if fixed else \
+            (time.perf_counter() - started) / len(sample) * len(X)
         recall, low = (0.0, 0.0) if found is None else _sample_recall(
             found, sample, reference, reached_only=True,
             include_self=include_self)
-        too_slow = ceiling is not None and per_row * len(X) > ceiling
+        too_slow = ceiling is not None and predicted > ceiling
         # A sparse graph caps the recall: past 8 k, a step that gains under
         # PLATEAU says a larger ef will not get there.
         stalled = ef >= 8 * n_query and recall - previous < PLATEAU
         if options.ef is not None or low >= options.recall or ef >= EF_LIMIT \
                 or too_slow or stalled:
-            return max(ef, n_query), recall, low, per_row
+            return max(ef, n_query), recall, low, predicted
         previous = recall
         ef = min(int(ef * EF_GROWTH) + 1, EF_LIMIT)
 
