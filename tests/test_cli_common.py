@@ -571,3 +571,36 @@ def test_an_output_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     assert len(lines) == 1 and "refusing to overwrite the input file " \
         "(standard input reads it)" in lines[0]
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("source, args", [
+    ("breast_cancer.parquet", ["weigh", "-", "-o", "-"]),
+    ("digits_test.parquet", ["embed", str(SAMPLE / "digits_backbone.onnx"), "-",
+                             "-o", "-"]),
+    ("points.parquet", ["tbs-sample", "-", "--names", "a,b", "--label", "y",
+                        "--k", "2", "--new", "3", "-o", "-"]),
+])
+def test_stdout_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
+    """``vbsw weigh - -o - < f.parquet 1<> f.parquet`` wrote over the file it
+    was reading and left it unreadable."""
+    import os
+
+    path = tmp_path / source
+    if source == "points.parquet":
+        pq.write_table(_points_table(), path)
+    else:
+        path.write_bytes((SAMPLE / source).read_bytes())
+    before = path.read_bytes()
+    same = os.open(path, os.O_RDWR)
+    try:
+        with open(path, "rb") as stdin:
+            done = subprocess.run([sys.executable, "-m", "vbsw_cli", *args],
+                                  stdin=stdin, stdout=same, stderr=subprocess.PIPE)
+    finally:
+        os.close(same)
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].endswith(
+        "-o -: standard output is the file standard input reads; refusing to "
+        "overwrite the input file")
+    assert path.read_bytes() == before

@@ -248,6 +248,55 @@ def test_duplicates_and_all_equal_labels_are_noticed(tmp_path, rng):
     assert (read(run.stdout).column("weight").to_numpy() == 1).all()
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_duplicates_are_counted_with_or_without_the_point(tmp_path, rng,
+                                                          exclude_self):
+    """--exclude-self dropped a real neighbour from the count (200 rows with a
+    copy were called 0 to 100)."""
+    X = rng.normal(size=(1000, 3))
+    X[500:600] = X[:100]
+    path = write_features(tmp_path / "f.parquet", X, rng.normal(size=1000))
+    run = run_vbsw("weigh", path, "--k", "5", "-o", tmp_path / "w.parquet",
+                   *(["--exclude-self"] if exclude_self else []))
+    assert run.code == 0, run.stderr
+    assert "200 rows have a duplicate feature vector" in run.stderr
+
+
+def test_rows_a_graph_puts_at_distance_0_are_not_called_copies(tmp_path, rng):
+    """hnswlib's float32 distances are 0 for rows 1e-9 apart: no row here has
+    a copy, and none is said to."""
+    X = rng.normal(size=(4000, 4))
+    X[1::2] = X[0::2] + 1e-9 * rng.normal(size=(2000, 4))
+    path = write_features(tmp_path / "f.parquet", X, rng.normal(size=4000))
+    run = run_vbsw("weigh", path, "--k", "5", "--search", "hnsw",
+                   "-o", tmp_path / "w.parquet")
+    assert run.code == 0, run.stderr
+    assert "search: hnsw" in run.stderr
+    assert "duplicate feature vector" not in run.stderr
+
+
+@pytest.mark.parametrize("copies, exclude_self, crowded", [
+    (20, False, False), (21, False, True), (21, True, False), (22, True, True)])
+def test_the_crowded_note_only_when_copies_outnumber_the_neighbourhood(
+        tmp_path, rng, copies, exclude_self, crowded):
+    """k = 20: 20 copies fill a neighbourhood with the point (21 without it,
+    each then holding all the others); one more copy and which 20 it holds
+    goes by row number. With the point, 20 copies share one neighbourhood
+    and one weight."""
+    X = rng.normal(size=(200, 3))
+    X[:copies] = X[0]
+    path = write_features(tmp_path / "f.parquet", X, rng.normal(size=200))
+    run = run_vbsw("weigh", path, "--k", "20", "-o", "-",
+                   *(["--exclude-self"] if exclude_self else []))
+    assert run.code == 0, run.stderr
+    assert "duplicate feature vector" in run.stderr
+    noted = f"{copies} rows have more identical copies than" in run.stderr
+    assert noted == crowded, run.stderr
+    weight = read(run.stdout).column("weight").to_numpy()[:copies]
+    if not crowded and not exclude_self:
+        np.testing.assert_allclose(weight, weight[0], rtol=1e-12)
+
+
 def test_labels_all_different_are_not_called_equal(tmp_path, rng):
     X = rng.normal(size=(60, 2))
     path = write_features(tmp_path / "f.parquet", X, np.arange(60))
@@ -442,7 +491,7 @@ def test_error_nulls_in_numeric_columns_name_the_first_row_of_any(tmp_path, rng)
     pq.write_table(pa.table({**columns, "label": rng.integers(3, size=500)}),
                    tmp_path / "f.parquet")
     line = _fails(tmp_path, [tmp_path / "f.parquet", "--feature-columns", "x*"], 1)
-    assert line.endswith("f.parquet: column 'x3' has 1 missing value (first: "
+    assert line.endswith("f.parquet: feature column 'x3' has 1 missing value (first: "
                          "row 5); also in 2 other columns"), line
 
 

@@ -144,10 +144,17 @@ def _import_file(path: str, spec: str):
     return module
 
 
-def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
+STENCIL_NOTE = (" (finite differences evaluate it up to --step outside the "
+                "box)")
+
+
+def evaluate(function: Function, X: np.ndarray, *, stencil: bool = False
+             ) -> np.ndarray:
     """Call the function and check what comes back.
 
     X : ndarray of shape (n_samples, n_inputs).
+    stencil : X holds finite-difference points, up to --step outside the box
+        (said in the messages of a failure).
     Returns an ndarray of shape (n_samples, n_outputs), float64. A wrong shape,
     non-numeric or non-finite values, or an exception raise ``DataError``.
     """
@@ -158,8 +165,8 @@ def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
                         f"on an array of shape {X.shape}")
     except Exception as error:
         raise DataError(f"function {function.name} failed on an array of shape "
-                        f"{X.shape}: {type(error).__name__}: {error} (finite "
-                        "differences evaluate it up to --step outside the box)")
+                        f"{X.shape}: {type(error).__name__}: {error}"
+                        + (STENCIL_NOTE if stencil else ""))
     try:
         values = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
@@ -177,6 +184,6 @@ def evaluate(function: Function, X: np.ndarray) -> np.ndarray:
     if not np.isfinite(values).all():
         bad = int(np.argmax(~np.isfinite(values).all(axis=1)))
         raise DataError(f"function {function.name} returned NaN or infinite "
-                        f"values (first at input {X[bad].tolist()}); finite "
-                        "differences evaluate it up to --step outside the box")
+                        f"values (first at input {X[bad].tolist()})"
+                        + (STENCIL_NOTE if stencil else ""))
     return values

@@ -486,7 +486,7 @@ def _numeric_columns(table: pa.Table, columns: Sequence[str], name: str,
                if values.null_count]
     if missing:
         at = min(missing)[1]
-        refuse_nulls(chunked[at], name, f"column '{columns[at]}'",
+        refuse_nulls(chunked[at], name, f"{role} column '{columns[at]}'",
                      others=len(missing) - 1)
     return [to_numpy(values) for values in chunked]
 
@@ -890,6 +890,20 @@ def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
             raise UsageError(f"{target}: refusing to overwrite the input file")
 
 
+def refuse_stdout_on_stdin(option: str) -> None:
+    """Refuse to write to standard output when it is the very file standard
+    input reads (``vbsw weigh - -o - < f.parquet 1<> f.parquet``)."""
+    data = _data_stdout.fileno() if _data_stdout is not None else 1
+    try:
+        given, taken = os.fstat(0), os.fstat(data)
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(given.st_mode) and \
+            (given.st_dev, given.st_ino) == (taken.st_dev, taken.st_ino):
+        raise UsageError(f"{option} -: standard output is the file standard "
+                         "input reads; refusing to overwrite the input file")
+
+
 def stdin_is(path: str | os.PathLike) -> bool:
     """Whether standard input is redirected from the file at ``path``."""
     try:
@@ -909,6 +923,8 @@ def same_path(a: str, b: str) -> bool:
 
 def refuse_overwrite(path: str | None, option: str, inputs) -> None:
     """Refuse, before any work, an output that is one of the inputs."""
+    if path == STDIO and STDIO in inputs:
+        refuse_stdout_on_stdin(option)
     if path is None or path == STDIO:
         return
     for source in inputs:

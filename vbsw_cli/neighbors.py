@@ -1070,12 +1070,31 @@ def refined_distances(X: np.ndarray, neighbours: Neighbours) -> np.ndarray:
     return refined
 
 
-def duplicate_rows(neighbours: Neighbours) -> int:
-    """Rows with another row at distance 0 among their neighbours."""
-    distances = neighbours.distances
-    others = distances[:, 1:] if neighbours.details.get("include_self", True) \
-        else distances
-    return int((others <= 0.0).any(axis=1).sum())
+def duplicate_rows(X: np.ndarray, neighbours: Neighbours, include_self: bool
+                   ) -> tuple[int, int]:
+    """Rows with an identical row (bit for bit in X) among their neighbours,
+    and rows with more identical copies than their neighbourhood holds (which
+    copies it holds then goes by row number).
+
+    Only rows with a neighbour at distance 0 are looked at, and their
+    neighbours compared with them: a graph's float32 distances also give 0
+    to rows 1e-9 apart.
+    """
+    indices, distances = neighbours.indices, neighbours.distances
+    if include_self:  # the point itself is column 0
+        indices, distances = indices[:, 1:], distances[:, 1:]
+    rows = np.flatnonzero((distances <= 0).any(axis=1))
+    if not len(rows):
+        return 0, 0
+    same = np.zeros(len(rows), bool)
+    for start, stop in chunks(len(rows), max(1, REFINE_VALUES // X[0].size
+                                             // max(1, indices.shape[1]))):
+        at = rows[start:stop]
+        same[start:stop] = (X[indices[at]] == X[at, None]).all(axis=2).any(axis=1)
+    copies = identical_rows(X)
+    room = indices.shape[1] + 1  # the point and the others it holds
+    crowded = int((copies.sizes[copies.group[rows[same]]] > room).sum())
+    return int(same.sum()), crowded
 
 
 def csr_graph(neighbours: Neighbours, include_self: bool):

@@ -244,7 +244,8 @@ def finite_differences(function: Function, X: np.ndarray, step: np.ndarray,
     n, d = X.shape
     offsets = _stencil(d, order) * step
     points = (X[:, None, :] + offsets[None, :, :]).reshape(-1, d)
-    values = evaluate(function, points).reshape(n, len(offsets), -1)
+    values = evaluate(function, points, stencil=True).reshape(n, len(offsets),
+                                                            -1)
 
     plus, minus = values[:, 1:1 + d], values[:, 1 + d:1 + 2 * d]
     gradient = (plus - minus) / (2 * step[None, :, None])

@@ -207,7 +207,8 @@ def integer_vector_notes(table, columns, task: str) -> list[str]:
             continue
         inner = kind.value_type
         if pa.types.is_integer(inner) or pa.types.is_boolean(inner):
-            notes.append(f"label column '{column}' holds vectors of integers: "
+            what = "booleans" if pa.types.is_boolean(inner) else "integers"
+            notes.append(f"label column '{column}' holds vectors of {what}: "
                          "read as regression targets, one per position (classes "
                          "take one label per row)")
     return notes

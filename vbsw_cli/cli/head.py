@@ -390,9 +390,9 @@ def _still_falling(head, n_samples: int) -> str:
     step an epoch) may need far more epochs, or lbfgs."""
     epochs, optimizer = head.epochs_run, head.options.optimizer
     if optimizer == "lbfgs":
-        return (f"the loss was still falling after {epochs} iterations of "
-                "lbfgs; raise --epochs")
-    text = f"the loss was still falling after {epochs} epochs"
+        return (f"the loss was still falling after "
+                f"{io.counted(epochs, 'iteration')} of lbfgs; raise --epochs")
+    text = f"the loss was still falling after {io.counted(epochs, 'epoch')}"
     if n_samples > head.options.batch_size:
         return text + "; raise --epochs or --learning-rate"
     return (f"{text}, only {epochs} {optimizer} steps (all {n_samples} rows in "

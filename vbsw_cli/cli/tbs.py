@@ -340,8 +340,9 @@ def _named_points(table, points, chosen, given: str):
     X, _ = io.feature_matrix(table, points)
     names = chosen or [f"x{i}" for i in range(X.shape[1])]
     if len(names) != X.shape[1] and given.startswith("--"):
-        raise UsageError(f"{given}: {len(names)} names for the {X.shape[1]} "
-                         f"columns of {io.describe(points)}")
+        raise UsageError(f"{given}: {io.counted(len(names), 'name')} for the "
+                         f"{io.counted(X.shape[1], 'column')} of "
+                         f"{io.describe(points)}")
     if len(names) != X.shape[1]:
         raise UsageError(f"{given} takes {len(names)} input(s) "
                          f"({', '.join(names)}), but {io.describe(points)} has "

@@ -482,7 +482,7 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
         rows = min(check_recall, len(X))
         reporter.say(f"recall@{k} against exact search: {result.recall:.4f} "
                      f"(on {rows} rows)")
-    duplicates = duplicate_rows(result.neighbours)
+    duplicates, crowded = duplicate_rows(X, result.neighbours, include_self)
     if duplicates:
         distinct = details.get("distinct_rows")
         once = "" if distinct is None else (
@@ -490,7 +490,6 @@ def _summary(reporter, X, k, result, timings, destination, normalize, ef,
             "each")
         reporter.notice(f"{duplicates:,} rows have a duplicate feature vector "
                         f"among their neighbours (each point is counted once{once})")
-        crowded = int((result.neighbours.distances[:, -1] <= 0).sum())
         if crowded:
             reporter.notice(f"{io.counted(crowded, 'row')} have more identical "
                             "copies than a neighbourhood holds: which copies "
