@@ -541,26 +541,32 @@ def test_every_seed_help_states_the_range(name):
     assert "x>=0" not in text
 
 
-def _points_table():
-    return pa.table({"a": [0.1, 0.2, 0.3, 0.5], "b": [1.0, 2, 3, 4],
-                     "y": [1.0, 2, 3, 4]})
-
-
-@pytest.mark.parametrize("source, args", [
+# Commands reading stdin, each with a file for it; "{}" stands for the output.
+ON_STDIN = [
     ("breast_cancer.parquet", ["weigh", "-", "-o", "{}"]),
     ("digits_test.parquet", ["embed", str(SAMPLE / "digits_backbone.onnx"), "-",
                              "-o", "{}"]),
     ("points.parquet", ["tbs-sample", "-", "--names", "a,b", "--label", "y",
                         "--k", "2", "--new", "3", "-o", "{}"]),
-])
+]
+
+
+def _input_file(tmp_path: Path, source: str) -> Path:
+    """A copy of a sample file, or a small table of points, in tmp_path."""
+    path = tmp_path / source
+    if source == "points.parquet":
+        pq.write_table(pa.table({"a": [0.1, 0.2, 0.3, 0.5], "b": [1.0, 2, 3, 4],
+                                 "y": [1.0, 2, 3, 4]}), path)
+    else:
+        path.write_bytes((SAMPLE / source).read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("source, args", ON_STDIN)
 def test_an_output_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     """``vbsw weigh - -o in.parquet < in.parquet`` replaced its input: the
     file behind stdin is an input too."""
-    path = tmp_path / source
-    if source == "points.parquet":
-        pq.write_table(_points_table(), path)
-    else:
-        path.write_bytes((SAMPLE / source).read_bytes())
+    path = _input_file(tmp_path, source)
     before = path.read_bytes()
     with open(path, "rb") as stdin:
         done = subprocess.run([sys.executable, "-m", "vbsw_cli",
@@ -573,28 +579,19 @@ def test_an_output_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("source, args", [
-    ("breast_cancer.parquet", ["weigh", "-", "-o", "-"]),
-    ("digits_test.parquet", ["embed", str(SAMPLE / "digits_backbone.onnx"), "-",
-                             "-o", "-"]),
-    ("points.parquet", ["tbs-sample", "-", "--names", "a,b", "--label", "y",
-                        "--k", "2", "--new", "3", "-o", "-"]),
-])
+@pytest.mark.parametrize("source, args", ON_STDIN)
 def test_stdout_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     """``vbsw weigh - -o - < f.parquet 1<> f.parquet`` wrote over the file it
     was reading and left it unreadable."""
     import os
 
-    path = tmp_path / source
-    if source == "points.parquet":
-        pq.write_table(_points_table(), path)
-    else:
-        path.write_bytes((SAMPLE / source).read_bytes())
+    path = _input_file(tmp_path, source)
     before = path.read_bytes()
     same = os.open(path, os.O_RDWR)
     try:
         with open(path, "rb") as stdin:
-            done = subprocess.run([sys.executable, "-m", "vbsw_cli", *args],
+            done = subprocess.run([sys.executable, "-m", "vbsw_cli",
+                                   *[a.format("-") for a in args]],
                                   stdin=stdin, stdout=same, stderr=subprocess.PIPE)
     finally:
         os.close(same)
