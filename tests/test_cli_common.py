@@ -579,10 +579,20 @@ def test_an_output_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("source, args", ON_STDIN)
-def test_stdout_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
-    """``vbsw weigh - -o - < f.parquet 1<> f.parquet`` wrote over the file it
-    was reading and left it unreadable."""
+@pytest.mark.parametrize("source, args", [
+    *[(source, [a.format("-") for a in args]) for source, args in ON_STDIN],
+    ("breast_cancer.parquet", ["weigh", "-"]),  # stdout by default
+    ("breast_cancer.parquet", ["weigh", "{}"]),
+    ("breast_cancer.parquet", ["weigh", "{}", "-o", "-"]),
+    ("digits_test.parquet", ["embed", str(SAMPLE / "digits_backbone.onnx"), "{}",
+                             "-o", "-"]),
+    ("points.parquet", ["tbs-sample", "{}", "--names", "a,b", "--label", "y",
+                        "--k", "2", "--new", "3"]),
+])
+def test_stdout_that_is_an_input_file_is_refused(tmp_path, source, args):
+    """``vbsw weigh - -o - < f.parquet 1<> f.parquet`` and ``vbsw weigh
+    f.parquet 1<> f.parquet`` wrote over the file they were reading and left
+    it unreadable."""
     import os
 
     path = _input_file(tmp_path, source)
@@ -591,13 +601,14 @@ def test_stdout_that_is_the_file_on_stdin_is_refused(tmp_path, source, args):
     try:
         with open(path, "rb") as stdin:
             done = subprocess.run([sys.executable, "-m", "vbsw_cli",
-                                   *[a.format("-") for a in args]],
+                                   *[a.format(path) for a in args]],
                                   stdin=stdin, stdout=same, stderr=subprocess.PIPE)
     finally:
         os.close(same)
     lines = done.stderr.decode().strip().splitlines()
+    what = f"the input file {path}" if "{}" in args \
+        else "the file standard input reads"
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].endswith(
-        "-o -: standard output is the file standard input reads; refusing to "
-        "overwrite the input file")
+        f"standard output is {what}; refusing to overwrite it (give -o FILE)")
     assert path.read_bytes() == before

@@ -297,6 +297,20 @@ def test_the_crowded_note_only_when_copies_outnumber_the_neighbourhood(
         np.testing.assert_allclose(weight, weight[0], rtol=1e-12)
 
 
+def test_copies_differing_in_the_sign_of_a_zero_are_one_group(tmp_path, rng):
+    """-0.0 equals 0.0: seven such rows are seven copies, more than k = 5
+    holds (they were counted as groups of 4 and 3 by their bits)."""
+    X = rng.normal(size=(507, 3))
+    X[500:] = [0.0, 1.0, 2.0]
+    X[504:, 0] = -0.0
+    path = write_features(tmp_path / "f.parquet", X, rng.normal(size=507))
+    run = run_vbsw("weigh", path, "--k", "5", "--exact", "-o", "-")
+    assert run.code == 0, run.stderr
+    assert "7 rows have a duplicate feature vector" in run.stderr
+    assert "7 rows have more identical copies than a neighbourhood holds" \
+        in run.stderr
+
+
 def test_labels_all_different_are_not_called_equal(tmp_path, rng):
     X = rng.normal(size=(60, 2))
     path = write_features(tmp_path / "f.parquet", X, np.arange(60))

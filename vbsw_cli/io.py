@@ -890,18 +890,29 @@ def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
             raise UsageError(f"{target}: refusing to overwrite the input file")
 
 
-def refuse_stdout_on_stdin(option: str) -> None:
-    """Refuse to write to standard output when it is the very file standard
-    input reads (``vbsw weigh - -o - < f.parquet 1<> f.parquet``)."""
+def refuse_stdout_on_inputs(inputs) -> None:
+    """Refuse to write to standard output when it is one of the input files,
+    named or read through standard input (``vbsw weigh f.parquet 1<>
+    f.parquet``, ``vbsw weigh - -o - < f.parquet 1<> f.parquet``)."""
     data = _data_stdout.fileno() if _data_stdout is not None else 1
     try:
-        given, taken = os.fstat(0), os.fstat(data)
-    except (OSError, ValueError):
+        taken = os.fstat(data)
+    except (OSError, ValueError):  # no stdout
         return
-    if stat.S_ISREG(given.st_mode) and \
-            (given.st_dev, given.st_ino) == (taken.st_dev, taken.st_ino):
-        raise UsageError(f"{option} -: standard output is the file standard "
-                         "input reads; refusing to overwrite the input file")
+    if not stat.S_ISREG(taken.st_mode):
+        return
+    for source in inputs:
+        if not source:
+            continue
+        try:
+            given = os.fstat(0) if source == STDIO else os.stat(source)
+        except (OSError, ValueError):
+            continue
+        if (given.st_dev, given.st_ino) == (taken.st_dev, taken.st_ino):
+            what = "the file standard input reads" if source == STDIO \
+                else f"the input file {source}"
+            raise UsageError(f"standard output is {what}; refusing to "
+                             "overwrite it (give -o FILE)")
 
 
 def stdin_is(path: str | os.PathLike) -> bool:
@@ -923,8 +934,8 @@ def same_path(a: str, b: str) -> bool:
 
 def refuse_overwrite(path: str | None, option: str, inputs) -> None:
     """Refuse, before any work, an output that is one of the inputs."""
-    if path == STDIO and STDIO in inputs:
-        refuse_stdout_on_stdin(option)
+    if path == STDIO:
+        refuse_stdout_on_inputs(inputs)
     if path is None or path == STDIO:
         return
     for source in inputs:

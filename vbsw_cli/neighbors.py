@@ -1091,6 +1091,8 @@ def duplicate_rows(X: np.ndarray, neighbours: Neighbours, include_self: bool
                                              // max(1, indices.shape[1]))):
         at = rows[start:stop]
         same[start:stop] = (X[indices[at]] == X[at, None]).all(axis=2).any(axis=1)
+    if X.dtype.kind == "f" and np.signbit(X[X == 0]).any():
+        X = X + 0.0  # -0.0 becomes 0.0: rows equal as numbers, one group
     copies = identical_rows(X)
     room = indices.shape[1] + 1  # the point and the others it holds
     crowded = int((copies.sizes[copies.group[rows[same]]] > room).sum())

@@ -130,7 +130,7 @@ def embed_cli(
     check_column_roles(tensor_column, id_column, label_column)
     destination = resolve_output(output, source, ".features.parquet")
     _check_destination(destination)
-    io.refuse_overwrite(destination, "-o", [source])
+    io.refuse_overwrite(destination, "-o", [source, model])
     given = {"--image-size": image_size, "--mean": mean, "--std": std,
              "--skip-bad-images": skip_bad_images,
              "--tensor-column": tensor_column, "--id-column": id_column,

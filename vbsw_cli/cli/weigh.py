@@ -196,9 +196,10 @@ def _checked_outputs(output, graph, features, labels_file) -> str:
     io.check_output_path(output, "-o")
     io.check_output_path(graph, "--graph")
     sources = [features, labels_file]
-    io.refuse_overwrite(output, "-o", sources)
+    destination = resolve_output(output, features, ".weighted.parquet")
+    io.refuse_overwrite(destination, "-o", sources)
     io.refuse_overwrite(graph, "--graph", sources)
-    return resolve_output(output, features, ".weighted.parquet")
+    return destination
 
 
 @dataclass
