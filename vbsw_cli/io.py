@@ -880,14 +880,10 @@ def _umask() -> int:
 
 
 def _refuse_input_overwrite(target: Path, inputs: Sequence[str]) -> None:
-    for source in inputs:
-        if source == STDIO and stdin_is(target):
-            raise UsageError(f"{target}: refusing to overwrite the input file "
-                             "(standard input reads it)")
-        if source == STDIO or not os.path.exists(source):
-            continue
-        if target.exists() and os.path.samefile(source, target):
-            raise UsageError(f"{target}: refusing to overwrite the input file")
+    source = _input_at(target, inputs)
+    if source is not None:
+        raise UsageError(f"{target}: refusing to overwrite the input file"
+                         + _through_stdin(source))
 
 
 def refuse_stdout_on_inputs(inputs) -> None:
@@ -899,8 +895,27 @@ def refuse_stdout_on_inputs(inputs) -> None:
         taken = os.fstat(data)
     except (OSError, ValueError):  # no stdout
         return
-    if not stat.S_ISREG(taken.st_mode):
-        return
+    source = _same_input(taken, inputs) if stat.S_ISREG(taken.st_mode) else None
+    if source is not None:
+        what = "the file standard input reads" if source == STDIO \
+            else f"the input file {source}"
+        raise UsageError(f"standard output is {what}; refusing to overwrite it "
+                         "(give -o FILE)")
+
+
+def _input_at(path: str | os.PathLike, inputs) -> str | None:
+    """The input (a path, or - for standard input) that is the file at
+    ``path``, if it exists and is one."""
+    try:
+        found = os.stat(path)
+    except (OSError, ValueError):  # nothing there yet
+        return None
+    return _same_input(found, inputs)
+
+
+def _same_input(found: os.stat_result, inputs) -> str | None:
+    """The input (a path, or - for standard input, whatever it is redirected
+    from) that is the file ``found``, if any."""
     for source in inputs:
         if not source:
             continue
@@ -908,21 +923,13 @@ def refuse_stdout_on_inputs(inputs) -> None:
             given = os.fstat(0) if source == STDIO else os.stat(source)
         except (OSError, ValueError):
             continue
-        if (given.st_dev, given.st_ino) == (taken.st_dev, taken.st_ino):
-            what = "the file standard input reads" if source == STDIO \
-                else f"the input file {source}"
-            raise UsageError(f"standard output is {what}; refusing to "
-                             "overwrite it (give -o FILE)")
+        if (given.st_dev, given.st_ino) == (found.st_dev, found.st_ino):
+            return source
+    return None
 
 
-def stdin_is(path: str | os.PathLike) -> bool:
-    """Whether standard input is redirected from the file at ``path``."""
-    try:
-        given, there = os.fstat(0), os.stat(path)
-    except (OSError, ValueError):  # no stdin, or no such file
-        return False
-    return stat.S_ISREG(given.st_mode) and \
-        (given.st_dev, given.st_ino) == (there.st_dev, there.st_ino)
+def _through_stdin(source: str) -> str:
+    return " (standard input reads it)" if source == STDIO else ""
 
 
 def same_path(a: str, b: str) -> bool:
@@ -936,15 +943,11 @@ def refuse_overwrite(path: str | None, option: str, inputs) -> None:
     """Refuse, before any work, an output that is one of the inputs."""
     if path == STDIO:
         refuse_stdout_on_inputs(inputs)
-    if path is None or path == STDIO:
         return
-    for source in inputs:
-        if source == STDIO and stdin_is(path):
-            raise UsageError(f"{option} {path}: refusing to overwrite the input "
-                             "file (standard input reads it)")
-        if source and source != STDIO and same_path(path, source):
-            raise UsageError(f"{option} {path}: refusing to overwrite the input "
-                             "file")
+    source = None if path is None else _input_at(path, inputs)
+    if source is not None:
+        raise UsageError(f"{option} {path}: refusing to overwrite the input file"
+                         + _through_stdin(source))
 
 
 def match_label_rows(table: pa.Table, name: str, other: pa.Table,

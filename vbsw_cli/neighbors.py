@@ -28,7 +28,7 @@ import numpy as np
 
 from vbsw_cli.copies import alone, identical_rows
 from vbsw_cli.errors import DataError, UsageError
-from vbsw_cli.exact import ExactSearch, column_span
+from vbsw_cli.exact import ExactSearch, column_span, squared_differences
 from vbsw_cli.graph import build_graph, graph_count
 from vbsw_cli.progress import NullProgress, Progress, chunks
 
@@ -95,7 +95,7 @@ OWN_BLOCK = 65_536
 # kept for the rows searched again (its operand is about 8 bytes a value):
 # above, the graph needs the memory more.
 KEEP_PREPARED = 8_000_000
-# Feature values per chunk of refined_distances (32 MiB in float64).
+# Feature values per chunk of rows compared in duplicate_rows.
 REFINE_VALUES = 4 * 2**20
 
 # Feature spans (see feature_span) whose squared distances stay well inside
@@ -1054,19 +1054,17 @@ def _exact_neighbourhoods(X, neighbours: Neighbours, rows, include_self: bool,
 
 
 def refined_distances(X: np.ndarray, neighbours: Neighbours) -> np.ndarray:
-    """The distances of ``neighbours`` computed again in float64 from X, a
-    chunk of rows at a time: a graph's are hnswlib's float32 ones, from
-    features rounded to float32 (rows 1e-6 apart among values near 1: off by
-    a few percent)."""
+    """The distances of ``neighbours`` computed again in float64 from X (by
+    the exact search's differences), a chunk of rows at a time: a graph's
+    are hnswlib's float32 ones, from features rounded to float32 (rows 1e-6
+    apart among values near 1: off by a few percent)."""
     indices = neighbours.indices
     refined = np.empty(indices.shape, np.float64)
-    X = np.asarray(X)
-    rows = max(1, REFINE_VALUES // max(1, indices.shape[1] * X.shape[1]))
-    for start, stop in chunks(len(indices), rows):
-        own = X[start:stop, None, :].astype(np.float64)
-        difference = X[indices[start:stop]].astype(np.float64) - own
-        refined[start:stop] = np.sqrt(np.einsum("ijk,ijk->ij", difference,
-                                                difference))
+    k = indices.shape[1]
+    for start, stop in chunks(len(indices), QUERY_CHUNK):
+        own = np.repeat(np.arange(start, stop), k)
+        squared = squared_differences(X, own, indices[start:stop].ravel())
+        refined[start:stop] = np.sqrt(squared).reshape(stop - start, k)
     return refined
 
 
